@@ -1,0 +1,36 @@
+"""Attribution methods: the CAM family and attention methods, as Captum
+attributions."""
+
+from captum_ssl.attr._cam.activation_cams import (
+    LayerAblationCam,
+    LayerClassActivationMap,
+    LayerEigenCam,
+    LayerScoreCam,
+)
+from captum_ssl.attr._cam.base import LayerGradCam
+from captum_ssl.attr._cam.gradient_cams import (
+    LayerEigenGradCam,
+    LayerGradCamElementWise,
+    LayerGradCamPlusPlus,
+    LayerHiResCam,
+    LayerLayerCam,
+    LayerXGradCam,
+)
+from captum_ssl.attr._core import AttributionInputError
+from captum_ssl.attr._layout import TokenLayout
+
+__all__ = [
+    "AttributionInputError",
+    "LayerAblationCam",
+    "LayerClassActivationMap",
+    "LayerEigenCam",
+    "LayerEigenGradCam",
+    "LayerGradCam",
+    "LayerGradCamElementWise",
+    "LayerGradCamPlusPlus",
+    "LayerHiResCam",
+    "LayerLayerCam",
+    "LayerScoreCam",
+    "LayerXGradCam",
+    "TokenLayout",
+]

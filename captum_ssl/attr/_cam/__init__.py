@@ -1,0 +1,1 @@
+"""The CAM family as Captum layer attributions."""

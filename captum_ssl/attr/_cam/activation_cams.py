@@ -1,0 +1,428 @@
+"""Gradient-free CAMs: weights from activations, perturbed forward passes or
+the classifier."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from captum.attr import PerturbationAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_ssl.attr._cam.base import (
+    _finish,
+    _LayerActivationCam,
+    first_principal_projection,
+)
+from captum_ssl.attr._core import (
+    AttributionInputError,
+    TensorOrTuple,
+    chunked_scores,
+    format_inputs,
+    per_sample_targets,
+    replace_layer_output,
+    resolve_layout,
+    target_scores,
+)
+from captum_ssl.attr._layout import TokenLayout, root_module
+
+
+class LayerEigenCam(_LayerActivationCam):
+    r"""Eigen-CAM: the first principal component of the layer's activations.
+
+    Each position's activation vector (centred per channel over positions) is
+    projected on the first right-singular vector. Class-agnostic: ``target``
+    is accepted for API compatibility and ignored.
+
+    Deliberate deviation from pytorch-grad-cam: the SVD's sign is arbitrary and
+    pytorch-grad-cam keeps LAPACK's sign, which can invert its map. Here the
+    projection is oriented to correlate positively with the channel-mean
+    activation map.
+
+    Reference: Muhammad & Yeasin, "Eigen-CAM: Class Activation Map using
+    Principal Components", IJCNN 2020. https://arxiv.org/abs/2008.00299
+
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained.
+        device_ids (list[int], optional): for DataParallel models.
+        layout (TokenLayout, optional): token / channels-last layout; ``None``
+                    reads it from the model.
+
+    Examples::
+
+        >>> eigen = LayerEigenCam(model, model.layer4)
+        >>> attr = eigen.attribute(images)          # (B, 1, 7, 7)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch.
+            target: ignored by the map (Eigen-CAM is class-agnostic), but
+                        checked against the model's output when given.
+            additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): use the layer's input.
+            relu_attributions (bool, optional): ReLU the map. Default: False
+
+        Returns:
+            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+        """
+        inputs = format_inputs(inputs)
+        acts = self._activations(
+            inputs, additional_forward_args, attribute_to_layer_input, target
+        )
+        cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
+        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+
+
+class LayerScoreCam(_LayerActivationCam, PerturbationAttribution):
+    r"""Score-CAM: each channel weighted by the score of the input it masks.
+
+    Each activation map :math:`A^k` is upsampled to the input (bilinear,
+    ``align_corners=True``), min-max normalised to :math:`H^k \in [0, 1]`, and
+    the model scores the masked input :math:`X \odot H^k`. The weights are the
+    softmax over channels of those target scores, as in pytorch-grad-cam:
+    :math:`w_k = \mathrm{softmax}_k\, y^c(X \odot H^k)`.
+
+    Masked inputs are built and evaluated ``perturbations_per_eval`` at a time
+    across images and channels, so memory stays at one such batch (never
+    ``B x C x 3 x H x W``).
+
+    Reference: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for
+    Convolutional Neural Networks", CVPR Workshops 2020.
+    https://arxiv.org/abs/1910.01279
+
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained.
+        device_ids (list[int], optional): for DataParallel models.
+        layout (TokenLayout, optional): token / channels-last layout.
+
+    Examples::
+
+        >>> score_cam = LayerScoreCam(model, model.layer4)
+        >>> attr = score_cam.attribute(images, target=3, perturbations_per_eval=64)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor): image batch ``(B, C, H, W)``.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample. Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): use the layer's input.
+            relu_attributions (bool, optional): ReLU the map. Default: False
+            perturbations_per_eval (int, optional): masked inputs per forward
+                        pass. Default: 1
+            show_progress (bool, optional): show a progress bar.
+                        Default: False
+
+        Returns:
+            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+        """
+        return self._attribute(
+            inputs,
+            target,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+            perturbations_per_eval=perturbations_per_eval,
+            show_progress=show_progress,
+        )
+
+    def _weights(
+        self,
+        acts: Tensor,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+    ) -> Tensor:
+        if len(inputs) != 1 or inputs[0].dim() != 4:
+            raise AttributionInputError(
+                "LayerScoreCam masks an image batch (B, C, H, W); got inputs of "
+                f"shapes {[tuple(t.shape) for t in inputs]}."
+            )
+        x = inputs[0]
+        with torch.no_grad():
+            up = F.interpolate(
+                acts, size=x.shape[-2:], mode="bilinear", align_corners=True
+            )
+            lo = up.amin(dim=(2, 3), keepdim=True)
+            hi = up.amax(dim=(2, 3), keepdim=True)
+            masks = (up - lo) / (hi - lo + 1e-8)
+
+        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
+            b, k = b.to(x.device), k.to(x.device)
+            return (x[b] * masks[b, k].unsqueeze(1),)
+
+        scores = chunked_scores(
+            self.forward_func,
+            inputs,
+            target,
+            additional_forward_args,
+            acts.shape[1],
+            make_batch,
+            perturbations_per_eval,
+            show_progress,
+            desc="Score-CAM",
+        )
+        return torch.softmax(scores, dim=1)
+
+
+class LayerAblationCam(_LayerActivationCam, PerturbationAttribution):
+    r"""Ablation-CAM: each channel weighted by the score drop when it is zeroed.
+
+    .. math:: w_k = \frac{y^c - y^c_k}{y^c}
+
+    where :math:`y^c_k` is the target score with feature map :math:`A^k` set to
+    zero at the layer. On token layers the channel is zeroed at the patch
+    tokens (the feature map); prefix tokens are left as they are.
+
+    Deliberate deviation from pytorch-grad-cam: when a layer's activations can
+    be negative (e.g. a ViT LayerNorm output), pytorch-grad-cam replaces the
+    ablated channel with ``min(activations) - 1e7`` instead of zero. That is
+    not the paper's ablation and makes the scores depend on an arbitrary
+    constant; here the channel is always zeroed as in the paper.
+
+    Reference: Desai & Ramaswamy, "Ablation-CAM: Visual Explanations for Deep
+    Convolutional Network via Gradient-free Localization", WACV 2020.
+    https://openaccess.thecvf.com/content_WACV_2020/papers/Desai_Ablation-CAM_Visual_Explanations_for_Deep_Convolutional_Network_via_Gradient-free_Localization_WACV_2020_paper.pdf
+
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose channels are ablated.
+        device_ids (list[int], optional): for DataParallel models.
+        layout (TokenLayout, optional): token / channels-last layout.
+
+    Examples::
+
+        >>> ablation = LayerAblationCam(model, model.layer4)
+        >>> attr = ablation.attribute(images, target=3, perturbations_per_eval=64)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample. Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): must be False (the
+                        layer's output is ablated).
+            relu_attributions (bool, optional): ReLU the map. Default: False
+            perturbations_per_eval (int, optional): ablated copies per forward
+                        pass. Default: 1
+            show_progress (bool, optional): show a progress bar.
+
+        Returns:
+            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+        """
+        if attribute_to_layer_input:
+            raise ValueError(
+                "LayerAblationCam ablates the layer's output; use "
+                "attribute_to_layer_input=False or pick the preceding layer."
+            )
+        return self._attribute(
+            inputs,
+            target,
+            additional_forward_args,
+            False,
+            relu_attributions,
+            perturbations_per_eval=perturbations_per_eval,
+            show_progress=show_progress,
+        )
+
+    def _weights(
+        self,
+        acts: Tensor,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+    ) -> Tensor:
+        layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
+        channels = acts.shape[1]
+        base = target_scores(self.forward_func, inputs, target, additional_forward_args)
+
+        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
+            b = b.to(inputs[0].device)
+            return tuple(t[b] for t in inputs)
+
+        def ablate(b: Tensor, k: Tensor):
+            keep = torch.ones(len(k), channels, 1, 1, device=acts.device)
+            keep[torch.arange(len(k)), k.to(acts.device)] = 0
+
+            def fn(out: Tensor) -> Tensor:
+                grid = layout.to_grid(out) * keep.to(out.dtype)
+                return layout.from_grid(grid, like=out)
+
+            return replace_layer_output(self.layer, fn)
+
+        ablated = chunked_scores(
+            self.forward_func,
+            inputs,
+            target,
+            additional_forward_args,
+            channels,
+            make_batch,
+            perturbations_per_eval,
+            show_progress,
+            desc="Ablation-CAM",
+            context=ablate,
+        )
+        return (base.unsqueeze(1) - ablated) / base.unsqueeze(1)
+
+
+class LayerClassActivationMap(_LayerActivationCam):
+    r"""CAM: feature maps weighted by the classifier's weights for the target.
+
+    .. math:: L^c = \sum_k w^c_k A^k
+
+    for models that end in global average pooling and a linear classifier
+    :math:`y^c = \sum_k w^c_k \frac{1}{hw}\sum_{ij} A^k_{ij} + b^c`. For such
+    models Grad-CAM equals CAM divided by :math:`hw`.
+
+    Reference: Zhou et al., "Learning Deep Features for Discriminative
+    Localization", CVPR 2016. https://arxiv.org/abs/1512.04150
+
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the last feature layer before global pooling.
+        device_ids (list[int], optional): for DataParallel models.
+        layout (TokenLayout, optional): token / channels-last layout.
+        fc (torch.nn.Linear, optional): the classifier. ``None`` finds it on the
+                    model: timm's ``get_classifier()``, else ``fc``,
+                    ``classifier`` or ``head``. Default: None
+
+    Examples::
+
+        >>> cam = LayerClassActivationMap(model, model.layer4)   # uses model.fc
+        >>> attr = cam.attribute(images, target=[3, 5])
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: nn.Module,
+        device_ids: Optional[List[int]] = None,
+        layout: Optional[TokenLayout] = None,
+        fc: Optional[nn.Linear] = None,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids, layout)
+        self.fc = fc if fc is not None else _find_classifier(forward_func)
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch.
+            target (int, Tensor or list): class index per sample (required).
+            additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): use the layer's input.
+            relu_attributions (bool, optional): ReLU the map. Default: False
+
+        Returns:
+            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+        """
+        return self._attribute(
+            inputs,
+            target,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+        )
+
+    def _weights(
+        self,
+        acts: Tensor,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+    ) -> Tensor:
+        weight = self.fc.weight
+        if weight.shape[1] != acts.shape[1]:
+            raise AttributionInputError(
+                f"The classifier takes {weight.shape[1]} features but the layer has "
+                f"{acts.shape[1]} channels: choose the last feature layer before "
+                "global pooling, or pass fc= the matching linear layer."
+            )
+        if target is None:
+            raise AttributionInputError(
+                "LayerClassActivationMap needs target=<class index> (one, or one "
+                "per sample)."
+            )
+        batch = acts.shape[0]
+        classes = torch.as_tensor(
+            [
+                int(t[0] if isinstance(t, tuple) else t)
+                for t in per_sample_targets(target, batch)
+            ],
+            device=weight.device,
+        )
+        n = weight.shape[0]
+        if bool(((classes < -n) | (classes >= n)).any()):
+            raise AttributionInputError(
+                f"target out of range for a classifier with {n} classes: use a "
+                f"class index in [0, {n - 1}]."
+            )
+        return weight.detach()[classes].to(acts.device, acts.dtype)
+
+
+def _find_classifier(forward_func: Callable) -> nn.Linear:
+    model = root_module(forward_func)
+    candidates = []
+    if model is not None:
+        if hasattr(model, "get_classifier"):
+            candidates.append(model.get_classifier())
+        candidates += [getattr(model, n, None) for n in ("fc", "classifier", "head")]
+    for c in candidates:
+        if isinstance(c, nn.Linear):
+            return c
+    raise AttributionInputError(
+        "LayerClassActivationMap needs the linear classifier after global pooling: "
+        "none was found on the model (get_classifier(), fc, classifier, head). "
+        "Pass fc=<the nn.Linear layer>."
+    )

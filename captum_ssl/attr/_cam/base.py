@@ -1,0 +1,241 @@
+"""The CAM family's two bases: gradient CAMs and activation-only CAMs.
+
+A CAM combines a layer's activations ``A`` (``B, C, h, w``) with per-channel or
+per-position weights. Subclasses state only that weighting:
+
+* gradient CAMs override :meth:`LayerGradCam._weights` (or ``_combine``),
+* activation CAMs override :meth:`_LayerActivationCam._weights`.
+
+Hooks, the forward/backward passes, target checks and the token-to-grid layout
+come from :mod:`captum_ssl.attr._core` and Captum's own helpers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from captum._utils.common import _format_output
+from captum._utils.typing import TargetType
+from captum.attr import LayerAttribution
+from captum.attr import LayerGradCam as _CaptumLayerGradCam
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_ssl.attr._core import (
+    TensorOrTuple,
+    format_inputs,
+    layer_activations,
+    layer_activations_and_gradients,
+)
+from captum_ssl.attr._layout import TokenLayout
+
+
+def _finish(
+    cams: Tuple[Tensor, ...], relu_attributions: bool, is_tuple: bool
+) -> TensorOrTuple:
+    if relu_attributions:
+        cams = tuple(torch.relu(c) for c in cams)
+    return _format_output(is_tuple, cams)
+
+
+class LayerGradCam(_CaptumLayerGradCam):
+    r"""Grad-CAM on CNN feature maps and on Vision Transformer token layers.
+
+    Captum's :class:`captum.attr.LayerGradCam` computes, for a layer's
+    activations :math:`A^k` and the gradients of the target score :math:`y^c`,
+
+    .. math:: L^c = \sum_k \alpha_k^c A^k, \quad
+              \alpha_k^c = \frac{1}{hw}\sum_{i,j}\frac{\partial y^c}{\partial A^k_{ij}}
+
+    This subclass keeps Captum's constructor, hooks and target handling, and
+    adds the token-to-grid step Captum lacks: a token output ``(B, N, C)``
+    (ViT, DeiT, MoCo v3 / DINO ViTs, CaiT, XCiT, register tokens) or a
+    channels-last output ``(B, H, W, C)`` (Swin) is laid out as
+    ``(B, C, gh, gw)`` before the weighting, with prefix tokens dropped. On a
+    plain ``(B, C, H, W)`` layer the result equals Captum's ``LayerGradCam``.
+    It is also the base of every gradient-based CAM here: subclasses override
+    :meth:`_weights` (per-channel or per-position weights) or :meth:`_combine`.
+
+    Reference: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep
+    Networks via Gradient-based Localization", ICCV 2017.
+    https://arxiv.org/abs/1610.02391
+
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained.
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid. ``None`` reads it from the model (timm's
+                    ``patch_embed`` and ``num_prefix_tokens``, Swin's
+                    channels-last features). Default: None
+
+    Examples::
+
+        >>> model = torchvision.models.resnet50().eval()
+        >>> cam = LayerGradCam(model, model.layer4)
+        >>> attr = cam.attribute(images, target=[3, 7])   # (2, 1, 7, 7)
+        >>> vit = timm.create_model("deit_small_patch16_224").eval()
+        >>> attr = LayerGradCam(vit, vit.blocks[-1].norm1).attribute(x, target=3)
+        >>> attr.shape                                      # (B, 1, 14, 14)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: nn.Module,
+        device_ids: Optional[List[int]] = None,
+        layout: Optional[TokenLayout] = None,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids)
+        self.layout = layout
+
+    @log_usage()
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        attr_dim_summation: bool = True,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> TensorOrTuple:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch ``(B, ...)``.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample, as in Captum (one index for all samples, or one
+                        per sample). Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations ``(B, C, h, w)``.
+                        Default: True
+            grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+
+        Returns:
+            Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
+            patch-grid) resolution on the input's device, not normalised.
+        """
+        inputs = format_inputs(inputs)
+        acts, grads = layer_activations_and_gradients(
+            self.forward_func,
+            self.layer,
+            inputs,
+            target,
+            additional_forward_args,
+            layout=self.layout,
+            device_ids=self.device_ids,
+            attribute_to_layer_input=attribute_to_layer_input,
+            grad_kwargs=grad_kwargs,
+        )
+        cams = tuple(
+            self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
+        )
+        return _finish(cams, relu_attributions, len(cams) > 1)
+
+    def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
+        """Grad-CAM: the spatial mean of the gradients, per channel."""
+        return grads.mean(dim=(2, 3), keepdim=True)
+
+    def _combine(self, acts: Tensor, grads: Tensor, sum_channels: bool) -> Tensor:
+        weighted = self._weights(acts, grads) * acts
+        return weighted.sum(dim=1, keepdim=True) if sum_channels else weighted
+
+
+class _LayerActivationCam(LayerAttribution):
+    """Base of CAMs that need the layer's activations but no gradients.
+
+    Subclasses implement :meth:`_weights` from the activations, the inputs and
+    the target; the map is :math:`\\sum_k w_k A^k`.
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: nn.Module,
+        device_ids: Optional[List[int]] = None,
+        layout: Optional[TokenLayout] = None,
+    ) -> None:
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        self.layout = layout
+
+    def _activations(
+        self,
+        inputs: Tuple[Tensor, ...],
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        target: TargetType = None,
+    ) -> Tensor:
+        acts = layer_activations(
+            self.forward_func,
+            self.layer,
+            inputs,
+            additional_forward_args,
+            target=target,
+            layout=self.layout,
+            device_ids=self.device_ids,
+            attribute_to_layer_input=attribute_to_layer_input,
+        )
+        if len(acts) != 1:
+            raise ValueError(
+                f"{type(self).__name__} explains a layer with one output tensor; "
+                f"this layer returns {len(acts)}. Choose a submodule that returns "
+                "a single tensor."
+            )
+        return acts[0]
+
+    def _weights(
+        self,
+        acts: Tensor,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        **kwargs: Any,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def _attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        relu_attributions: bool,
+        **kwargs: Any,
+    ) -> Tensor:
+        inputs = format_inputs(inputs)
+        acts = self._activations(
+            inputs, additional_forward_args, attribute_to_layer_input, target
+        )
+        weights = self._weights(acts, inputs, target, additional_forward_args, **kwargs)
+        cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
+            dim=1, keepdim=True
+        )
+        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+
+
+def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
+    """Projection of each position on the first principal component.
+
+    ``x`` is ``(B, C, h, w)``; rows are positions, columns channels, centred per
+    channel over positions (as Eigen-CAM). The SVD's sign is arbitrary, so the
+    projection is oriented to correlate positively with ``reference``
+    ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``.
+    """
+    b, c, h, w = x.shape
+    rows = x.reshape(b, c, h * w).transpose(1, 2).float()
+    rows = torch.nan_to_num(rows)
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    proj = rows @ vh[:, 0, :].unsqueeze(-1)  # (B, hw, 1)
+    ref = reference.reshape(b, h * w, 1).float()
+    ref = ref - ref.mean(dim=1, keepdim=True)
+    sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (proj * sign).transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)
