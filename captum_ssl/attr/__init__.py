@@ -1,6 +1,13 @@
 """Attribution methods: the CAM family and attention methods, as Captum
 attributions."""
 
+from captum_ssl.attr._attention import (
+    AttentionFlow,
+    AttentionRollout,
+    GenericAttention,
+    GradientAttentionRollout,
+    RawAttention,
+)
 from captum_ssl.attr._cam.activation_cams import (
     LayerAblationCam,
     LayerClassActivationMap,
@@ -20,6 +27,11 @@ from captum_ssl.attr._core import AttributionInputError
 from captum_ssl.attr._layout import TokenLayout
 
 __all__ = [
+    "AttentionFlow",
+    "AttentionRollout",
+    "GenericAttention",
+    "GradientAttentionRollout",
+    "RawAttention",
     "AttributionInputError",
     "LayerAblationCam",
     "LayerClassActivationMap",

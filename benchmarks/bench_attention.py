@@ -1,0 +1,187 @@
+"""Attention-method suites: cost relative to a forward (or forward + backward)
+pass on DeiT-S, and attention-flow seconds per image.
+
+All models have random weights (timing only; no faithfulness is measured
+here, random-weight maps would be meaningless). ``BENCH_ATTN_BATCH`` changes
+the batch (default 8, the size of the issue's targets).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+
+import torch
+
+import captum_ssl.attr._attention as AT
+from benchmarks._measure import default_device, sync
+
+MODEL = "deit_small_patch16_224"
+BATCH = int(os.environ.get("BENCH_ATTN_BATCH", "8"))
+CLASS_AGNOSTIC = ["RawAttention", "AttentionRollout"]
+GRADIENT = ["GradientAttentionRollout", "GenericAttention"]
+
+
+@cache
+def deit_small(device: str, sharpen: float = 1.0) -> torch.nn.Module:
+    """DeiT-S/16 with random weights; ``sharpen`` scales the query/key weights
+    so attention is peaked like a trained model's instead of near uniform."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, pretrained=False).eval().to(device)
+    if sharpen != 1.0:
+        with torch.no_grad():
+            for blk in model.blocks:
+                blk.attn.qkv.weight[: 2 * blk.attn.attn_dim].mul_(sharpen)
+    return model
+
+
+def _forward_backward(model: torch.nn.Module, x: torch.Tensor, target: list):
+    def run() -> None:
+        xx = x.detach().requires_grad_()
+        out = model(xx)[torch.arange(len(target)), torch.tensor(target)]
+        torch.autograd.grad(out.sum(), xx)
+
+    return run
+
+
+REPEAT = int(os.environ.get("BENCH_ATTN_REPEAT", "3"))
+
+
+def interleaved_min(
+    fns: dict, device: torch.device, repeat: int = REPEAT, warmup: bool = True
+) -> dict:
+    """Fastest of ``repeat`` runs of each function, run in turns (one warm-up
+    each), so that load from other processes hits all of them alike."""
+    best = {k: float("inf") for k in fns}
+    for fn in fns.values() if warmup else ():
+        fn()
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best
+
+
+class _Unfused:
+    """The model's attention modules on timm's explicit-softmax path."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.mods = [b.attn for b in model.blocks]
+
+    def __enter__(self) -> None:
+        self.saved = [m.fused_attn for m in self.mods]
+        for m in self.mods:
+            m.fused_attn = False
+
+    def __exit__(self, *exc) -> None:
+        for m, f in zip(self.mods, self.saved):
+            m.fused_attn = f
+
+
+class AttentionCost:
+    """Time of each attention method relative to one pass of the same batch.
+
+    DeiT-S/16 (random weights), 224 px, the model's default (fused) attention.
+    RawAttention (last layer) and AttentionRollout (12 layers) are compared
+    with one plain forward pass under ``torch.no_grad`` (target <= 1.1x); the
+    gradient methods with one forward pass plus one backward pass to the input
+    (target <= 1.2x). Method and baseline run in turns, fastest of
+    ``BENCH_ATTN_REPEAT`` (3) each. ``track_unfused_baseline_ratio`` is the
+    baseline itself on timm's unfused (explicit softmax) path, which every
+    attention capture needs: the floor of ``track_ratio``.
+    """
+
+    group = "timing"
+    params = [CLASS_AGNOSTIC + GRADIENT, [BATCH]]
+    param_names = ["method", "batch"]
+    note = "DeiT-S/16 random weights, 224 px (timing only)"
+    timeout = 900
+
+    def setup(self, method: str, batch: int) -> None:
+        self.device = default_device()
+        self.model = deit_small(str(self.device))
+        x = torch.randn(batch, 3, 224, 224, device=self.device)
+        target = [i % 1000 for i in range(batch)]
+        explainer = getattr(AT, method)(self.model)
+        if method in GRADIENT:
+            run = lambda: explainer.attribute(x, target=target)  # noqa: E731
+            base = _forward_backward(self.model, x, target)
+        else:
+            run = lambda: explainer.attribute(x)  # noqa: E731
+
+            def base() -> None:
+                with torch.no_grad():
+                    self.model(x)
+
+        def unfused() -> None:
+            with _Unfused(self.model):
+                base()
+
+        self.fns = {"method": run, "baseline": base, "unfused": unfused}
+        self.batch = batch
+        self._times = None
+
+    def _measure(self) -> dict:
+        if self._times is None:
+            self._times = interleaved_min(self.fns, self.device)
+        return self._times
+
+    def track_ratio(self, method: str, batch: int) -> float:
+        """Method time / baseline (forward for raw & rollout, forward + backward
+        for the gradient methods)."""
+        t = self._measure()
+        return t["method"] / t["baseline"]
+
+    track_ratio.unit = "x baseline"
+
+    def track_seconds_per_image(self, method: str, batch: int) -> float:
+        return self._measure()["method"] / batch
+
+    track_seconds_per_image.unit = "s"
+
+    def track_unfused_baseline_ratio(self, method: str, batch: int) -> float:
+        """The baseline on the unfused path / the baseline (fused)."""
+        t = self._measure()
+        return t["unfused"] / t["baseline"]
+
+    track_unfused_baseline_ratio.unit = "x baseline"
+
+
+class AttentionFlowCost:
+    """Attention flow on DeiT-S/16 (12 layers, 197 tokens): 196 max-flow
+    problems per image on CPU (SciPy's Dinic solver).
+
+    Random-init attention is nearly uniform; ``sharpened`` scales the query
+    and key weights (x8) so attention is peaked as in a trained model (the
+    solver's work depends on the attention; near-uniform was the slower case
+    in our runs).
+    """
+
+    group = "timing"
+    params = [["random-init", "sharpened"], [1]]
+    param_names = ["attention", "images"]
+    note = "DeiT-S/16 random weights, 224 px, seconds per image"
+    timeout = 600
+
+    def setup(self, attention: str, images: int) -> None:
+        self.device = default_device()
+        model = deit_small(str(self.device), 8.0 if attention == "sharpened" else 1.0)
+        self.x = torch.randn(images, 3, 224, 224, device=self.device)
+        self.flow = AT.AttentionFlow(model)
+        self.images = images
+
+    def track_seconds_per_image(self, attention: str, images: int) -> float:
+        """Fastest of two attribute() calls / images (target < 5 s, 2 cores)."""
+        run = lambda: self.flow.attribute(self.x)  # noqa: E731
+        return (
+            interleaved_min({"flow": run}, self.device, 2, warmup=False)["flow"]
+            / images
+        )
+
+    track_seconds_per_image.unit = "s"

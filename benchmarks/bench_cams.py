@@ -1,0 +1,238 @@
+"""CAM suites: cost relative to a forward pass, Score-CAM against
+pytorch-grad-cam, and deletion AUC on the real EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+import captum_ssl.attr as A
+from benchmarks._measure import (
+    default_device,
+    no_grad_forward,
+    time_against,
+)
+
+GRADIENT_CAMS = [
+    "LayerGradCam",
+    "LayerGradCamPlusPlus",
+    "LayerXGradCam",
+    "LayerHiResCam",
+    "LayerGradCamElementWise",
+    "LayerLayerCam",
+    "LayerEigenGradCam",
+]
+FAST_CAMS = GRADIENT_CAMS + ["LayerEigenCam", "LayerClassActivationMap"]
+PERTURBATION_CAMS = ["LayerScoreCam", "LayerAblationCam"]
+QUICK = os.environ.get("BENCH_FULL", "") == ""
+
+
+@cache
+def resnet50(device: str) -> torch.nn.Module:
+    """torchvision ResNet-50 with random weights (timing only)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet50(weights=None).eval().to(device)
+
+
+class CamCost:
+    """Time of each CAM relative to one plain forward pass of the same batch.
+
+    ResNet-50 (random weights), ``layer4``, 224 px. The forward pass (under
+    ``torch.no_grad``) and the attribution are timed alternately in the same
+    process. pytorch-grad-cam's GradCAM is timed too when installed (it
+    backpropagates to the input).
+    """
+
+    group = "timing"
+    params = [FAST_CAMS + ["pytorch_grad_cam.GradCAM"], [8]]
+    param_names = ["method", "batch"]
+    note = "ResNet-50 random weights, layer4, 224 px"
+
+    def setup(self, method: str, batch: int) -> None:
+        self.device = default_device()
+        dev = str(self.device)
+        self.model = resnet50(dev)
+        self.x = torch.randn(batch, 3, 224, 224, device=self.device)
+        self.target = list(range(batch))
+        if method.startswith("pytorch_grad_cam"):
+            try:
+                from pytorch_grad_cam import GradCAM
+                from pytorch_grad_cam.utils.model_targets import (
+                    ClassifierOutputTarget,
+                )
+            except ImportError as err:
+                raise NotImplementedError("pytorch-grad-cam not installed") from err
+            cam = GradCAM(self.model, [self.model.layer4])
+            targets = [ClassifierOutputTarget(t) for t in self.target]
+            self.run = lambda: cam(input_tensor=self.x, targets=targets)
+        else:
+            cam = getattr(A, method)(self.model, self.model.layer4)
+            self.run = lambda: cam.attribute(self.x, target=self.target)
+        self.forward = no_grad_forward(self.model, self.x)
+        self._times = None
+
+    def _measure(self) -> tuple:
+        if self._times is None:
+            self._times = time_against(self.run, self.forward, self.device)
+        return self._times
+
+    def track_forward_ratio(self, method: str, batch: int) -> float:
+        """Attribution time / one forward pass (target: <= 1.15 for gradient CAMs)."""
+        attr, fwd = self._measure()
+        return attr / fwd
+
+    track_forward_ratio.unit = "x forward"
+
+    def track_seconds_per_image(self, method: str, batch: int) -> float:
+        return self._measure()[0] / batch
+
+    track_seconds_per_image.unit = "s"
+
+
+class ScoreCamVsPytorchGradCam:
+    """Score-CAM: ours against pytorch-grad-cam's at the same channels.
+
+    Both score the same masked inputs, 16 per forward pass (pytorch-grad-cam's
+    batch size). The default is ResNet-50 ``layer2`` (512 channels) at 112 px
+    to stay quick; ``BENCH_FULL=1`` uses ``layer4`` (2048 channels) at 224 px.
+    """
+
+    group = "timing"
+    repeat = 1
+    params = [["captum_ssl", "pytorch_grad_cam"]]
+    param_names = ["implementation"]
+    layer, size = ("layer2", 112) if QUICK else ("layer4", 224)
+    note = f"ResNet-50 random weights, {layer}, {size} px, 1 image"
+
+    def setup(self, implementation: str) -> None:
+        self.device = default_device()
+        self.model = resnet50(str(self.device))
+        layer = getattr(self.model, self.layer)
+        self.x = torch.randn(1, 3, self.size, self.size, device=self.device)
+        if implementation == "pytorch_grad_cam":
+            try:
+                from pytorch_grad_cam import ScoreCAM
+                from pytorch_grad_cam.utils.model_targets import (
+                    ClassifierOutputTarget,
+                )
+            except ImportError as err:
+                raise NotImplementedError("pytorch-grad-cam not installed") from err
+            cam = ScoreCAM(self.model, [layer])
+            cam.batch_size = 16
+            self.run = lambda: cam(self.x, targets=[ClassifierOutputTarget(1)])
+        else:
+            cam = A.LayerScoreCam(self.model, layer)
+            self.run = lambda: cam.attribute(
+                self.x, target=1, perturbations_per_eval=16
+            )
+
+    def time_attribute(self, implementation: str) -> None:
+        self.run()
+
+    def peakmem_attribute(self, implementation: str) -> None:
+        self.run()
+
+
+class CamDeletion:
+    """Deletion AUC and cost of each CAM on the real EfficientNet-Lite0.
+
+    Images: ``storage/imagenet_1000samples/`` when present (first
+    ``BENCH_IMAGES``, default 16), else the bundled real photos; target = the
+    label where known, else the model's prediction. Deletion: zero substrate
+    (in normalised space), ``BENCH_STEP`` pixels per step (quick default 1792
+    = 8 rows; the thesis used 224). Lower AUC is better.
+    """
+
+    group = "accuracy"
+    params = [FAST_CAMS + ([] if QUICK else PERTURBATION_CAMS) + ["Random"]]
+    param_names = ["method"]
+    step = int(os.environ.get("BENCH_STEP", "1792" if QUICK else "224"))
+    note = f"EfficientNet-Lite0 (real weights), deletion step {step} px"
+
+    def setup(self, method: str) -> None:
+        self.device = default_device()
+        self.model, self.images, self.target, self.layer = _effnet_data(
+            str(self.device)
+        )
+        if method == "Random":
+            gen = torch.Generator().manual_seed(0)
+
+            def explain(x, target):
+                return torch.rand(x.shape[0], 1, 7, 7, generator=gen).to(x.device)
+
+        else:
+            cam = getattr(A, method)(self.model, self.layer)
+            kw = {"perturbations_per_eval": 64} if method in PERTURBATION_CAMS else {}
+
+            def explain(x, target):
+                return cam.attribute(x, target=target, **kw)
+
+        self.explain = explain
+        self._result = None
+
+    def _run(self) -> dict:
+        if self._result is None:
+            from captum_ssl.metrics import deletion_auc
+
+            batches = list(zip(self.images.split(8), self.target.split(8)))
+            maps = torch.cat([self.explain(x, t) for x, t in batches])
+            seconds, fwd = time_against(
+                lambda: [self.explain(x, t) for x, t in batches],
+                lambda: [no_grad_forward(self.model, x)() for x, _ in batches],
+                self.device,
+                repeat=1,
+            )
+            auc = deletion_auc(
+                self.model, self.images, maps, self.target, step=self.step
+            )
+            n = len(self.images)
+            self._result = {
+                "auc": float(auc.mean()),
+                "seconds": seconds / n,
+                "passes": seconds / fwd,
+                "n": n,
+            }
+        return self._result
+
+    def track_deletion_auc(self, method: str) -> float:
+        return self._run()["auc"]
+
+    track_deletion_auc.unit = "AUC (lower is better)"
+
+    def track_seconds_per_image(self, method: str) -> float:
+        return self._run()["seconds"]
+
+    track_seconds_per_image.unit = "s"
+
+    def track_forward_passes(self, method: str) -> float:
+        return self._run()["passes"]
+
+    track_forward_passes.unit = "forward passes"
+
+    def track_images(self, method: str) -> float:
+        return self._run()["n"]
+
+
+@cache
+def _effnet_data(device: str):
+    import warnings
+
+    from captum_ssl.data import image_batches
+    from captum_ssl.models import entry, get_layer, load
+
+    model = load("efficientnet_lite0").to(device)
+    limit = int(os.environ.get("BENCH_IMAGES", "16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback to bundled photos is expected
+        batch = next(
+            iter(image_batches(model="efficientnet_lite0", n=limit, batch_size=limit))
+        )
+    x = batch.images.to(device)
+    with torch.no_grad():
+        pred = model(x).argmax(1).cpu()
+    target = torch.where(batch.labels >= 0, batch.labels, pred).to(device)
+    return model, x, target, get_layer(model, entry("efficientnet_lite0").cam_layer)

@@ -1,0 +1,182 @@
+"""The main job: run the benchmark suites and print their tables.
+
+    python -m benchmarks.run                    # quick default, a few minutes on CPU
+    python -m benchmarks.run --bench cams --suite accuracy
+    BENCH_FULL=1 python -m benchmarks.run       # the full grids (thesis step sizes)
+
+Every finished measurement is appended at once to ``results.jsonl`` in the
+output folder, so an interrupted run loses nothing it finished; the tables are
+written as Markdown and CSV next to it (``results.md``, ``results.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "storage" / "quant_results"
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--bench",
+        nargs="*",
+        default=None,
+        help="areas to run (benchmarks/bench_<area>.py); default: all",
+    )
+    p.add_argument(
+        "--suite",
+        choices=["timing", "accuracy", "all"],
+        default="all",
+        help="timing suites, accuracy suites, or both (default)",
+    )
+    p.add_argument(
+        "--filter", default=None, help="regular expression on suite class names"
+    )
+    p.add_argument(
+        "--full", action="store_true", help="the full grids (same as BENCH_FULL=1)"
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images for accuracy suites (BENCH_IMAGES, default 16)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device (BENCH_DEVICE); default: CUDA when present",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="repeats of time_* measures")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"output folder (default: {DEFAULT_OUT})",
+    )
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    return p.parse_args(argv)
+
+
+def _configure(args: argparse.Namespace) -> None:
+    """Options travel to the suites as environment variables (asv-compatible)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.full:
+        os.environ["BENCH_FULL"] = "1"
+    if args.images is not None:
+        os.environ["BENCH_IMAGES"] = str(args.images)
+    if args.device is not None:
+        os.environ["BENCH_DEVICE"] = args.device
+
+
+def tables(rows: List[dict]) -> List[Tuple[str, str, List[str], List[List[str]]]]:
+    """(title, note, header, body) per suite: one row per parameter combination,
+    one column per measure."""
+    by_suite: Dict[str, List[dict]] = {}
+    for r in rows:
+        by_suite.setdefault(r["suite"], []).append(r)
+    out = []
+    for suite, rs in by_suite.items():
+        pnames = list(rs[0]["params"].keys())
+        measures: List[Tuple[str, str]] = []
+        for r in rs:
+            if (r["measure"], r["unit"]) not in measures:
+                measures.append((r["measure"], r["unit"]))
+        combos: Dict[tuple, Dict[str, Optional[float]]] = {}
+        for r in rs:
+            key = tuple(str(r["params"][n]) for n in pnames)
+            combos.setdefault(key, {})[r["measure"]] = r["value"]
+        header = pnames + [f"{m} [{u}]" if u else m for m, u in measures]
+        body = [
+            list(k) + [_fmt(v.get(m)) for m, _ in measures] for k, v in combos.items()
+        ]
+        note = next((r["note"] for r in rs if r.get("note")), "")
+        out.append((f"{suite} ({rs[0]['group']})", note, header, body))
+    return out
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def markdown(tabs) -> str:
+    parts = []
+    for title, note, header, body in tabs:
+        parts.append(f"### {title}\n")
+        if note:
+            parts.append(f"{note}\n")
+        parts.append("| " + " | ".join(header) + " |")
+        parts.append("|" + "---|" * len(header))
+        parts += ["| " + " | ".join(row) + " |" for row in body]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_csv(path: Path, rows: List[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["suite", "group", "params", "measure", "value", "unit", "note"])
+        for r in rows:
+            params = ";".join(f"{k}={v}" for k, v in r["params"].items())
+            w.writerow(
+                [
+                    r["suite"],
+                    r["group"],
+                    params,
+                    r["measure"],
+                    r["value"],
+                    r["unit"],
+                    r["note"],
+                ]
+            )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse(argv)
+    _configure(args)
+    from dataclasses import asdict
+
+    from benchmarks._runner import discover, group_of, run_suites, save_jsonl
+
+    suites = discover(args.bench)
+    if args.suite != "all":
+        suites = [s for s in suites if group_of(s) == args.suite]
+    if args.filter:
+        suites = [s for s in suites if re.search(args.filter, s.__name__)]
+    if args.list:
+        for s in suites:
+            print(f"{s.__module__}.{s.__name__} [{group_of(s)}]")
+        return 0
+    if not suites:
+        print("no suite matches the options", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    jsonl = args.out / f"results-{stamp}.jsonl"
+    print(f"running {len(suites)} suites; results stream to {jsonl}", flush=True)
+    rows = [
+        asdict(r)
+        for r in run_suites(suites, on_row=save_jsonl(jsonl), repeat=args.repeat)
+    ]
+    tabs = tables(rows)
+    md = markdown(tabs)
+    (args.out / "results.md").write_text(md)
+    write_csv(args.out / "results.csv", rows)
+    print("\n" + md)
+    print(f"tables written to {args.out / 'results.md'} and {args.out / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,305 @@
+"""Attention capture: the one place that reads attention probabilities.
+
+Every attention method of this package gets its attention maps (and, where it
+needs them, the target's gradients with respect to those maps) from
+:func:`attention_forward`. It works on stock timm modules:
+
+* ``timm.layers.Attention`` (ViT, DeiT, DeiT distilled, MoCo v3 and DINO ViTs:
+  ``model.blocks[i].attn``): ``softmax(Q K^T / sqrt(d))`` of shape
+  ``(B, heads, N, N)``;
+* ``timm.models.cait.ClassAttn`` (CaiT ``model.blocks_token_only[i].attn`` and
+  XCiT ``model.cls_attn_blocks[i].attn``): only the class token queries, so
+  the probabilities are ``(B, heads, 1, N)``;
+* ``timm.models.xcit.XCA`` (XCiT ``model.blocks[i].attn``): cross-covariance
+  attention over channels, ``(B, heads, C/heads, C/heads)``. It is captured
+  (:func:`capture_attention`) but it is not a token map, so the attribution
+  methods refuse it.
+
+How: for the duration of one call, each touched module's own ``fused_attn``
+flag is set to ``False`` (timm then computes the softmax explicitly and passes
+it through ``attn_drop``, an identity in eval mode) and a forward hook on
+``attn_drop`` records its input. The global timm setting is never changed, and
+the flags and hooks are restored in ``finally`` blocks, also when the forward
+pass raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.common import _run_forward
+from captum._utils.typing import TargetType
+from torch import Tensor, nn
+
+from captum_ssl.attr._core import (
+    AttributionInputError,
+    check_target,
+    checked_forward,
+    format_inputs,
+    input_hw,
+)
+from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
+
+LayerSpec = Union[None, int, nn.Module, Sequence[Union[int, nn.Module]]]
+
+#: What a user may pass; named in every "unsupported" error.
+SUPPORTED = (
+    "timm ViT / DeiT / MoCo v3 / DINO self-attention (timm.layers.Attention, "
+    "`model.blocks[i].attn`), CaiT class attention (`model.blocks_token_only[i]"
+    ".attn`) and XCiT class attention (`model.cls_attn_blocks[i].attn`), both "
+    "timm.models.cait.ClassAttn"
+)
+
+SELF, CLASS, CHANNEL = "self", "class", "channel"
+
+
+def _attention_types() -> Dict[type, str]:
+    from timm.layers import Attention
+    from timm.models.cait import ClassAttn
+    from timm.models.xcit import XCA
+
+    return {Attention: SELF, ClassAttn: CLASS, XCA: CHANNEL}
+
+
+def attention_kind(module: nn.Module) -> Optional[str]:
+    """``"self"``, ``"class"``, ``"channel"`` (XCiT XCA) or ``None`` (unsupported)."""
+    for cls, kind in _attention_types().items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def attention_modules(model: nn.Module) -> List[nn.Module]:
+    """All supported attention modules of ``model`` in definition (= execution)
+    order, XCiT's channel-attention (XCA) modules included."""
+    return [m for m in model.modules() if attention_kind(m) is not None]
+
+
+def _model_of(forward_func: Callable) -> nn.Module:
+    model = root_module(forward_func)
+    if model is None:
+        raise AttributionInputError(
+            "Attention methods need forward_func to be the model (an nn.Module) or "
+            "one of its bound methods, so that its attention modules can be found."
+        )
+    return model
+
+
+def resolve_layers(
+    forward_func: Callable, layers: LayerSpec, *, token_maps: bool = True
+) -> List[nn.Module]:
+    """The attention modules named by ``layers``.
+
+    Args:
+        forward_func (Callable): the model, or a bound method of it.
+        layers (int, nn.Module, list, or None): ``None`` selects every attention
+                    module that yields token maps; an int indexes (negative
+                    allowed) the model's attention modules in execution order,
+                    XCiT's XCA modules included; a module must be one of them.
+        token_maps (bool, optional): refuse XCiT's channel attention (XCA).
+                    Default: True
+
+    Returns:
+        list of nn.Module, in the order given (``None``: execution order).
+    """
+    model = _model_of(forward_func)
+    found = attention_modules(model)
+    if not found:
+        raise AttributionInputError(
+            f"{type(model).__name__} has no supported attention module. Supported: "
+            f"{SUPPORTED}. For CNNs (and as an alternative on ViTs) use the CAMs, "
+            "e.g. LayerGradCam(model, model.blocks[-1].norm1)."
+        )
+    if layers is None:
+        chosen = [m for m in found if attention_kind(m) != CHANNEL]
+        if not chosen:
+            raise AttributionInputError(
+                f"{type(model).__name__} has only channel attention (XCiT XCA), "
+                "which gives no token map."
+            )
+        return chosen
+    specs = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    if not specs:
+        raise AttributionInputError("layers is empty: pass at least one layer.")
+    chosen = []
+    for spec in specs:
+        if isinstance(spec, bool) or not isinstance(spec, (int, nn.Module)):
+            raise AttributionInputError(
+                f"Unsupported layer {spec!r}: pass an int index into the model's "
+                "attention modules, the attention module itself, or a list of those."
+            )
+        if isinstance(spec, int):
+            if not -len(found) <= spec < len(found):
+                raise AttributionInputError(
+                    f"Layer index {spec} is out of range: the model has "
+                    f"{len(found)} attention modules (valid indices "
+                    f"-{len(found)}..{len(found) - 1})."
+                )
+            module = found[spec]
+        else:
+            module = spec
+            if attention_kind(module) is None or not any(module is m for m in found):
+                hint = ""
+                inner = getattr(module, "attn", None)
+                if isinstance(inner, nn.Module) and attention_kind(inner) is not None:
+                    hint = " Pass its `.attn` submodule."
+                raise AttributionInputError(
+                    f"{type(module).__name__} is not a supported attention module of "
+                    f"this model.{hint} Supported: {SUPPORTED}."
+                )
+        if token_maps and attention_kind(module) == CHANNEL:
+            raise AttributionInputError(
+                "XCiT's XCA blocks attend over channels (a (C/heads) x (C/heads) "
+                "matrix per head), not over tokens, so they give no patch map. Use "
+                "the class-attention layers `model.cls_attn_blocks[i].attn` (the "
+                "default), or capture_attention(...) to read the channel attention."
+            )
+        chosen.append(module)
+    return chosen
+
+
+# --------------------------------------------------------------------- capture
+@contextlib.contextmanager
+def capture_attention(
+    modules: Sequence[nn.Module],
+) -> Iterator[Dict[int, List[Tensor]]]:
+    """Record the attention probabilities of ``modules`` during the block.
+
+    Yields a dict ``{position in modules: [tensor per call]}``. Each tensor is
+    the module's softmaxed attention as computed in the forward pass (part of
+    the autograd graph when grad is enabled). The modules' ``fused_attn`` flags
+    and the hooks are restored on exit, also when the block raises.
+
+    Example::
+
+        >>> with capture_attention([model.blocks[0].attn]) as store:
+        ...     model(x)
+        >>> store[0][0].shape  # (B, heads, N, N)
+    """
+    store: Dict[int, List[Tensor]] = {i: [] for i in range(len(modules))}
+    saved: List[Tuple[nn.Module, bool, Any]] = []
+    handles = []
+    try:
+        for i, module in enumerate(modules):
+            if attention_kind(module) is None:
+                raise AttributionInputError(
+                    f"{type(module).__name__} is not a supported attention module. "
+                    f"Supported: {SUPPORTED}."
+                )
+            drop = module.attn_drop
+            if drop.training and drop.p > 0:
+                warnings.warn(
+                    "The model is in training mode with attention dropout: the "
+                    "captured attention is taken before dropout. Call model.eval().",
+                    stacklevel=3,
+                )
+            own = "fused_attn" in module.__dict__
+            saved.append((module, own, module.__dict__.get("fused_attn")))
+            module.fused_attn = False
+
+            def hook(_m: nn.Module, args: Tuple[Tensor, ...], _out: Any, i=i) -> None:
+                store[i].append(args[0])
+
+            handles.append(drop.register_forward_hook(hook))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, own, value in reversed(saved):
+            if own:
+                module.fused_attn = value
+            else:
+                del module.fused_attn
+
+
+@dataclass
+class Captured:
+    """What one forward pass gave: per layer, attention and (optionally) grads."""
+
+    attentions: List[Tensor]
+    gradients: Optional[List[Tensor]]
+    kinds: List[str]
+    layout: TokenLayout  # resolved for the attention's N tokens
+
+
+def attention_forward(
+    forward_func: Callable,
+    inputs: Any,
+    modules: Sequence[nn.Module],
+    target: TargetType = None,
+    additional_forward_args: Any = None,
+    *,
+    with_gradients: bool = False,
+    layout: Optional[TokenLayout] = None,
+) -> Captured:
+    """One forward pass recording the attention of ``modules`` (and, with
+    ``with_gradients``, one backward pass from the per-sample ``target`` scores
+    to those attention tensors: each gradient is paired with its own layer).
+
+    Returns detached tensors; attentions are ``(B, heads, Nq, N)``.
+    """
+    inputs = format_inputs(inputs)
+    batch = inputs[0].shape[0]
+    with capture_attention(modules) as store:
+        if with_gradients:
+            # gradients flow even when the model's parameters are frozen
+            inputs = tuple(
+                x.detach().requires_grad_() if x.is_floating_point() else x
+                for x in inputs
+            )
+            with torch.enable_grad():
+                scores = _run_forward(
+                    checked_forward(forward_func, target),
+                    inputs,
+                    target,
+                    additional_forward_args,
+                )
+                attns = _single_calls(store, modules)
+                if scores.numel() != batch:
+                    raise AttributionInputError(
+                        f"The selected target gives {scores.numel()} scores for a "
+                        f"batch of {batch}: choose one scalar output per sample."
+                    )
+                grads = list(torch.autograd.grad(scores.sum(), attns))
+        else:
+            with torch.no_grad():
+                out = _run_forward(forward_func, inputs, None, additional_forward_args)
+            if target is not None and isinstance(out, Tensor):
+                check_target(out, target)
+            attns = _single_calls(store, modules)
+            grads = None
+    kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
+    n = attns[0].shape[-1]
+    for a in attns:
+        if a.shape[-1] != n:
+            raise AttributionInputError(
+                f"The selected attention layers see different numbers of tokens "
+                f"({n} and {a.shape[-1]}); select layers of one token sequence."
+            )
+    lay = layout_for(forward_func, modules[-1], input_hw(inputs), layout)
+    lay = lay.resolve(torch.Size((batch, n, 1)))
+    return Captured(
+        [a.detach() for a in attns],
+        None if grads is None else [g.detach() for g in grads],
+        kinds,  # type: ignore[arg-type]
+        lay,
+    )
+
+
+def _single_calls(store: Dict[int, List[Tensor]], modules: Sequence[nn.Module]):
+    out = []
+    for i, module in enumerate(modules):
+        calls = store[i]
+        if len(calls) != 1:
+            what = "never ran" if not calls else f"ran {len(calls)} times"
+            raise AttributionInputError(
+                f"The attention module {type(module).__name__} (layer {i}) {what} "
+                "in one forward pass; expected exactly once. Pass the model whose "
+                "modules were selected as forward_func, and layers its forward uses."
+            )
+        out.append(calls[0])
+    return out

