@@ -425,3 +425,15 @@ def test_model_left_unchanged(tiny_cnn, images):
         torch.testing.assert_close(v, state[k])
     assert [p.grad for p in tiny_cnn.parameters()] == grads_before
     assert not tiny_cnn.training
+
+
+def test_ablation_cam_refuses_layer_input(tiny_cnn, images):
+    with pytest.raises(ValueError, match="attribute_to_layer_input=False"):
+        A.LayerAblationCam(tiny_cnn, tiny_cnn.features[4]).attribute(
+            images, target=0, attribute_to_layer_input=True
+        )
+    # Score-CAM masks with the layer's input just as well
+    out = A.LayerScoreCam(tiny_cnn, tiny_cnn.features[4]).attribute(
+        images, target=0, attribute_to_layer_input=True, perturbations_per_eval=16
+    )
+    assert out.shape == (3, 1, 16, 16)

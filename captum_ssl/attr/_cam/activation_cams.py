@@ -87,7 +87,62 @@ class LayerEigenCam(_LayerActivationCam):
         return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
 
 
-class LayerScoreCam(_LayerActivationCam, PerturbationAttribution):
+class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
+    """Base of CAMs whose channel weights come from perturbed forward passes.
+
+    Subclasses implement ``_weights(acts, inputs, target, args,
+    perturbations_per_eval, show_progress)``; the evaluations are batched by
+    :func:`~captum_ssl.attr._core.chunked_scores`.
+    """
+
+    #: False where the method perturbs the layer's output itself.
+    supports_layer_input = True
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        perturbations_per_eval: int = 1,
+        show_progress: bool = False,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample. Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): use the layer's input.
+                        Default: False
+            relu_attributions (bool, optional): ReLU the map. Default: False
+            perturbations_per_eval (int, optional): perturbed inputs per
+                        forward pass. Default: 1
+            show_progress (bool, optional): show a progress bar.
+                        Default: False
+
+        Returns:
+            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+        """
+        if attribute_to_layer_input and not self.supports_layer_input:
+            raise ValueError(
+                f"{type(self).__name__} perturbs the layer's output; use "
+                "attribute_to_layer_input=False or pick the preceding layer."
+            )
+        return self._attribute(
+            inputs,
+            target,
+            additional_forward_args,
+            attribute_to_layer_input,
+            relu_attributions,
+            perturbations_per_eval=perturbations_per_eval,
+            show_progress=show_progress,
+        )
+
+
+class LayerScoreCam(_LayerPerturbationCam):
     r"""Score-CAM: each channel weighted by the score of the input it masks.
 
     Each activation map :math:`A^k` is upsampled to the input (bilinear,
@@ -115,43 +170,6 @@ class LayerScoreCam(_LayerActivationCam, PerturbationAttribution):
         >>> score_cam = LayerScoreCam(model, model.layer4)
         >>> attr = score_cam.attribute(images, target=3, perturbations_per_eval=64)
     """
-
-    @log_usage()
-    def attribute(
-        self,
-        inputs: Tensor,
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        attribute_to_layer_input: bool = False,
-        relu_attributions: bool = False,
-        perturbations_per_eval: int = 1,
-        show_progress: bool = False,
-    ) -> Tensor:
-        r"""
-        Args:
-            inputs (Tensor): image batch ``(B, C, H, W)``.
-            target (int, tuple, Tensor or list, optional): output index per
-                        sample. Default: None
-            additional_forward_args (Any, optional): extra forward arguments.
-            attribute_to_layer_input (bool, optional): use the layer's input.
-            relu_attributions (bool, optional): ReLU the map. Default: False
-            perturbations_per_eval (int, optional): masked inputs per forward
-                        pass. Default: 1
-            show_progress (bool, optional): show a progress bar.
-                        Default: False
-
-        Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
-        """
-        return self._attribute(
-            inputs,
-            target,
-            additional_forward_args,
-            attribute_to_layer_input,
-            relu_attributions,
-            perturbations_per_eval=perturbations_per_eval,
-            show_progress=show_progress,
-        )
 
     def _weights(
         self,
@@ -194,7 +212,7 @@ class LayerScoreCam(_LayerActivationCam, PerturbationAttribution):
         return torch.softmax(scores, dim=1)
 
 
-class LayerAblationCam(_LayerActivationCam, PerturbationAttribution):
+class LayerAblationCam(_LayerPerturbationCam):
     r"""Ablation-CAM: each channel weighted by the score drop when it is zeroed.
 
     .. math:: w_k = \frac{y^c - y^c_k}{y^c}
@@ -225,47 +243,7 @@ class LayerAblationCam(_LayerActivationCam, PerturbationAttribution):
         >>> attr = ablation.attribute(images, target=3, perturbations_per_eval=64)
     """
 
-    @log_usage()
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        target: TargetType = None,
-        additional_forward_args: Any = None,
-        attribute_to_layer_input: bool = False,
-        relu_attributions: bool = False,
-        perturbations_per_eval: int = 1,
-        show_progress: bool = False,
-    ) -> Tensor:
-        r"""
-        Args:
-            inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target (int, tuple, Tensor or list, optional): output index per
-                        sample. Default: None
-            additional_forward_args (Any, optional): extra forward arguments.
-            attribute_to_layer_input (bool, optional): must be False (the
-                        layer's output is ablated).
-            relu_attributions (bool, optional): ReLU the map. Default: False
-            perturbations_per_eval (int, optional): ablated copies per forward
-                        pass. Default: 1
-            show_progress (bool, optional): show a progress bar.
-
-        Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
-        """
-        if attribute_to_layer_input:
-            raise ValueError(
-                "LayerAblationCam ablates the layer's output; use "
-                "attribute_to_layer_input=False or pick the preceding layer."
-            )
-        return self._attribute(
-            inputs,
-            target,
-            additional_forward_args,
-            False,
-            relu_attributions,
-            perturbations_per_eval=perturbations_per_eval,
-            show_progress=show_progress,
-        )
+    supports_layer_input = False
 
     def _weights(
         self,
