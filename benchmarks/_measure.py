@@ -43,26 +43,26 @@ def median_time(
     return statistics.median(times)
 
 
-def time_against(
-    run: Callable[[], object],
-    reference: Callable[[], object],
-    device: torch.device,
-    repeat: int = 3,
-) -> tuple:
-    """Median times of ``run`` and ``reference``, measured alternately so that
-    both see the same machine load. Returns ``(run_seconds, reference_seconds)``.
+def best_times(fns, device: torch.device, repeat: int = 3, warmup: bool = True):
+    """Fastest of ``repeat`` runs of each function, in seconds, run in turns.
+
+    ``fns`` is a list or a dict of callables; the result has the same shape.
+    Interleaving the runs (one warm-up each) and keeping the fastest makes a
+    ratio of two timings fair on a machine that other processes share.
     """
-    run()
-    reference()
-    a, b = [], []
+    items = list(fns.items()) if isinstance(fns, dict) else list(enumerate(fns))
+    if warmup:
+        for _, fn in items:
+            fn()
+    best = {k: float("inf") for k, _ in items}
     for _ in range(repeat):
-        for fn, out in ((reference, b), (run, a)):
+        for k, fn in items:
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            out.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best if isinstance(fns, dict) else [best[k] for k, _ in items]
 
 
 def no_grad_forward(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -9,13 +9,12 @@ the batch (default 8, the size of the issue's targets).
 from __future__ import annotations
 
 import os
-import time
 from functools import cache
 
 import torch
 
 import captum_ssl.attr._attention as AT
-from benchmarks._measure import default_device, sync
+from benchmarks._measure import best_times, default_device
 
 MODEL = "deit_small_patch16_224"
 BATCH = int(os.environ.get("BENCH_ATTN_BATCH", "8"))
@@ -48,24 +47,6 @@ def _forward_backward(model: torch.nn.Module, x: torch.Tensor, target: list):
 
 
 REPEAT = int(os.environ.get("BENCH_ATTN_REPEAT", "3"))
-
-
-def interleaved_min(
-    fns: dict, device: torch.device, repeat: int = REPEAT, warmup: bool = True
-) -> dict:
-    """Fastest of ``repeat`` runs of each function, run in turns (one warm-up
-    each), so that load from other processes hits all of them alike."""
-    best = {k: float("inf") for k in fns}
-    for fn in fns.values() if warmup else ():
-        fn()
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
 
 
 class _Unfused:
@@ -129,7 +110,7 @@ class AttentionCost:
 
     def _measure(self) -> dict:
         if self._times is None:
-            self._times = interleaved_min(self.fns, self.device)
+            self._times = best_times(self.fns, self.device, REPEAT)
         return self._times
 
     def track_ratio(self, method: str, batch: int) -> float:
@@ -179,9 +160,6 @@ class AttentionFlowCost:
     def track_seconds_per_image(self, attention: str, images: int) -> float:
         """Fastest of two attribute() calls / images (target < 5 s, 2 cores)."""
         run = lambda: self.flow.attribute(self.x)  # noqa: E731
-        return (
-            interleaved_min({"flow": run}, self.device, 2, warmup=False)["flow"]
-            / images
-        )
+        return best_times({"flow": run}, self.device, 2, warmup=False)["flow"] / images
 
     track_seconds_per_image.unit = "s"

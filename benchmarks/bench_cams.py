@@ -4,16 +4,12 @@ pytorch-grad-cam, and deletion AUC on the real EfficientNet-Lite0."""
 from __future__ import annotations
 
 import os
-from functools import cache
 
 import torch
 
 import captum_ssl.attr as A
-from benchmarks._measure import (
-    default_device,
-    no_grad_forward,
-    time_against,
-)
+from benchmarks._fixtures import effnet_data, resnet50
+from benchmarks._measure import best_times, default_device, no_grad_forward
 
 GRADIENT_CAMS = [
     "LayerGradCam",
@@ -27,15 +23,6 @@ GRADIENT_CAMS = [
 FAST_CAMS = GRADIENT_CAMS + ["LayerEigenCam", "LayerClassActivationMap"]
 PERTURBATION_CAMS = ["LayerScoreCam", "LayerAblationCam"]
 QUICK = os.environ.get("BENCH_FULL", "") == ""
-
-
-@cache
-def resnet50(device: str) -> torch.nn.Module:
-    """torchvision ResNet-50 with random weights (timing only)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    return torchvision.models.resnet50(weights=None).eval().to(device)
 
 
 class CamCost:
@@ -77,7 +64,7 @@ class CamCost:
 
     def _measure(self) -> tuple:
         if self._times is None:
-            self._times = time_against(self.run, self.forward, self.device)
+            self._times = tuple(best_times([self.run, self.forward], self.device))
         return self._times
 
     def track_forward_ratio(self, method: str, batch: int) -> float:
@@ -155,9 +142,7 @@ class CamDeletion:
 
     def setup(self, method: str) -> None:
         self.device = default_device()
-        self.model, self.images, self.target, self.layer = _effnet_data(
-            str(self.device)
-        )
+        self.model, self.images, self.target, self.layer = effnet_data(str(self.device))
         if method == "Random":
             gen = torch.Generator().manual_seed(0)
 
@@ -180,9 +165,11 @@ class CamDeletion:
 
             batches = list(zip(self.images.split(8), self.target.split(8)))
             maps = torch.cat([self.explain(x, t) for x, t in batches])
-            seconds, fwd = time_against(
-                lambda: [self.explain(x, t) for x, t in batches],
-                lambda: [no_grad_forward(self.model, x)() for x, _ in batches],
+            seconds, fwd = best_times(
+                [
+                    lambda: [self.explain(x, t) for x, t in batches],
+                    lambda: [no_grad_forward(self.model, x)() for x, _ in batches],
+                ],
                 self.device,
                 repeat=1,
             )
@@ -215,24 +202,3 @@ class CamDeletion:
 
     def track_images(self, method: str) -> float:
         return self._run()["n"]
-
-
-@cache
-def _effnet_data(device: str):
-    import warnings
-
-    from captum_ssl.data import image_batches
-    from captum_ssl.models import entry, get_layer, load
-
-    model = load("efficientnet_lite0").to(device)
-    limit = int(os.environ.get("BENCH_IMAGES", "16"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback to bundled photos is expected
-        batch = next(
-            iter(image_batches(model="efficientnet_lite0", n=limit, batch_size=limit))
-        )
-    x = batch.images.to(device)
-    with torch.no_grad():
-        pred = model(x).argmax(1).cpu()
-    target = torch.where(batch.labels >= 0, batch.labels, pred).to(device)
-    return model, x, target, get_layer(model, entry("efficientnet_lite0").cam_layer)
