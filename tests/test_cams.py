@@ -437,3 +437,21 @@ def test_ablation_cam_refuses_layer_input(tiny_cnn, images):
         images, target=0, attribute_to_layer_input=True, perturbations_per_eval=16
     )
     assert out.shape == (3, 1, 16, 16)
+
+
+def test_requires_grad_flags_restored_also_after_errors(tiny_cnn, images):
+    """Gradient CAMs freeze parameters during the call (autograd then records
+    only what follows the layer); each flag comes back, also on error."""
+    tiny_cnn.features[0].weight.requires_grad_(False)  # a partially frozen model
+    before = [p.requires_grad for p in tiny_cnn.parameters()]
+    seen = []
+    h = tiny_cnn.fc.register_forward_hook(
+        lambda m, i, o: seen.append(m.weight.requires_grad)
+    )
+    A.LayerGradCam(tiny_cnn, tiny_cnn.features[4]).attribute(images, target=0)
+    assert seen == [False]  # frozen during the call
+    assert [p.requires_grad for p in tiny_cnn.parameters()] == before
+    with pytest.raises(ValueError, match="out of range"):
+        A.LayerGradCam(tiny_cnn, tiny_cnn.features[4]).attribute(images, target=9)
+    h.remove()
+    assert [p.requires_grad for p in tiny_cnn.parameters()] == before

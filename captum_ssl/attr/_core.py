@@ -20,7 +20,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
-from captum_ssl.attr._layout import TokenLayout, layout_for
+from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -208,6 +208,28 @@ def layer_errors(layer: nn.Module) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def record_from_layer_only(forward_func: Callable) -> Iterator[None]:
+    """Autograd records only what follows the explained layer.
+
+    Layer methods need gradients with respect to the layer's output, never
+    with respect to the parameters. With every parameter temporarily frozen
+    (and inputs that do not require grad), the forward pass builds no graph up
+    to the layer; Captum's hook makes the layer's output require grad, so only
+    the ops after it are recorded. The flags are restored on exit, also when
+    the block raises. Without a module behind ``forward_func`` this is a no-op.
+    """
+    model = root_module(forward_func)
+    params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def resolve_layout(
     forward_func: Callable,
     layer: nn.Module,
@@ -241,7 +263,7 @@ def layer_activations_and_gradients(
     ``compute_layer_gradients_and_eval``); the hook is always removed.
     """
     lay = resolve_layout(forward_func, layer, inputs, layout)
-    with layer_errors(layer):
+    with layer_errors(layer), record_from_layer_only(forward_func):
         grads, acts = compute_layer_gradients_and_eval(
             checked_forward(forward_func, target),
             layer,
