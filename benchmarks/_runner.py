@@ -113,6 +113,7 @@ def run_suites(
                         lambda m=method, p=params: m(*p.values()),
                         device,
                         repeat=getattr(suite, "repeat", repeat),
+                        warmup=getattr(suite, "warmup", 1),
                     )
                     unit = "s"
                 elif kind == "peakmem":
