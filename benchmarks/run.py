@@ -1,12 +1,24 @@
-"""The main job: run the benchmark suites and print their tables.
+"""The main job: run the benchmark suites and the accuracy pipeline.
 
     python -m benchmarks.run                    # quick default, a few minutes on CPU
-    python -m benchmarks.run --bench cams --suite accuracy
+    python -m benchmarks.run --bench cams --suite timing
     BENCH_FULL=1 python -m benchmarks.run       # the full grids (thesis step sizes)
+    python -m benchmarks.run --suite accuracy --models res_50 moco_v3_res_50 \
+        --methods thesis --metrics thesis --data storage/imagenet_1000samples
+    torchrun --nproc_per_node=2 -m benchmarks.run --suite accuracy ...
 
-Every finished measurement is appended at once to ``results.jsonl`` in the
-output folder, so an interrupted run loses nothing it finished; the tables are
-written as Markdown and CSV next to it (``results.md``, ``results.csv``).
+Timing suites (asv-style classes in ``benchmarks/bench_*.py``): every finished
+measurement is appended at once to ``results-<stamp>.jsonl`` in the output
+folder and the tables are written as ``results.md`` / ``results.csv``.
+
+Accuracy pipeline (``benchmarks/evaluation``): model x method x metric over
+images; every finished value goes at once into ``results.sqlite`` in the
+output folder, and re-running the same command resumes it. Tables
+(``accuracy.md``/``.json``/``accuracy_*.csv``) and figures (``figures/``) are
+regenerated from the store. Giving --models/--methods/--metrics/--data/--limit
+without --bench runs the pipeline instead of the asv-style accuracy suites.
+Methods and metrics take options as ``name:option=value,...``; the words
+``quick``, ``thesis`` and ``all`` stand for sets of them.
 """
 
 from __future__ import annotations
@@ -66,6 +78,63 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help=f"output folder (default: {DEFAULT_OUT})",
     )
     p.add_argument("--list", action="store_true", help="list the suites and exit")
+    g = p.add_argument_group("accuracy pipeline (benchmarks/evaluation)")
+    g.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="registry models (default: every model whose files are present, "
+        "plus efficientnet_lite0); 'none' with --random-weights for timing only",
+    )
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="methods, name[:opt=val,...]; 'quick' (default), 'thesis' or 'all'",
+    )
+    g.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        help="metrics, name[:opt=val,...]; 'quick' (default), 'thesis' or 'all'",
+    )
+    g.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="ImageNet sample folder (default storage/imagenet_1000samples/, "
+        "else the bundled photos)",
+    )
+    g.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="at most N images (default 16; all with --full)",
+    )
+    g.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    g.add_argument(
+        "--metric-batch-size",
+        type=int,
+        default=64,
+        help="perturbed images per forward pass in the metrics",
+    )
+    g.add_argument(
+        "--saliency", action="store_true", help="save one overlay PNG per image"
+    )
+    g.add_argument(
+        "--random-weights",
+        nargs="+",
+        default=[],
+        metavar="MODEL",
+        help="also run these registry models with random weights (timing "
+        "tables only, labelled)",
+    )
+    g.add_argument("--no-figures", action="store_true", help="skip the figures")
+    g.add_argument(
+        "--report-only",
+        action="store_true",
+        help="regenerate tables and figures from the store, compute nothing",
+    )
     return p.parse_args(argv)
 
 
@@ -142,6 +211,21 @@ def write_csv(path: Path, rows: List[dict]) -> None:
             )
 
 
+PIPELINE_OPTIONS = ("models", "methods", "metrics", "data", "limit")
+
+
+def _pipeline_wanted(args: argparse.Namespace) -> bool:
+    if args.suite == "timing" or args.filter:
+        return False
+    return args.bench is None or "evaluation" in args.bench
+
+
+def _explicit_pipeline(args: argparse.Namespace) -> bool:
+    return args.bench is None and any(
+        getattr(args, n) is not None for n in PIPELINE_OPTIONS
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     _configure(args)
@@ -149,32 +233,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from benchmarks._runner import discover, group_of, run_suites, save_jsonl
 
-    suites = discover(args.bench)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    areas = None if args.bench is None else [b for b in args.bench if b != "evaluation"]
+    suites = [] if areas == [] else discover(areas)
     if args.suite != "all":
         suites = [s for s in suites if group_of(s) == args.suite]
     if args.filter:
         suites = [s for s in suites if re.search(args.filter, s.__name__)]
+    if _explicit_pipeline(args):  # the pipeline replaces the asv accuracy suites
+        suites = [s for s in suites if group_of(s) != "accuracy"]
+    if distributed:  # timing suites are single-process measurements
+        suites = []
+    pipeline = _pipeline_wanted(args)
     if args.list:
         for s in suites:
             print(f"{s.__module__}.{s.__name__} [{group_of(s)}]")
+        if pipeline:
+            from benchmarks.evaluation.cli import describe_pipeline
+
+            print(describe_pipeline(args))
         return 0
-    if not suites:
+    if not suites and not pipeline:
         print("no suite matches the options", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    jsonl = args.out / f"results-{stamp}.jsonl"
-    print(f"running {len(suites)} suites; results stream to {jsonl}", flush=True)
-    rows = [
-        asdict(r)
-        for r in run_suites(suites, on_row=save_jsonl(jsonl), repeat=args.repeat)
-    ]
-    tabs = tables(rows)
-    md = markdown(tabs)
-    (args.out / "results.md").write_text(md)
-    write_csv(args.out / "results.csv", rows)
-    print("\n" + md)
-    print(f"tables written to {args.out / 'results.md'} and {args.out / 'results.csv'}")
+    if suites and not args.report_only:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        jsonl = args.out / f"results-{stamp}.jsonl"
+        print(f"running {len(suites)} suites; results stream to {jsonl}", flush=True)
+        rows = [
+            asdict(r)
+            for r in run_suites(suites, on_row=save_jsonl(jsonl), repeat=args.repeat)
+        ]
+        tabs = tables(rows)
+        md = markdown(tabs)
+        (args.out / "results.md").write_text(md)
+        write_csv(args.out / "results.csv", rows)
+        print("\n" + md)
+        print(
+            f"tables written to {args.out / 'results.md'} and "
+            f"{args.out / 'results.csv'}"
+        )
+    if pipeline:
+        from benchmarks.evaluation.cli import run_pipeline
+
+        return run_pipeline(args)
     return 0
 
 

@@ -22,7 +22,7 @@ def _ruff() -> list:
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=str)
 def test_ruff(args):
     out = subprocess.run(
-        _ruff() + args + ["captum_ssl", "benchmarks", "tests"],
+        _ruff() + args + ["."],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -55,6 +55,16 @@ class Preprocessing:
                 f"got {self.interpolation!r}"
             )
 
+    def as_dict(self) -> dict:
+        """The settings as plain JSON-ready values (lists for mean and std)."""
+        return dict(
+            resize=self.resize,
+            crop=self.crop,
+            interpolation=self.interpolation,
+            mean=list(self.mean),
+            std=list(self.std),
+        )
+
     @property
     def input_size(self) -> Tuple[int, int, int]:
         """``(3, crop, crop)``: the model's input size."""

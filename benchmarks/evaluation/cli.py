@@ -1,0 +1,161 @@
+"""Command-line glue of the accuracy pipeline (called by ``benchmarks.run``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import List, Optional, Tuple
+
+from benchmarks.evaluation import methods as M
+
+QUICK_LIMIT = 8
+
+
+def _full(args: argparse.Namespace) -> bool:
+    return bool(args.full or os.environ.get("BENCH_FULL"))
+
+
+def expand_methods(words: Optional[List[str]], full: bool) -> List[str]:
+    if not words:
+        words = ["thesis"] if full else ["quick"]
+    out: List[str] = []
+    for w in words:
+        if w == "quick":
+            out += M.QUICK_METHODS + ["raw_attention", "rollout"]
+        elif w == "thesis":
+            out += M.THESIS_METHODS
+        elif w == "all":
+            out += M.method_names()
+        else:
+            M.method_defaults(M.parse_spec(w)[0])  # fails early on unknown names
+            out.append(w)
+    return list(dict.fromkeys(out))
+
+
+def expand_metrics(words: Optional[List[str]], full: bool) -> List[str]:
+    if not words:
+        words = ["thesis"] if full else ["quick"]
+    out: List[str] = []
+    for w in words:
+        if w == "quick":
+            out += M.QUICK_METRICS
+        elif w == "thesis":
+            out += M.THESIS_METRICS
+        elif w == "all":
+            out += [m for m in M.METRICS if not m.startswith("road")]
+        else:
+            if M.parse_spec(w)[0] not in M.METRICS:
+                raise SystemExit(f"unknown metric {w!r}; known: {', '.join(M.METRICS)}")
+            out.append(w)
+    return list(dict.fromkeys(out))
+
+
+def select_models(
+    names: Optional[List[str]], random_weights: List[str]
+) -> Tuple[List[M.ModelSpec], List[str], List[str]]:
+    """(specs, notes, absent): registry models with their files present
+    (pretrained), plus the ``random_weights`` ones; absent ones are listed."""
+    from captum_ssl.models import available, list_models
+
+    present = available()
+    if names is None:
+        wanted = list(present)
+        if "efficientnet_lite0" not in wanted:
+            wanted.append("efficientnet_lite0")
+    elif names == ["none"]:  # only the --random-weights models (timing)
+        wanted = []
+    else:
+        unknown = [n for n in names + random_weights if n not in list_models()]
+        if unknown:
+            raise SystemExit(
+                f"unknown model(s) {unknown}; known: {', '.join(list_models())}"
+            )
+        wanted = list(names)
+    specs = [M.registry_model(n) for n in wanted if n in present]
+    specs += [M.registry_model(n, random_weights=True) for n in random_weights]
+    absent = [
+        n for n in (list_models() if names is None else wanted) if n not in present
+    ]
+    notes = []
+    msg = M.missing_files_message(absent)
+    if msg:
+        notes.append(msg)
+    if random_weights:
+        notes.append(
+            "Random-weight models (timing only, never in accuracy tables): "
+            + ", ".join(random_weights)
+        )
+    return specs, notes, absent
+
+
+def config_from_args(args: argparse.Namespace):
+    from benchmarks.evaluation.pipeline import EvalConfig
+
+    full = _full(args)
+    specs, notes, absent = select_models(args.models, args.random_weights)
+    limit = args.limit if args.limit is not None else args.images
+    if limit is None and not full:
+        limit = QUICK_LIMIT
+    cfg = EvalConfig(
+        models=specs,
+        methods=expand_methods(args.methods, full),
+        metrics=expand_metrics(args.metrics, full),
+        out=args.out,
+        data=args.data,
+        limit=limit,
+        batch_size=args.batch_size,
+        metric_batch_size=args.metric_batch_size,
+        device=args.device,
+        saliency=args.saliency,
+        figures=not args.no_figures,
+    )
+    return cfg, notes
+
+
+def describe_pipeline(args: argparse.Namespace) -> str:
+    cfg, notes = config_from_args(args)
+    lines = [
+        "benchmarks.evaluation accuracy pipeline [accuracy]",
+        f"  models: {', '.join(s.name + ('' if s.weights == 'pretrained' else ' (random weights)') for s in cfg.models)}",  # noqa: E501
+        f"  methods: {', '.join(cfg.methods)}",
+        f"  metrics: {', '.join(cfg.metrics)}",
+        f"  images: {cfg.limit or 'all'} (batch {cfg.batch_size})",
+        f"  all methods: {', '.join(M.method_names())}",
+        f"  all metrics: {', '.join(M.METRICS)}",
+    ]
+    return "\n".join(lines + notes)
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from benchmarks.evaluation.pipeline import (
+        evaluate,
+        init_distributed,
+        make_plan,
+        report,
+    )
+    from benchmarks.evaluation.store import ResultStore
+
+    cfg, notes = config_from_args(args)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        for n in notes:
+            print(n)
+    if not cfg.models:
+        print("accuracy: no model to evaluate (none has its pretrained weights)")
+        return 0
+    start = time.perf_counter()
+    if args.report_only:
+        init_distributed(cfg.device)
+        with ResultStore(cfg.out / "results.sqlite") as store:
+            plan = make_plan(cfg, store)
+        paths = report(cfg, plan, notes) if rank == 0 else {}
+    else:
+        plan, paths = evaluate(cfg, notes)
+    if rank == 0:
+        print(f"\naccuracy pipeline done in {time.perf_counter() - start:.1f} s")
+        md = paths.get("md")
+        if md is not None:
+            print(md.read_text())
+            print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0

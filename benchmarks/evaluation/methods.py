@@ -1,0 +1,430 @@
+"""Models, attribution methods and metrics of the evaluation, by name.
+
+A method or metric is named on the command line as ``name`` or
+``name:option=value,option=value`` (values are Python literals), e.g.
+``rollout:discard_ratio=0.9`` or ``deletion:step=448``. Captum's gradient
+methods take a NoiseTunnel variant as a suffix: ``saliency+smoothgrad``,
+``integrated_gradients+vargrad:nt_samples=16``. The options, with their
+defaults filled in, are part of each result's config key.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------- parsing
+
+
+def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
+    """``"name:a=1,b='x'"`` -> ``("name", {"a": 1, "b": "x"})``."""
+    name, _, rest = text.partition(":")
+    opts: Dict[str, Any] = {}
+    if rest:
+        for part in rest.split(","):
+            if "=" not in part:
+                raise ValueError(
+                    f"{text!r}: options are written name:option=value,option=value"
+                )
+            k, v = part.split("=", 1)
+            try:
+                opts[k.strip()] = ast.literal_eval(v.strip())
+            except (ValueError, SyntaxError):
+                opts[k.strip()] = v.strip()
+    return name.strip(), opts
+
+
+def spec_label(name: str, opts: Dict[str, Any], defaults: Dict[str, Any]) -> str:
+    """Display name: the name plus the options that differ from the defaults."""
+    changed = {k: v for k, v in opts.items() if defaults.get(k, object()) != v}
+    if not changed:
+        return name
+    return name + ":" + ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
+
+
+# ------------------------------------------------------------------ models
+
+
+@dataclass
+class ModelSpec:
+    r"""A model to evaluate, with what the pipeline needs to know about it.
+
+    Args:
+        name (str): display / registry name.
+        build (callable): ``() -> nn.Module`` in eval mode.
+        architecture (str): architecture family (supervised and self-supervised
+                    models of one family are compared).
+        training (str): ``"supervised"`` or ``"self-supervised"``.
+        weights (str): ``"pretrained"`` or ``"random"``; random-weight models
+                    only ever appear in timing tables.
+        cam_layer (str): dotted path of the CAM layer.
+        attention_layers (str): dotted pattern of attention modules ("" if none).
+        cam_layout (dict): ``TokenLayout`` keyword arguments for the CAM layer.
+        preprocessing (Any): the image preprocessing (a registry
+                    ``Preprocessing``), passed to the data loaders.
+        fingerprint (dict): what identifies the weights (files, sizes).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    architecture: str
+    training: str
+    weights: str
+    cam_layer: str
+    attention_layers: str = ""
+    cam_layout: Dict[str, Any] = field(default_factory=dict)
+    preprocessing: Any = None
+    fingerprint: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_vit(self) -> bool:
+        return bool(self.attention_layers)
+
+    @property
+    def is_cnn(self) -> bool:
+        return not self.attention_layers and not self.cam_layout
+
+    def key_spec(self) -> Dict[str, Any]:
+        p = self.preprocessing
+        pre = None if p is None else p.as_dict()
+        return dict(
+            name=self.name,
+            weights=self.weights,
+            cam_layer=self.cam_layer,
+            attention_layers=self.attention_layers,
+            cam_layout=self.cam_layout,
+            preprocessing=pre,
+            fingerprint=self.fingerprint,
+        )
+
+
+def registry_model(name: str, random_weights: bool = False) -> ModelSpec:
+    """A registry model: its official weights, or random ones (timing only)."""
+    from captum_ssl.models import checkpoint_paths, entry, load
+
+    e = entry(name)
+    if random_weights:
+
+        def build() -> nn.Module:
+            torch.manual_seed(0)
+            return e.build().eval()
+
+        fingerprint: Dict[str, Any] = {"random_seed": 0}
+    else:
+        paths = checkpoint_paths(name)
+        fingerprint = {
+            role: [Path(p).name, Path(p).stat().st_size] for role, p in paths.items()
+        }
+
+        def build() -> nn.Module:
+            return load(name)
+
+    return ModelSpec(
+        name=name,
+        build=build,
+        architecture=e.architecture,
+        training=e.training,
+        weights="random" if random_weights else "pretrained",
+        cam_layer=e.cam_layer,
+        attention_layers=e.attention_layers,
+        cam_layout=dict(e.cam_layout),
+        preprocessing=e.preprocessing,
+        fingerprint=fingerprint,
+    )
+
+
+def missing_files_message(names: List[str]) -> str:
+    """Which files to download, and where, for registry models not present."""
+    from captum_ssl.models import describe
+
+    lines = []
+    for name in names:
+        info = describe(name)
+        for f in info["files"]:
+            if not f["present"]:
+                where = Path(f["expected"])
+                try:
+                    where = where.relative_to(Path.cwd())
+                except ValueError:
+                    pass
+                lines.append(
+                    f"  {name}: {f['role']} file {f['filename']} -> "
+                    f"{where}\n      download from {f['source']}"
+                )
+    if not lines:
+        return ""
+    return (
+        "These models are left out of the accuracy tables (no pretrained weights); "
+        "to include them download (see docs/models_table.md):\n" + "\n".join(lines)
+    )
+
+
+# ----------------------------------------------------------------- methods
+
+Explain = Callable[[Tensor, Tensor], Tensor]
+
+CAMS = {
+    "gradcam": "LayerGradCam",
+    "gradcampp": "LayerGradCamPlusPlus",
+    "xgradcam": "LayerXGradCam",
+    "hirescam": "LayerHiResCam",
+    "gradcam_elementwise": "LayerGradCamElementWise",
+    "layercam": "LayerLayerCam",
+    "eigencam": "LayerEigenCam",
+    "eigengradcam": "LayerEigenGradCam",
+    "scorecam": "LayerScoreCam",
+    "ablationcam": "LayerAblationCam",
+    "cam": "LayerClassActivationMap",
+}
+PERTURBATION_CAMS = {"scorecam", "ablationcam"}
+ATTENTION = {
+    "raw_attention": "RawAttention",
+    "rollout": "AttentionRollout",
+    "grad_rollout": "GradientAttentionRollout",
+    "generic_attention": "GenericAttention",
+    "attention_flow": "AttentionFlow",
+}
+GRADIENT = {
+    "saliency": "Saliency",
+    "input_x_gradient": "InputXGradient",
+    "guided_backprop": "GuidedBackprop",
+    "deconvolution": "Deconvolution",
+    "integrated_gradients": "IntegratedGradients",
+    "guided_gradcam": "GuidedGradCam",
+}
+NOISE_TUNNELS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+#: a quick, representative default set
+QUICK_METHODS = ["gradcam", "gradcampp", "eigencam", "saliency"]
+#: the thesis's method set
+THESIS_METHODS = [
+    "gradcam",
+    "gradcampp",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+    "ablationcam",
+    "raw_attention",
+    "rollout",
+    "grad_rollout",
+    "generic_attention",
+]
+
+
+def method_names() -> List[str]:
+    base = list(CAMS) + list(ATTENTION) + list(GRADIENT)
+    return base + [f"{g}+{nt}" for g in GRADIENT for nt in NOISE_TUNNELS]
+
+
+def method_defaults(name: str) -> Dict[str, Any]:
+    """Options of a method with their defaults (part of the config key)."""
+    base, _, nt = name.partition("+")
+    if base in CAMS:
+        d: Dict[str, Any] = {"relu_attributions": True}
+        if base in PERTURBATION_CAMS:
+            d["perturbations_per_eval"] = 32
+        return d
+    if base in ATTENTION:
+        d = {}
+        if base in ("raw_attention", "rollout", "grad_rollout", "attention_flow"):
+            d["head_fusion"] = "mean"
+        if base == "raw_attention":
+            d["power"] = 1.0
+        if base in ("rollout", "grad_rollout"):
+            d["discard_ratio"] = 0.0
+        return d
+    if base in GRADIENT:
+        # (B, 3, H, W) input maps become (B, 1, H, W) by |.| summed over channels
+        d = {"reduce": "abs_sum"}
+        if base == "integrated_gradients":
+            d.update(n_steps=32, internal_batch_size=64)
+        if nt:
+            d.update(nt_samples=8, stdevs=0.5, nt_samples_batch_size=8)
+        return d
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+
+
+def applies(name: str, model: ModelSpec) -> Optional[str]:
+    """None if the method applies to the model, else the reason it does not."""
+    base = name.partition("+")[0]
+    if base in ATTENTION and not model.is_vit:
+        return "attention methods need a ViT with class-token attention layers"
+    if base in ("guided_gradcam", "cam") and not model.is_cnn:
+        return f"{base} needs a convolutional (B, C, H, W) CAM layer"
+    return None
+
+
+def build_method(
+    name: str, opts: Dict[str, Any], model: nn.Module, spec: ModelSpec
+) -> Explain:
+    """``explain(x, target) -> (B, 1, h, w)`` maps for a method and a model."""
+    import captum.attr as CA
+
+    import captum_ssl.attr as A
+    from captum_ssl.models import get_layer
+
+    base, _, nt = name.partition("+")
+    if nt and (base not in GRADIENT or nt not in NOISE_TUNNELS):
+        raise ValueError(
+            f"{name!r}: NoiseTunnel variants ({', '.join(NOISE_TUNNELS)}) apply to "
+            f"the gradient methods {', '.join(GRADIENT)}"
+        )
+    opts = {**method_defaults(name), **opts}
+    layout = A.TokenLayout(**spec.cam_layout) if spec.cam_layout else None
+
+    if base in CAMS:
+        layer = get_layer(model, spec.cam_layer)
+        cam = getattr(A, CAMS[base])(model, layer, layout=layout)
+        kw = dict(opts)
+
+        def explain(x: Tensor, t: Tensor) -> Tensor:
+            return cam.attribute(x, target=t, **kw)
+
+        return explain
+
+    if base in ATTENTION:
+        kw = dict(opts)
+        if base == "raw_attention":
+            layers = kw.pop("layers", -1)
+            attr = A.RawAttention(model, layers=layers)
+        else:
+            attr = getattr(A, ATTENTION[base])(model)
+
+        def explain(x: Tensor, t: Tensor) -> Tensor:
+            return attr.attribute(x, target=t, **kw)
+
+        return explain
+
+    kw = dict(opts)
+    reduce = kw.pop("reduce")
+    nt_keys = ("nt_samples", "stdevs", "nt_samples_batch_size")
+    nt_kw = {k: kw.pop(k) for k in nt_keys if k in kw}
+    if base == "guided_gradcam":
+        attr = CA.GuidedGradCam(model, get_layer(model, spec.cam_layer))
+    else:
+        attr = getattr(CA, GRADIENT[base])(model)
+    if nt:
+        tunnel = CA.NoiseTunnel(attr)
+
+        def run(x: Tensor, t: Tensor) -> Tensor:
+            return tunnel.attribute(x, nt_type=nt, target=t, **nt_kw, **kw)
+
+    else:
+
+        def run(x: Tensor, t: Tensor) -> Tensor:
+            return attr.attribute(x, target=t, **kw)
+
+    def explain(x: Tensor, t: Tensor) -> Tensor:
+        maps = run(x.clone().requires_grad_(), t).detach()
+        if reduce == "abs_sum":
+            return maps.abs().sum(dim=1, keepdim=True)
+        if reduce == "sum":
+            return maps.sum(dim=1, keepdim=True)
+        raise ValueError(f"reduce must be 'abs_sum' or 'sum', got {reduce!r}")
+
+    return explain
+
+
+# ----------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    fn_name: str
+    defaults: Dict[str, Any]
+    passes: Callable[[Dict[str, Any], int], int]  # forward passes per image
+
+
+def _rise_passes(o: Dict[str, Any], hw: int) -> int:
+    return -(-hw // int(o["step"])) + 1
+
+
+METRICS: Dict[str, MetricDef] = {
+    "deletion": MetricDef(
+        "deletion_auc", {"step": 224, "substrate": "zero"}, _rise_passes
+    ),
+    "insertion": MetricDef(
+        "insertion_auc", {"step": 224, "substrate": "blur"}, _rise_passes
+    ),
+    "average_drop": MetricDef("average_drop", {}, lambda o, hw: 2),
+    "average_increase": MetricDef("average_increase", {}, lambda o, hw: 2),
+    "masked_probability": MetricDef("class_probability", {}, lambda o, hw: 1),
+    "masked_accuracy": MetricDef("accuracy", {}, lambda o, hw: 1),
+    "positive_perturbation": MetricDef(
+        "perturbation_auc", {"mode": "positive"}, lambda o, hw: 10
+    ),
+    "negative_perturbation": MetricDef(
+        "perturbation_auc", {"mode": "negative"}, lambda o, hw: 10
+    ),
+    "road_morf": MetricDef("road", {"order": "morf"}, lambda o, hw: 10),
+    "road_lerf": MetricDef("road", {"order": "lerf"}, lambda o, hw: 10),
+}
+#: the thesis's metrics (its step sizes)
+THESIS_METRICS = ["average_drop", "average_increase", "deletion", "insertion"]
+#: quick default: coarse deletion/insertion (32 rows of 224 px per step)
+QUICK_METRICS = [
+    "average_drop",
+    "average_increase",
+    "deletion:step=7168",
+    "insertion:step=7168",
+]
+
+
+def metric_function(name: str) -> Callable:
+    import captum_ssl.metrics as M
+
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+    return getattr(M, METRICS[name].fn_name)
+
+
+def metric_direction(name: str, opts: Dict[str, Any]) -> bool:
+    """True when higher is better."""
+    import captum_ssl.metrics as M
+
+    full = {**METRICS[name].defaults, **opts}
+    return M.higher_is_better(metric_function(name), **full)
+
+
+# --------------------------------------------------------------- versions
+
+
+def code_version() -> Dict[str, str]:
+    """Package version, git commit (if any) and a hash of the sources that
+    compute results (``captum_ssl/``, this module and ``pipeline.py``)."""
+    import captum_ssl
+
+    root = Path(captum_ssl.__file__).resolve().parent
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    files = sorted(root.rglob("*.py")) + [here / "methods.py", here / "pipeline.py"]
+    for p in files:
+        h.update(f"{p.parent.name}/{p.name}".encode())
+        h.update(p.read_bytes())
+    commit = ""
+    try:
+        import subprocess
+
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return dict(
+        version=getattr(captum_ssl, "__version__", "0"),
+        source_sha256=h.hexdigest()[:16],
+        commit=commit,
+        torch=torch.__version__,
+    )

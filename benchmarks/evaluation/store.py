@@ -1,0 +1,254 @@
+"""The results store: one SQLite file per output folder (stdlib ``sqlite3``).
+
+Every finished (model, method, metric, image) value is committed at once, so
+a killed run loses nothing it finished and the same command resumes where it
+stopped. Rows are keyed by a *config key*: a hash of the code version and of
+every option that changes the value (model and its preprocessing, method and
+its options, metric and its options, data source). A new code version or a
+changed option gives new keys, so old and new rows never mix; tables read the
+keys of the current run only.
+
+Several processes (``torchrun`` ranks) may write into the same file: the
+database runs in WAL mode with a busy timeout and every write is retried
+while the database is locked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS configs (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,          -- 'result', 'map' or 'timing'
+    spec TEXT NOT NULL,          -- JSON of everything the key hashes
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT NOT NULL,
+    image TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    target INTEGER,
+    label INTEGER,
+    value REAL,
+    rank INTEGER,
+    created REAL NOT NULL,
+    PRIMARY KEY (key, image)
+);
+CREATE TABLE IF NOT EXISTS maps (
+    key TEXT NOT NULL,
+    image TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    height INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    data BLOB NOT NULL,           -- float16, row-major (height, width)
+    PRIMARY KEY (key, image)
+);
+CREATE TABLE IF NOT EXISTS timings (
+    key TEXT NOT NULL,
+    batch TEXT NOT NULL,          -- the images of the batch, joined by '|'
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    metric TEXT NOT NULL,         -- '' for the attribution itself
+    images INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    forward_seconds REAL NOT NULL,
+    peak_mib REAL,
+    device TEXT NOT NULL,
+    weights TEXT NOT NULL,        -- 'pretrained' or 'random'
+    rank INTEGER,
+    PRIMARY KEY (key, batch)
+);
+"""
+
+
+def config_key(spec: Dict[str, Any]) -> str:
+    """A short stable hash of a JSON-serialisable spec."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class ResultStore:
+    r"""Results of the evaluation pipeline in ``<folder>/results.sqlite``.
+
+    Args:
+        path (path): the database file (created if absent).
+        timeout (float, optional): seconds to wait for a lock held by another
+                    process before retrying. Default: 60
+
+    Examples::
+
+        >>> store = ResultStore(out / "results.sqlite")
+        >>> key = store.register("result", spec)
+        >>> store.done(key)                   # images already finished
+        >>> store.add_results(key, rows)      # committed at once
+    """
+
+    def __init__(self, path, timeout: float = 60.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        self.conn = sqlite3.connect(str(self.path), timeout=timeout)
+        self._retry(lambda c: c.execute("PRAGMA journal_mode=WAL"))
+        self._retry(lambda c: c.executescript(SCHEMA))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ writing
+    def _retry(self, fn, attempts: int = 20):
+        for i in range(attempts):
+            try:
+                with self.conn:  # one transaction: committed or rolled back
+                    return fn(self.conn)
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                if i == attempts - 1:
+                    raise
+                time.sleep(0.05 * (i + 1))
+        return None
+
+    def register(self, kind: str, spec: Dict[str, Any]) -> str:
+        """Record a config and return its key."""
+        key = config_key(spec)
+        text = json.dumps(spec, sort_keys=True, default=str)
+        self._retry(
+            lambda c: c.execute(
+                "INSERT OR IGNORE INTO configs VALUES (?, ?, ?, ?)",
+                (key, kind, text, time.time()),
+            )
+        )
+        return key
+
+    def add_results(
+        self,
+        key: str,
+        model: str,
+        method: str,
+        metric: str,
+        rows: Iterable[Tuple[str, int, int, float]],
+        rank: int = 0,
+    ) -> None:
+        """Commit ``(image, target, label, value)`` rows of one config at once.
+
+        A row already present is kept (``INSERT OR IGNORE``): a value is never
+        computed into the store twice.
+        """
+        now = time.time()
+        data = [
+            (key, img, model, method, metric, int(t), int(lab), _num(v), rank, now)
+            for img, t, lab, v in rows
+        ]
+        self._retry(
+            lambda c: c.executemany(
+                "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)", data
+            )
+        )
+
+    def add_maps(
+        self, key: str, model: str, method: str, images: Sequence[str], maps
+    ) -> None:
+        """Store small ``(B, h, w)`` maps (float16) for agreement and figures."""
+        arr = np.asarray(maps, dtype=np.float16)
+        data = [
+            (key, img, model, method, arr.shape[1], arr.shape[2], arr[i].tobytes())
+            for i, img in enumerate(images)
+        ]
+        self._retry(
+            lambda c: c.executemany(
+                "INSERT OR IGNORE INTO maps VALUES (?,?,?,?,?,?,?)", data
+            )
+        )
+
+    def add_timing(self, key: str, batch: Sequence[str], **fields: Any) -> None:
+        row = (
+            key,
+            "|".join(batch),
+            fields["model"],
+            fields["method"],
+            fields.get("metric", ""),
+            len(batch),
+            float(fields["seconds"]),
+            float(fields["forward_seconds"]),
+            fields.get("peak_mib"),
+            fields["device"],
+            fields["weights"],
+            fields.get("rank", 0),
+        )
+        self._retry(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO timings VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row
+            )
+        )
+
+    # ------------------------------------------------------------ reading
+    def done(self, key: str, table: str = "results") -> set:
+        """Images already stored for a config."""
+        cur = self.conn.execute(f"SELECT image FROM {table} WHERE key = ?", (key,))
+        return {r[0] for r in cur}
+
+    def results(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+        """Result rows (of the given config keys only, if given)."""
+        sql = (
+            "SELECT key, image, model, method, metric, target, label, value, rank "
+            "FROM results"
+        )
+        names = ["key", "image", "model", "method", "metric", "target", "label"]
+        names += ["value", "rank"]
+        return [dict(zip(names, r)) for r in self._select(sql, keys)]
+
+    def maps(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+        sql = "SELECT key, image, model, method, height, width, data FROM maps"
+        out = []
+        for key, img, model, method, h, w, blob in self._select(sql, keys):
+            m = np.frombuffer(blob, dtype=np.float16).reshape(h, w).astype(np.float32)
+            out.append(dict(key=key, image=img, model=model, method=method, map=m))
+        return out
+
+    def timings(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+        sql = (
+            "SELECT key, batch, model, method, metric, images, seconds, "
+            "forward_seconds, peak_mib, device, weights, rank FROM timings"
+        )
+        names = ["key", "batch", "model", "method", "metric", "images", "seconds"]
+        names += ["forward_seconds", "peak_mib", "device", "weights", "rank"]
+        return [dict(zip(names, r)) for r in self._select(sql, keys)]
+
+    def spec(self, key: str) -> Optional[Dict[str, Any]]:
+        row = self.conn.execute(
+            "SELECT spec FROM configs WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _select(self, sql: str, keys: Optional[Sequence[str]]):
+        if keys is None:
+            return self.conn.execute(sql).fetchall()
+        keys = list(keys)
+        out = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out += self.conn.execute(f"{sql} WHERE key IN ({marks})", chunk).fetchall()
+        return out
+
+
+def _num(v: Any) -> Optional[float]:
+    v = float(v)
+    return None if v != v else v  # NaN -> NULL
