@@ -151,9 +151,9 @@ class LayerScoreCam(_LayerPerturbationCam):
     softmax over channels of those target scores, as in pytorch-grad-cam:
     :math:`w_k = \mathrm{softmax}_k\, y^c(X \odot H^k)`.
 
-    Masked inputs are built and evaluated ``perturbations_per_eval`` at a time
-    across images and channels, so memory stays at one such batch (never
-    ``B x C x 3 x H x W``).
+    Masks and masked inputs are built and evaluated ``perturbations_per_eval``
+    at a time across images and channels, so memory stays at one such batch
+    (pytorch-grad-cam builds all ``B x C x 3 x H x W`` masked inputs at once).
 
     Reference: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for
     Convolutional Neural Networks", CVPR Workshops 2020.
@@ -186,17 +186,19 @@ class LayerScoreCam(_LayerPerturbationCam):
                 f"shapes {[tuple(t.shape) for t in inputs]}."
             )
         x = inputs[0]
-        with torch.no_grad():
+
+        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
+            # masks are built per chunk: memory stays at one chunk of inputs
+            b, k = b.to(x.device), k.to(x.device)
             up = F.interpolate(
-                acts, size=x.shape[-2:], mode="bilinear", align_corners=True
+                acts[b, k].unsqueeze(1),
+                size=x.shape[-2:],
+                mode="bilinear",
+                align_corners=True,
             )
             lo = up.amin(dim=(2, 3), keepdim=True)
             hi = up.amax(dim=(2, 3), keepdim=True)
-            masks = (up - lo) / (hi - lo + 1e-8)
-
-        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
-            b, k = b.to(x.device), k.to(x.device)
-            return (x[b] * masks[b, k].unsqueeze(1),)
+            return (x[b] * (up - lo) / (hi - lo + 1e-8),)
 
         scores = chunked_scores(
             self.forward_func,
