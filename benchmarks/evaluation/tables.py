@@ -29,7 +29,10 @@ ALPHA = 0.05
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float]:
-    """Mean and half-width of its Student-t confidence interval (nan if n < 2)."""
+    """Mean and half-width of its Student-t confidence interval (nan if n < 2).
+
+    ``None`` and NaN values (undefined, e.g. the rank correlation of a constant
+    map) are left out."""
     from scipy import stats
 
     v = np.asarray([x for x in values if x is not None], dtype=float)

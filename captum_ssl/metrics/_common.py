@@ -367,7 +367,10 @@ def _flat(a: Tensor, valid: Optional[Tensor]) -> list:
 
 
 def pearson(a: Tensor, b: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """Per-sample Pearson correlation of two map batches (over ``valid`` pixels)."""
+    """Per-sample Pearson correlation of two map batches (over ``valid`` pixels).
+
+    A constant map has no correlation with anything; it scores 0 ("no
+    agreement") where scipy returns NaN, so means over images stay defined."""
     out = []
     for x, y in zip(_flat(a, valid), _flat(b, valid)):
         x = x - x.mean()
@@ -386,7 +389,8 @@ def average_ranks(x: Tensor) -> Tensor:
 
 
 def spearman(a: Tensor, b: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-    """Per-sample Spearman rank correlation (ties get average ranks)."""
+    """Per-sample Spearman rank correlation (ties get average ranks; 0 for a
+    constant map, see :func:`pearson`)."""
     ra = [average_ranks(x) for x in _flat(a, valid)]
     rb = [average_ranks(y) for y in _flat(b, valid)]
     return torch.cat([pearson(x[None], y[None]) for x, y in zip(ra, rb)])
