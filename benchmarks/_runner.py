@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -38,7 +38,6 @@ class Row:
     kind: str  # "time", "peakmem" or "track"
     group: str  # "timing" or "accuracy"
     note: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def discover(names: Optional[Iterable[str]] = None) -> List[type]:

@@ -6,7 +6,7 @@ applies them on its own.
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -95,7 +95,3 @@ def to_heatmap(
     if relu:
         maps = maps.clamp(min=0)
     return normalize(upsample(maps, size))
-
-
-def image_size(x: Tensor) -> Tuple[int, int]:
-    return (int(x.shape[-2]), int(x.shape[-1]))
