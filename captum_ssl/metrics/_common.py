@@ -7,8 +7,11 @@ perturbed copies in bounded chunks live here once.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,7 +21,11 @@ from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
     AttributionInputError,
+    NonFiniteWarning,
     chunked_scores,
+    eval_mode,
+    normalize_target,
+    user_stacklevel,
 )
 from captum_ssl.viz._maps import as_map, upsample
 
@@ -65,14 +72,71 @@ def higher_is_better(metric: Callable, **options: Any) -> bool:
     return table[value]
 
 
+#: images whose map is not finite, per metric call (see :func:`direction`)
+_BAD_MAPS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "captum_ssl_bad_maps", default=None
+)
+
+
+def metric_call(fn: Callable) -> Callable:
+    """Run ``fn(model, ...)`` the way every metric must run.
+
+    * The model (first argument) runs in eval mode for the call, each module
+      getting its own mode back afterwards (one warning when it was in
+      training mode: BatchNorm statistics never change while scoring).
+    * An image whose map holds NaN / Inf gets NaN as its value, with a
+      :class:`~captum_ssl.attr.NonFiniteWarning`; so does an image whose
+      model output is not finite. A NaN is never turned into a number.
+    """
+
+    @functools.wraps(fn)
+    def metric(*args: Any, **kwargs: Any) -> Any:
+        model = args[0] if args else kwargs.get("model")
+        outer = _BAD_MAPS.get()
+        record: list = [] if outer is None else outer
+        token = _BAD_MAPS.set(record) if outer is None else None
+        try:
+            with eval_mode(model, f"{fn.__name__} (a metric)"):
+                out = fn(*args, **kwargs)
+        finally:
+            if token is not None:
+                _BAD_MAPS.reset(token)
+        return out if outer is not None else _mark_nan(out, record, fn.__name__)
+
+    return metric
+
+
 def direction(spec: Any) -> Callable[[Callable], Callable]:
-    """Decorator setting ``fn.higher_is_better = spec``."""
+    """Decorator of every metric: :func:`metric_call`, and
+    ``fn.higher_is_better = spec``."""
 
     def wrap(fn: Callable) -> Callable:
-        fn.higher_is_better = spec  # type: ignore[attr-defined]
-        return fn
+        metric = metric_call(fn)
+        metric.higher_is_better = spec  # type: ignore[attr-defined]
+        return metric
 
     return wrap
+
+
+def _mark_nan(out: Any, record: list, name: str) -> Any:
+    if isinstance(out, dict):
+        return {k: _mark_nan(v, record, f"{name}[{k!r}]") for k, v in out.items()}
+    if not isinstance(out, Tensor) or out.dim() == 0:
+        return out
+    for bad in record:
+        if bad.shape[0] == out.shape[0] and bool(bad.any()):
+            mask = bad.to(out.device).view(-1, *[1] * (out.dim() - 1))
+            out = out.masked_fill(mask, float("nan"))
+    bad_rows = (~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)).nonzero()
+    if bad_rows.numel():
+        warnings.warn(
+            f"{name}: the value of image(s) {bad_rows.flatten().tolist()[:10]} is "
+            "NaN: their map or the model's output for them is not finite. NaN "
+            "is returned, not a number; drop those images or fix the map/model.",
+            NonFiniteWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return out
 
 
 # --------------------------------------------------------------------- model
@@ -95,6 +159,12 @@ def check_inputs(inputs: Tensor) -> None:
         )
     if inputs.shape[0] == 0:
         raise MetricInputError("inputs is an empty batch: pass at least one image.")
+    bad = ~torch.isfinite(inputs.detach().flatten(1)).all(1)
+    if bool(bad.any()):
+        raise MetricInputError(
+            f"inputs hold NaN or Inf in image(s) {bad.nonzero().flatten().tolist()[:10]}"
+            ": fix or drop them (`keep = torch.isfinite(x).flatten(1).all(1)`)."
+        )
 
 
 def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
@@ -112,6 +182,9 @@ def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
             "images: give one map per image."
         )
     maps = as_map(attributions.detach().to(inputs.device, torch.float32))
+    record = _BAD_MAPS.get()
+    if record is not None:  # NaN / Inf maps: the metric's value becomes NaN
+        record.append(~torch.isfinite(maps.flatten(1)).all(1))
     return upsample(maps, inputs)
 
 
@@ -134,9 +207,9 @@ def resolve_target(
     predictions you already have) to avoid it.
     """
     if target is not None:
-        return target
+        return normalize_target(target)
     preds = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model, "scoring"):
         for start in range(0, inputs.shape[0], batch_size):
             out = model(inputs[start : start + batch_size])
             if out.dim() < 2 or out.shape[1] < 2:
@@ -167,7 +240,10 @@ def score_forward(model: Callable, score: ScoreType) -> Callable:
 
         def top1(x: Tensor) -> Tensor:
             out = model(x)
-            return F.one_hot(out.argmax(dim=1), out.shape[1]).to(out.dtype)
+            hot = F.one_hot(out.argmax(dim=1), out.shape[1]).to(out.dtype)
+            # a NaN output has no top-1 class (argmax would pick the NaN)
+            finite = torch.isfinite(out).all(dim=1, keepdim=True)
+            return torch.where(finite, hot, torch.full_like(hot, float("nan")))
 
         return top1
     raise MetricInputError(

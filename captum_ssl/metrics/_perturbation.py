@@ -23,6 +23,7 @@ from captum_ssl.metrics._common import (
     evaluate,
     first_k_mask,
     fraction_grid,
+    metric_call,
     n_steps,
     normalized_auc,
     prepare,
@@ -32,6 +33,7 @@ from captum_ssl.metrics._common import (
 )
 
 
+@metric_call
 def perturbation_curve(
     model: Callable,
     inputs: Tensor,

@@ -27,7 +27,7 @@ from captum_ssl.attr._attention.capture import (
     resolve_layers,
 )
 from captum_ssl.attr._attention.flow import layered_max_flows
-from captum_ssl.attr._core import AttributionInputError, TensorOrTuple
+from captum_ssl.attr._core import AttributionInputError, TensorOrTuple, finish_maps
 from captum_ssl.attr._layout import TokenLayout, root_module
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -175,6 +175,14 @@ class _AttentionAttribution(Attribution):
     def _modules(self):
         return resolve_layers(self.forward_func, self.layers)
 
+    @staticmethod
+    def _done(maps: Union[Tensor, List[Tensor]], cap: Captured):
+        """NaN maps where the model's output is not finite, with a warning."""
+        record = [] if cap.bad_rows is None else [cap.bad_rows]
+        if isinstance(maps, Tensor):
+            return finish_maps((maps,), record)[0]
+        return list(finish_maps(tuple(maps), record))
+
     def _capture(self, inputs, modules, target, args, grads: bool) -> Captured:
         return attention_forward(
             self.forward_func,
@@ -257,7 +265,7 @@ class RawAttention(_AttentionAttribution):
                 _to_map(fuse_heads(row.unsqueeze(2), head_fusion)[:, 0], cap.layout)
             )
         single = not isinstance(self.layers, (list, tuple))
-        return maps[0] if single else maps
+        return self._done(maps[0] if single else maps, cap)
 
 
 class AttentionRollout(_AttentionAttribution):
@@ -326,7 +334,7 @@ class AttentionRollout(_AttentionAttribution):
                 (0 if kind == CLASS else q, q),
             )
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return _to_map(rollout(mats)[:, q, :], cap.layout)
+        return self._done(_to_map(rollout(mats)[:, q, :], cap.layout), cap)
 
 
 class GradientAttentionRollout(_AttentionAttribution):
@@ -385,7 +393,7 @@ class GradientAttentionRollout(_AttentionAttribution):
             fused = fuse_heads((attn * grad).clamp(min=0), head_fusion)
             fused = discard_lowest(fused, discard_ratio, (0 if kind == CLASS else q, q))
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return _to_map(rollout(mats)[:, q, :], cap.layout)
+        return self._done(_to_map(rollout(mats)[:, q, :], cap.layout), cap)
 
 
 class GenericAttention(_AttentionAttribution):
@@ -437,7 +445,7 @@ class GenericAttention(_AttentionAttribution):
         for attn, grad, kind in zip(cap.attentions, cap.gradients, cap.kinds):  # type: ignore[arg-type]
             cam = embed((grad * attn).clamp(min=0).mean(dim=1), kind, "zeros")
             rel = rel + cam @ rel
-        return _to_map(rel[:, q, :], cap.layout)
+        return self._done(_to_map(rel[:, q, :], cap.layout), cap)
 
 
 class AttentionFlow(_AttentionAttribution):
@@ -507,7 +515,15 @@ class AttentionFlow(_AttentionAttribution):
         n = mats.shape[-1]
         k = cap.layout.num_prefix_tokens or 0
         sources = list(range(k, n))
-        rows = torch.stack([layered_max_flows(m, q, sources) for m in mats])
+        # a NaN capacity has no flow: such a sample's map is NaN, not a number
+        rows = torch.stack(
+            [
+                layered_max_flows(m, q, sources)
+                if bool(torch.isfinite(m).all())
+                else m.new_full((len(sources),), float("nan"))
+                for m in mats
+            ]
+        )
         full = rows.new_zeros(rows.shape[0], n)
         full[:, k:] = rows
-        return _to_map(full, cap.layout)
+        return self._done(_to_map(full, cap.layout), cap)

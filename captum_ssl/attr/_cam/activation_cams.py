@@ -20,6 +20,7 @@ from captum_ssl.attr._cam.base import (
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     chunked_scores,
     format_inputs,
     per_sample_targets,
@@ -79,12 +80,13 @@ class LayerEigenCam(_LayerActivationCam):
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
         """
-        inputs = format_inputs(inputs)
-        acts = self._activations(
-            inputs, additional_forward_args, attribute_to_layer_input, target
-        )
-        cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+        inputs = format_inputs(inputs, False, self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts = self._activations(
+                inputs, additional_forward_args, attribute_to_layer_input, target
+            )
+            cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
 class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):

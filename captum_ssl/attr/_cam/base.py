@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
     TensorOrTuple,
+    attribution_call,
+    check_layer,
+    finish_maps,
     format_inputs,
     layer_activations,
     layer_activations_and_gradients,
@@ -32,10 +35,14 @@ from captum_ssl.attr._layout import TokenLayout
 
 
 def _finish(
-    cams: Tuple[Tensor, ...], relu_attributions: bool, is_tuple: bool
+    cams: Tuple[Tensor, ...],
+    relu_attributions: bool,
+    is_tuple: bool,
+    record: Optional[List[Tensor]] = None,
 ) -> TensorOrTuple:
     if relu_attributions:
         cams = tuple(torch.relu(c) for c in cams)
+    cams = finish_maps(cams, record or [])
     return _format_output(is_tuple, cams)
 
 
@@ -88,6 +95,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         device_ids: Optional[List[int]] = None,
         layout: Optional[TokenLayout] = None,
     ) -> None:
+        check_layer(forward_func, layer)
         super().__init__(forward_func, layer, device_ids)
         self.layout = layout
 
@@ -122,22 +130,23 @@ class LayerGradCam(_CaptumLayerGradCam):
             Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
             patch-grid) resolution on the input's device, not normalised.
         """
-        inputs = format_inputs(inputs)
-        acts, grads = layer_activations_and_gradients(
-            self.forward_func,
-            self.layer,
-            inputs,
-            target,
-            additional_forward_args,
-            layout=self.layout,
-            device_ids=self.device_ids,
-            attribute_to_layer_input=attribute_to_layer_input,
-            grad_kwargs=grad_kwargs,
-        )
-        cams = tuple(
-            self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
-        )
-        return _finish(cams, relu_attributions, len(cams) > 1)
+        inputs = format_inputs(inputs, forward_func=self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts, grads = layer_activations_and_gradients(
+                self.forward_func,
+                self.layer,
+                inputs,
+                target,
+                additional_forward_args,
+                layout=self.layout,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
+                grad_kwargs=grad_kwargs,
+            )
+            cams = tuple(
+                self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
+            )
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         """Grad-CAM: the spatial mean of the gradients, per channel."""
@@ -162,6 +171,7 @@ class _LayerActivationCam(LayerAttribution):
         device_ids: Optional[List[int]] = None,
         layout: Optional[TokenLayout] = None,
     ) -> None:
+        check_layer(forward_func, layer)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         self.layout = layout
 
@@ -209,15 +219,18 @@ class _LayerActivationCam(LayerAttribution):
         relu_attributions: bool,
         **kwargs: Any,
     ) -> Tensor:
-        inputs = format_inputs(inputs)
-        acts = self._activations(
-            inputs, additional_forward_args, attribute_to_layer_input, target
-        )
-        weights = self._weights(acts, inputs, target, additional_forward_args, **kwargs)
-        cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
-            dim=1, keepdim=True
-        )
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+        inputs = format_inputs(inputs, False, self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts = self._activations(
+                inputs, additional_forward_args, attribute_to_layer_input, target
+            )
+            weights = self._weights(
+                acts, inputs, target, additional_forward_args, **kwargs
+            )
+            cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
+                dim=1, keepdim=True
+            )
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
 def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
@@ -229,10 +242,13 @@ def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
     smaller of ``X X^T`` (positions) and ``X^T X`` (channels) in float64: the
     same component as an SVD at a fraction of its cost. The sign of a singular
     vector is arbitrary, so the projection is oriented to correlate positively
-    with ``reference`` ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``.
+    with ``reference`` ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``; the map of a
+    sample whose ``x`` holds NaN or Inf is NaN (never a finite stand-in).
     """
     b, c, h, w = x.shape
-    rows = torch.nan_to_num(x.reshape(b, c, h * w).transpose(1, 2).double())
+    rows = x.reshape(b, c, h * w).transpose(1, 2).double()
+    bad = ~torch.isfinite(rows).flatten(1).all(1)
+    rows = rows.masked_fill(bad.view(b, 1, 1), 0.0)  # solved apart, then NaN
     rows = rows - rows.mean(dim=1, keepdim=True)
     if h * w <= c:
         evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))
@@ -244,4 +260,5 @@ def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
     ref = ref - ref.mean(dim=1, keepdim=True)
     sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (proj * sign).transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)
+    proj = (proj * sign).masked_fill(bad.view(b, 1, 1), float("nan"))
+    return proj.transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)
