@@ -23,9 +23,9 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
-nan = float("nan")
-
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
+
+nan = float("nan")
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
 

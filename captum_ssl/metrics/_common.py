@@ -161,9 +161,10 @@ def check_inputs(inputs: Tensor) -> None:
         raise MetricInputError("inputs is an empty batch: pass at least one image.")
     bad = ~torch.isfinite(inputs.detach().flatten(1)).all(1)
     if bool(bad.any()):
+        where = bad.nonzero().flatten().tolist()[:10]
         raise MetricInputError(
-            f"inputs hold NaN or Inf in image(s) {bad.nonzero().flatten().tolist()[:10]}"
-            ": fix or drop them (`keep = torch.isfinite(x).flatten(1).all(1)`)."
+            f"inputs hold NaN or Inf in image(s) {where}: fix or drop them "
+            "(`keep = torch.isfinite(x).flatten(1).all(1)`)."
         )
 
 
