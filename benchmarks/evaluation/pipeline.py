@@ -138,8 +138,7 @@ class ImageSource:
                 )
             return
         data = ImageNetSamples(self.root, model=preprocessing, n=self.limit)
-        wanted = set(names)
-        data.files = [f for f in data.files if f[0].stem in wanted]
+        data.select(names)  # by the photos' ids (distinct also for x.JPEG / x.jpg)
         for b in data.batches(batch_size):
             yield Batch(b.images, b.raw, b.labels, b.names, b.accepted)
 
