@@ -23,7 +23,11 @@ from captum_ssl.attr._cam.gradient_cams import (
     LayerLayerCam,
     LayerXGradCam,
 )
-from captum_ssl.attr._core import AttributionInputError
+from captum_ssl.attr._core import (
+    AttributionInputError,
+    NonFiniteWarning,
+    TrainModeWarning,
+)
 from captum_ssl.attr._layout import TokenLayout
 
 __all__ = [
@@ -44,5 +48,7 @@ __all__ = [
     "LayerLayerCam",
     "LayerScoreCam",
     "LayerXGradCam",
+    "NonFiniteWarning",
     "TokenLayout",
+    "TrainModeWarning",
 ]
