@@ -28,7 +28,7 @@ from captum_ssl.attr._attention.capture import (
 )
 from captum_ssl.attr._attention.flow import layered_max_flows
 from captum_ssl.attr._core import AttributionInputError, TensorOrTuple
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._layout import TokenLayout, explained_model
 
 HEAD_FUSIONS = ("mean", "max", "min")
 Query = Union[int, str]
@@ -50,14 +50,14 @@ def fuse_heads(attn: Tensor, head_fusion: str) -> Tensor:
 def _query_index(query: Query, forward_func: Callable, cap: Captured) -> int:
     n = cap.attentions[0].shape[-1]
     if query == "cls":
-        if getattr(root_module(forward_func), "cls_token", True) is None:
+        if getattr(explained_model(forward_func), "cls_token", True) is None:
             raise AttributionInputError(
                 "This model has no class token (timm class_token=False), so "
                 "query='cls' has no row to read: pass query=<token index>."
             )
         return 0
     if query == "dist":
-        model = root_module(forward_func)
+        model = explained_model(forward_func)
         if getattr(model, "dist_token", None) is None:
             raise AttributionInputError(
                 "query='dist' needs a distilled model (a DeiT with `dist_token`); "
