@@ -547,8 +547,20 @@ def resolve_layout(
     return layout_for(forward_func, layer, input_hw(inputs), layout)
 
 
-def _grid_tuple(layout: TokenLayout) -> Callable:
-    return lambda tensors: tuple(layout.to_grid(t) for t in tensors)
+def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
+    def to_grids(tensors: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        for t in tensors:
+            if batch is not None and t.dim() > 0 and t.shape[0] != batch:
+                raise AttributionInputError(
+                    f"The layer's output {tuple(t.shape)} has {t.shape[0]} rows for "
+                    f"a batch of {batch}: it is not one map per image (windowed "
+                    "attention such as Swin's `attn` splits images into windows). "
+                    "Explain the block or its norm instead, e.g. "
+                    "`layers[-1].blocks[-1].norm1`."
+                )
+        return tuple(layout.to_grid(t) for t in tensors)
+
+    return to_grids
 
 
 def layer_activations_and_gradients(
@@ -570,6 +582,8 @@ def layer_activations_and_gradients(
     ``compute_layer_gradients_and_eval``); the hook is always removed.
     """
     lay = resolve_layout(forward_func, layer, inputs, layout)
+    device_ids = device_ids or getattr(forward_func, "device_ids", None)
+    batch = None if device_ids else inputs[0].shape[0]
     with (
         layer_errors(layer),
         record_from_layer_only(forward_func),
@@ -581,9 +595,9 @@ def layer_activations_and_gradients(
             inputs,
             None,
             additional_forward_args,
-            device_ids=device_ids or getattr(forward_func, "device_ids", None),
+            device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
-            output_fn=_grid_tuple(lay),
+            output_fn=_grid_tuple(lay, batch),
             grad_kwargs=grad_kwargs,
         )
     if all(bool((g == 0).all()) for g in grads):
@@ -612,16 +626,17 @@ def layer_activations(
 
     A ``target`` other than ``None`` is checked against the model's output."""
     lay = resolve_layout(forward_func, layer, inputs, layout)
+    device_ids = device_ids or getattr(forward_func, "device_ids", None)
     with layer_errors(layer), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(
             selecting_forward(forward_func, target, select=target is not None),
             inputs,
             layer,
             additional_forward_args,
-            device_ids=device_ids or getattr(forward_func, "device_ids", None),
+            device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-    return tuple(lay.to_grid(a) for a in acts)
+    return _grid_tuple(lay, None if device_ids else inputs[0].shape[0])(acts)
 
 
 @contextlib.contextmanager

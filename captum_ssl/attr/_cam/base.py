@@ -12,6 +12,8 @@ come from :mod:`captum_ssl.attr._core` and Captum's own helpers.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -31,7 +33,7 @@ from captum_ssl.attr._core import (
     layer_activations,
     layer_activations_and_gradients,
 )
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._layout import TokenLayout, root_module
 
 
 def _finish(
@@ -231,6 +233,56 @@ class _LayerActivationCam(LayerAttribution):
                 dim=1, keepdim=True
             )
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+
+
+def _working_layer(forward_func: Callable, layer: nn.Module) -> str:
+    """A layer near ``layer`` whose channel sum does not vanish, by name."""
+    model = root_module(forward_func)
+    names = {} if model is None else {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(layer))
+    shown = re.sub(r"\.(\d+)", r"[\1]", name) if name else "<this layer>"
+    blocks = getattr(layer, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "mlp"):
+        return f"`{shown}.blocks[-1].mlp`"
+    if hasattr(layer, "mlp"):
+        return f"`{shown}.mlp`"
+    return "the MLP (or last linear layer) of the block that produces it"
+
+
+def warn_if_channel_sum_vanishes(
+    forward_func: Callable,
+    layer: nn.Module,
+    acts: Tensor,
+    grads: Tensor,
+    method: str,
+    tol: float = 1e-3,
+) -> None:
+    """Warn when ``sum_k grads * acts`` is zero at every position.
+
+    A layer whose output goes straight into a per-position LayerNorm (Swin's
+    ``layers[-1]`` before ``model.norm``, ConvNeXt's ``stages[0..2]`` before
+    the next stage's ``LayerNorm2d``) has gradients orthogonal to its
+    activations at every position: LayerNorm is invariant to shifting and
+    scaling its input, so ``sum_k g_k a_k = 0`` exactly, and what is computed
+    is rounding noise.
+    """
+    prod = grads * acts
+    scale = prod.abs().sum(dim=1).amax()
+    if scale > 0 and prod.sum(dim=1).abs().amax() <= tol * scale:
+        warnings.warn(
+            f"{method}: the channel sum of gradient x activation at the layer "
+            f"{layer.__class__.__name__} is zero at every position (its output "
+            "feeds a per-position LayerNorm, which makes gradients orthogonal to "
+            "activations), so the map is rounding noise"
+            + (
+                " and its sign orientation is arbitrary"
+                if method == "LayerEigenGradCam"
+                else ""
+            )
+            + f". Explain {_working_layer(forward_func, layer)} instead, or use "
+            "LayerGradCam on this layer.",
+            stacklevel=4,
+        )
 
 
 def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
