@@ -408,3 +408,34 @@ def test_dff_attribute_picks_the_target_concept():
     approx = recon @ fact.maps.transpose(0, 1).reshape(3, -1)
     shifted = acts - acts.min(1, keepdim=True).values
     assert (approx - shifted).norm() < 0.5 * shifted.norm()
+
+
+# ---------------------------------------------------------- the main job
+NEW_METHODS = ["fullgrad", "fem", "finercam", "kpcacam", "shapleycam", "sess"]
+NEW_METHODS += ["refinecam", "sobelcam", "randomcam", "dff"]
+
+
+@pytest.mark.parametrize("where", WHERE)
+def test_main_job_knows_the_new_methods(where):
+    from benchmarks.evaluation import methods as M
+
+    model, _, x, t, _ = SETUPS[where]
+    spec = M.ModelSpec(
+        name="tiny",
+        build=lambda: model,
+        architecture="tiny",
+        training="supervised",
+        weights="random",
+        cam_layer="features.4" if where == "cnn" else "blocks.-1.norm1",
+    )
+    for name in NEW_METHODS:
+        assert name in M.method_names()
+        assert M.COST_CLASS[name] in (
+            "gradient",
+            "forward per channel",
+            "forward per mask",
+            "none",
+        )
+        opts = {"num_scales": 2} if name == "sess" else {}
+        maps = M.build_method(name, opts, model, spec)(x, torch.tensor(t))
+        assert maps.shape[:2] == (3, 1) and bool(torch.isfinite(maps).all()), name
