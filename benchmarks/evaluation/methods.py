@@ -181,8 +181,36 @@ CAMS = {
     "scorecam": "LayerScoreCam",
     "ablationcam": "LayerAblationCam",
     "cam": "LayerClassActivationMap",
+    "fem": "LayerFEM",
+    "finercam": "LayerFinerCam",
+    "kpcacam": "LayerKPCACam",
+    "shapleycam": "LayerShapleyCam",
+    "randomcam": "LayerRandomCam",
+    "dff": "DeepFeatureFactorization",
 }
-PERTURBATION_CAMS = {"scorecam", "ablationcam"}
+#: CAMs built differently from one layer: every bias (FullGrad), several
+#: layers (RefineCAM), a wrapped CAM on crops (SESS), the image alone (Sobel)
+OTHER_CAMS = {
+    "fullgrad": "FullGrad",
+    "refinecam": "LayerRefineCam",
+    "sess": "SESS",
+    "sobelcam": "SobelCam",
+}
+#: what one call costs: "gradient" (backward passes), "forward per channel",
+#: "forward per mask", "none" (activations / the image only)
+COST_CLASS = {
+    "fullgrad": "gradient",
+    "fem": "none",
+    "finercam": "gradient",
+    "kpcacam": "none",
+    "shapleycam": "gradient",
+    "sess": "forward per mask",
+    "refinecam": "gradient",
+    "sobelcam": "none",
+    "randomcam": "none",
+    "dff": "none",
+}
+PERTURBATION_CAMS = {"scorecam", "ablationcam", "sess"}
 ATTENTION = {
     "raw_attention": "RawAttention",
     "rollout": "AttentionRollout",
@@ -220,7 +248,7 @@ THESIS_METHODS = [
 
 
 def method_names() -> List[str]:
-    base = list(CAMS) + list(ATTENTION) + list(GRADIENT)
+    base = list(CAMS) + list(OTHER_CAMS) + list(ATTENTION) + list(GRADIENT)
     return base + [f"{g}+{nt}" for g in GRADIENT for nt in NOISE_TUNNELS]
 
 
@@ -231,7 +259,15 @@ def method_defaults(name: str) -> Dict[str, Any]:
         d: Dict[str, Any] = {"relu_attributions": True}
         if base in PERTURBATION_CAMS:
             d["perturbations_per_eval"] = 32
+        if base == "dff":
+            d["n_components"] = 8
         return d
+    if base in OTHER_CAMS:
+        if base == "refinecam":
+            return {"layers": None, "base": "gradcampp"}
+        if base == "sess":
+            return {"base": "gradcam", "num_scales": 4, "batch_size": 32}
+        return {}
     if base in ATTENTION:
         d = {}
         if base in ("raw_attention", "rollout", "grad_rollout", "attention_flow"):
@@ -290,6 +326,9 @@ def build_method(
 
         return explain
 
+    if base in OTHER_CAMS:
+        return _other_cam(base, dict(opts), model, spec, layout)
+
     if base in ATTENTION:
         kw = dict(opts)
         if base == "raw_attention":
@@ -329,6 +368,52 @@ def build_method(
         if reduce == "sum":
             return maps.sum(dim=1, keepdim=True)
         raise ValueError(f"reduce must be 'abs_sum' or 'sum', got {reduce!r}")
+
+    return explain
+
+
+def _previous_layer(path: str) -> Optional[str]:
+    """The layer one step earlier: the last integer component decreased
+    (``blocks.-1.norm1`` -> ``blocks.-2.norm1``), else the last component's
+    trailing number (``layer4`` -> ``layer3``); None if there is none."""
+    import re
+
+    parts = path.split(".")
+    for i in reversed(range(len(parts))):
+        if re.fullmatch(r"-?\d+", parts[i]):
+            parts[i] = str(int(parts[i]) - 1)
+            return ".".join(parts)
+    for i in reversed(range(len(parts))):
+        m = re.search(r"\d+$", parts[i])
+        if m and int(m.group()) > 0:
+            parts[i] = parts[i][: m.start()] + str(int(m.group()) - 1)
+            return ".".join(parts)
+    return None
+
+
+def _other_cam(
+    base: str, kw: Dict[str, Any], model: nn.Module, spec: ModelSpec, layout: Any
+) -> Explain:
+    import captum_ssl.attr as A
+    from captum_ssl.models import get_layer
+
+    if base == "fullgrad":
+        attr: Any = A.FullGrad(model)
+    elif base == "sobelcam":
+        attr = A.SobelCam(model)
+    elif base == "refinecam":
+        paths = kw.pop("layers") or [
+            p for p in (_previous_layer(spec.cam_layer), spec.cam_layer) if p
+        ]
+        layers = [get_layer(model, p) for p in paths]
+        cls = getattr(A, CAMS[kw.pop("base")])
+        attr = A.LayerRefineCam(model, layers, layout=layout, base_method=cls)
+    else:  # sess
+        cls = getattr(A, CAMS[kw.pop("base")])
+        attr = A.SESS(cls(model, get_layer(model, spec.cam_layer), layout=layout))
+
+    def explain(x: Tensor, t: Tensor) -> Tensor:
+        return attr.attribute(x, target=t, **kw)
 
     return explain
 

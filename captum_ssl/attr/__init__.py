@@ -15,6 +15,18 @@ from captum_ssl.attr._cam.activation_cams import (
     LayerScoreCam,
 )
 from captum_ssl.attr._cam.base import LayerGradCam
+from captum_ssl.attr._cam.extra_cams import (
+    LayerFEM,
+    LayerFinerCam,
+    LayerKPCACam,
+    LayerRandomCam,
+    LayerShapleyCam,
+    SobelCam,
+)
+from captum_ssl.attr._cam.factorization import (
+    DeepFeatureFactorization,
+    Factorization,
+)
 from captum_ssl.attr._cam.gradient_cams import (
     LayerEigenGradCam,
     LayerGradCamElementWise,
@@ -23,6 +35,7 @@ from captum_ssl.attr._cam.gradient_cams import (
     LayerLayerCam,
     LayerXGradCam,
 )
+from captum_ssl.attr._cam.multi_cams import SESS, FullGrad, LayerRefineCam
 from captum_ssl.attr._core import (
     AttributionInputError,
     NonFiniteWarning,
@@ -51,4 +64,15 @@ __all__ = [
     "NonFiniteWarning",
     "TokenLayout",
     "TrainModeWarning",
+    "DeepFeatureFactorization",
+    "Factorization",
+    "FullGrad",
+    "LayerFEM",
+    "LayerFinerCam",
+    "LayerKPCACam",
+    "LayerRandomCam",
+    "LayerRefineCam",
+    "LayerShapleyCam",
+    "SESS",
+    "SobelCam",
 ]

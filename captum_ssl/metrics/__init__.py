@@ -11,6 +11,7 @@ re-explain (``explanation_consistency``, ``randomization_sanity``) take the
 attribution method in place of maps.
 """
 
+from captum_ssl.metrics._arcc import arcc, coherency, complexity, road_combined
 from captum_ssl.metrics._common import (
     MetricInputError,
     gaussian_blur,
@@ -46,6 +47,10 @@ from captum_ssl.metrics._road import noisy_linear_imputation, road
 from captum_ssl.metrics._sanity import randomization_sanity
 
 __all__ = [
+    "arcc",
+    "coherency",
+    "complexity",
+    "road_combined",
     "DEFAULT_METRICS",
     "MetricInputError",
     "accuracy",
