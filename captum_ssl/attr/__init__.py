@@ -8,6 +8,7 @@ from captum_ssl.attr._attention import (
     GradientAttentionRollout,
     RawAttention,
 )
+from captum_ssl.attr._attention.legrad import LeGrad
 from captum_ssl.attr._cam.activation_cams import (
     LayerAblationCam,
     LayerClassActivationMap,
@@ -22,6 +23,12 @@ from captum_ssl.attr._cam.gradient_cams import (
     LayerHiResCam,
     LayerLayerCam,
     LayerXGradCam,
+)
+from captum_ssl.attr._cam.recipro_cam import LayerReciproCam
+from captum_ssl.attr._cam.smoothed_cams import (
+    LayerISCam,
+    LayerSmoothGradCamPlusPlus,
+    LayerSSCam,
 )
 from captum_ssl.attr._core import AttributionInputError
 from captum_ssl.attr._layout import TokenLayout
@@ -45,4 +52,9 @@ __all__ = [
     "LayerScoreCam",
     "LayerXGradCam",
     "TokenLayout",
+    "LeGrad",
+    "LayerISCam",
+    "LayerReciproCam",
+    "LayerSSCam",
+    "LayerSmoothGradCamPlusPlus",
 ]

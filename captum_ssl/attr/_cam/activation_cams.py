@@ -23,11 +23,10 @@ from captum_ssl.attr._core import (
     chunked_scores,
     format_inputs,
     per_sample_targets,
-    replace_layer_output,
     resolve_layout,
-    target_scores,
 )
 from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._prefix import layer_output_scores
 
 
 class LayerEigenCam(_LayerActivationCam):
@@ -246,6 +245,9 @@ class LayerAblationCam(_LayerPerturbationCam):
     """
 
     supports_layer_input = False
+    #: compute the network up to the layer once per image (see
+    #: :mod:`captum_ssl.attr._prefix`); False re-runs the whole model per channel
+    prefix_cache = True
 
     def _weights(
         self,
@@ -258,33 +260,26 @@ class LayerAblationCam(_LayerPerturbationCam):
     ) -> Tensor:
         layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
         channels = acts.shape[1]
-        base = target_scores(self.forward_func, inputs, target, additional_forward_args)
 
-        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
-            b = b.to(inputs[0].device)
-            return tuple(t[b] for t in inputs)
+        def ablate(out: Tensor, b: Tensor, k: Tensor) -> Tensor:
+            keep = torch.ones(
+                len(k), channels, 1, 1, device=out.device, dtype=out.dtype
+            )
+            keep[torch.arange(len(k)), k.to(out.device)] = 0
+            return layout.from_grid(layout.to_grid(out) * keep, like=out)
 
-        def ablate(b: Tensor, k: Tensor):
-            keep = torch.ones(len(k), channels, 1, 1, device=acts.device)
-            keep[torch.arange(len(k)), k.to(acts.device)] = 0
-
-            def fn(out: Tensor) -> Tensor:
-                grid = layout.to_grid(out) * keep.to(out.dtype)
-                return layout.from_grid(grid, like=out)
-
-            return replace_layer_output(self.layer, fn)
-
-        ablated = chunked_scores(
+        base, ablated = layer_output_scores(
             self.forward_func,
+            self.layer,
             inputs,
             target,
             additional_forward_args,
             channels,
-            make_batch,
+            ablate,
             perturbations_per_eval,
             show_progress,
             desc="Ablation-CAM",
-            context=ablate,
+            prefix_cache=self.prefix_cache,
         )
         return (base.unsqueeze(1) - ablated) / base.unsqueeze(1)
 
