@@ -90,6 +90,7 @@ class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
         perturbations_per_eval: int = 1,
         show_progress: bool = False,
         softmax: bool = True,
+        relu_attributions: bool = False,
     ) -> Tensor:
         r"""
         Args:
@@ -103,6 +104,9 @@ class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
             softmax (bool, optional): score the softmax of the output over its
                         last dimension (the paper); False scores the output
                         itself. Default: True
+            relu_attributions (bool, optional): ReLU the map (no effect on
+                        probabilities; for the CAM family's common options).
+                        Default: False
 
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
@@ -130,4 +134,5 @@ class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
             prefix_cache=self.prefix_cache,
             output_transform=(lambda o: torch.softmax(o, dim=-1)) if softmax else None,
         )
-        return scores.reshape(-1, 1, h, w)
+        cam = scores.reshape(-1, 1, h, w)
+        return torch.relu(cam) if relu_attributions else cam
