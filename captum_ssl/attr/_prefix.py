@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
 from captum._utils.common import _run_forward, _select_targets
@@ -220,6 +220,27 @@ def _agree(a: Tensor, b: Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale))
 
 
+def record_layer(
+    forward_func: Callable,
+    layer: nn.Module,
+    inputs: Tuple[Tensor, ...],
+    target: TargetType,
+    additional_forward_args: Any,
+) -> Union[_Recording, str]:
+    """One forward pass recording what the replay needs, with the layer's
+    output (``.layer_out``) and the model's (``.output``); or the reason why
+    this model cannot be replayed."""
+    checked = checked_forward(forward_func, target)
+    try:
+        with torch.no_grad():
+            return _record(
+                layer,
+                lambda: _run_forward(checked, inputs, None, additional_forward_args),
+            )
+    except _NotReplayable as err:
+        return str(err)
+
+
 def _warn_once(forward_func: Callable, layer: nn.Module, why: str) -> None:
     model = root_module(forward_func)
     name = type(model).__name__ if model is not None else "this model"
@@ -248,6 +269,7 @@ def layer_output_scores(
     *,
     prefix_cache: bool = True,
     output_transform: Optional[Callable[[Tensor], Tensor]] = None,
+    recording: Union[_Recording, str, None] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Target scores with the layer's output perturbed, and without.
 
@@ -257,7 +279,9 @@ def layer_output_scores(
     ``prefix_cache`` the part of the model before the layer runs once per
     image (see the module docstring), else every evaluation is a full forward
     pass; both give the same scores. ``output_transform`` (e.g. a softmax) is
-    applied to the model's output before the target is selected.
+    applied to the model's output before the target is selected. A
+    ``recording`` of :func:`record_layer` for these inputs saves one forward
+    pass.
 
     Returns:
         ``(base, scores)``: ``(B,)`` unperturbed and ``(B, n_per_sample)``
@@ -304,30 +328,19 @@ def layer_output_scores(
     def full() -> Tensor:
         return scores(n_per_sample, perturbations_per_eval, full_ctx, show_progress)
 
-    if not prefix_cache:
+    if prefix_cache and recording is None:
+        recording = record_layer(
+            forward_func, layer, inputs, target, additional_forward_args
+        )
+    if not prefix_cache or isinstance(recording, str):
+        if prefix_cache:
+            _warn_once(forward_func, layer, recording)  # type: ignore[arg-type]
         with torch.no_grad():
             base = select(forward_all(), torch.arange(batch))
         return base, full()
-    try:
-        with torch.no_grad():
-            rec = _record(layer, forward_all)
-    except _NotReplayable as err:
-        _warn_once(forward_func, layer, str(err))
-        return layer_output_scores(
-            forward_func,
-            layer,
-            inputs,
-            target,
-            additional_forward_args,
-            n_per_sample,
-            perturb,
-            perturbations_per_eval,
-            show_progress,
-            desc,
-            prefix_cache=False,
-            output_transform=output_transform,
-        )
-    base = select(rec.output, torch.arange(batch))
+    rec = recording
+    out = rec.output if output_transform is None else output_transform(rec.output)
+    base = select(out, torch.arange(batch))
     replay = _Replay(rec, layer, batch)
 
     one = torch.zeros(1, dtype=torch.long)

@@ -17,6 +17,7 @@ from captum_ssl.attr._cam.base import (
     _LayerActivationCam,
     first_principal_projection,
 )
+from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
@@ -26,7 +27,6 @@ from captum_ssl.attr._core import (
     resolve_layout,
 )
 from captum_ssl.attr._layout import TokenLayout, root_module
-from captum_ssl.attr._prefix import layer_output_scores
 
 
 class LayerEigenCam(_LayerActivationCam):
@@ -213,7 +213,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         return torch.softmax(scores, dim=1)
 
 
-class LayerAblationCam(_LayerPerturbationCam):
+class LayerAblationCam(_LayerOutputPerturbation, _LayerPerturbationCam):
     r"""Ablation-CAM: each channel weighted by the score drop when it is zeroed.
 
     .. math:: w_k = \frac{y^c - y^c_k}{y^c}
@@ -221,6 +221,12 @@ class LayerAblationCam(_LayerPerturbationCam):
     where :math:`y^c_k` is the target score with feature map :math:`A^k` set to
     zero at the layer. On token layers the channel is zeroed at the patch
     tokens (the feature map); prefix tokens are left as they are.
+
+    Prefix caching: the network up to the layer runs once per image and each
+    ablation re-runs only what follows the layer, with the same scores as
+    full forward passes (proven per call, else full passes with a warning;
+    see :mod:`captum_ssl.attr._prefix`). ``cam.prefix_cache = False``
+    re-runs the whole model for every channel.
 
     Deliberate deviation from pytorch-grad-cam: when a layer's activations can
     be negative (e.g. a ViT LayerNorm output), pytorch-grad-cam replaces the
@@ -245,9 +251,6 @@ class LayerAblationCam(_LayerPerturbationCam):
     """
 
     supports_layer_input = False
-    #: compute the network up to the layer once per image (see
-    #: :mod:`captum_ssl.attr._prefix`); False re-runs the whole model per channel
-    prefix_cache = True
 
     def _weights(
         self,
@@ -268,9 +271,7 @@ class LayerAblationCam(_LayerPerturbationCam):
             keep[torch.arange(len(k)), k.to(out.device)] = 0
             return layout.from_grid(layout.to_grid(out) * keep, like=out)
 
-        base, ablated = layer_output_scores(
-            self.forward_func,
-            self.layer,
+        base, ablated = self._output_scores(
             inputs,
             target,
             additional_forward_args,
@@ -279,7 +280,6 @@ class LayerAblationCam(_LayerPerturbationCam):
             perturbations_per_eval,
             show_progress,
             desc="Ablation-CAM",
-            prefix_cache=self.prefix_cache,
         )
         return (base.unsqueeze(1) - ablated) / base.unsqueeze(1)
 

@@ -13,9 +13,9 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ssl.attr._cam.base import _LayerActivationCam
+from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import TensorOrTuple, format_inputs, resolve_layout
 from captum_ssl.attr._layout import TokenLayout
-from captum_ssl.attr._prefix import layer_output_scores
 
 #: the paper's 3 x 3 Gaussian kernel around each position
 GAUSSIAN_3X3 = torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16.0
@@ -31,7 +31,9 @@ def spatial_masks(positions: Tensor, h: int, w: int, gaussian: bool) -> Tensor:
     return F.conv2d(one_hot, kernel, padding=1)
 
 
-class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
+class LayerReciproCam(
+    _LayerOutputPerturbation, _LayerActivationCam, PerturbationAttribution
+):
     r"""Recipro-CAM: the target's probability when the feature map is kept
     only around one position.
 
@@ -67,8 +69,6 @@ class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
         >>> attr = recipro.attribute(images, target=[3, 5],
         ...                          perturbations_per_eval=49)   # (2, 1, 7, 7)
     """
-
-    prefix_cache = True
 
     def __init__(
         self,
@@ -120,9 +120,7 @@ class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
             m = spatial_masks(p.to(out.device), h, w, self.gaussian).to(out.dtype)
             return layout.from_grid(layout.to_grid(out) * m, like=out)
 
-        _, scores = layer_output_scores(
-            self.forward_func,
-            self.layer,
+        _, scores = self._output_scores(
             inputs,
             target,
             additional_forward_args,
@@ -130,8 +128,7 @@ class LayerReciproCam(_LayerActivationCam, PerturbationAttribution):
             mask,
             perturbations_per_eval,
             show_progress,
-            desc="Recipro-CAM",
-            prefix_cache=self.prefix_cache,
+            "Recipro-CAM",
             output_transform=(lambda o: torch.softmax(o, dim=-1)) if softmax else None,
         )
         cam = scores.reshape(-1, 1, h, w)
