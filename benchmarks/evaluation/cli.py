@@ -121,7 +121,8 @@ def describe_pipeline(args: argparse.Namespace) -> str:
         f"  methods: {', '.join(cfg.methods)}",
         f"  metrics: {', '.join(cfg.metrics)}",
         f"  images: {cfg.limit or 'all'} (batch {cfg.batch_size})",
-        f"  all methods: {', '.join(M.method_names())}",
+        "  all methods [cost class]: "
+        + ", ".join(f"{n} [{M.cost_class(n)}]" for n in M.method_names()),
         f"  all metrics: {', '.join(M.METRICS)}",
     ]
     return "\n".join(lines + notes)

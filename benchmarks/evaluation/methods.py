@@ -187,6 +187,10 @@ CAMS = {
     "shapleycam": "LayerShapleyCam",
     "randomcam": "LayerRandomCam",
     "dff": "DeepFeatureFactorization",
+    "iscam": "LayerISCam",
+    "sscam": "LayerSSCam",
+    "smoothgradcampp": "LayerSmoothGradCamPlusPlus",
+    "reciprocam": "LayerReciproCam",
 }
 #: CAMs built differently from one layer: every bias (FullGrad), several
 #: layers (RefineCAM), a wrapped CAM on crops (SESS), the image alone (Sobel)
@@ -196,27 +200,14 @@ OTHER_CAMS = {
     "sess": "SESS",
     "sobelcam": "SobelCam",
 }
-#: what one call costs: "gradient" (backward passes), "forward per channel",
-#: "forward per mask", "none" (activations / the image only)
-COST_CLASS = {
-    "fullgrad": "gradient",
-    "fem": "none",
-    "finercam": "gradient",
-    "kpcacam": "none",
-    "shapleycam": "gradient",
-    "sess": "forward per mask",
-    "refinecam": "gradient",
-    "sobelcam": "none",
-    "randomcam": "none",
-    "dff": "none",
-}
-PERTURBATION_CAMS = {"scorecam", "ablationcam", "sess"}
+PERTURBATION_CAMS = {"scorecam", "ablationcam", "sess", "iscam", "sscam", "reciprocam"}
 ATTENTION = {
     "raw_attention": "RawAttention",
     "rollout": "AttentionRollout",
     "grad_rollout": "GradientAttentionRollout",
     "generic_attention": "GenericAttention",
     "attention_flow": "AttentionFlow",
+    "legrad": "LeGrad",
 }
 GRADIENT = {
     "saliency": "Saliency",
@@ -245,6 +236,55 @@ THESIS_METHODS = [
     "grad_rollout",
     "generic_attention",
 ]
+
+
+#: what one map costs: "gradient" (forward + backward passes), "forward per
+#: channel" / "forward per mask" (one forward, or the part after the layer, per
+#: channel or per mask), "none" (activations of one forward pass only)
+COST_CLASS = {
+    "gradcam": "gradient",
+    "gradcampp": "gradient",
+    "xgradcam": "gradient",
+    "hirescam": "gradient",
+    "gradcam_elementwise": "gradient",
+    "layercam": "gradient",
+    "eigencam": "none",
+    "eigengradcam": "gradient",
+    "scorecam": "forward per channel",
+    "ablationcam": "forward per channel",
+    "cam": "none",
+    "iscam": "forward per channel",
+    "sscam": "forward per channel",
+    "smoothgradcampp": "gradient",
+    "reciprocam": "forward per mask",
+    "raw_attention": "none",
+    "rollout": "none",
+    "grad_rollout": "gradient",
+    "generic_attention": "gradient",
+    "attention_flow": "none",
+    "legrad": "gradient",
+    "saliency": "gradient",
+    "input_x_gradient": "gradient",
+    "guided_backprop": "gradient",
+    "deconvolution": "gradient",
+    "integrated_gradients": "gradient",
+    "guided_gradcam": "gradient",
+    "fullgrad": "gradient",
+    "fem": "none",
+    "finercam": "gradient",
+    "kpcacam": "none",
+    "shapleycam": "gradient",
+    "sess": "forward per mask",
+    "refinecam": "gradient",
+    "sobelcam": "none",
+    "randomcam": "none",
+    "dff": "none",
+}
+
+
+def cost_class(name: str) -> str:
+    """The cost class of a method (NoiseTunnel variants: their base's)."""
+    return COST_CLASS[name.partition(":")[0].partition("+")[0]]
 
 
 def method_names() -> List[str]:

@@ -8,6 +8,7 @@ from captum_ssl.attr._attention import (
     GradientAttentionRollout,
     RawAttention,
 )
+from captum_ssl.attr._attention.legrad import LeGrad
 from captum_ssl.attr._cam.activation_cams import (
     LayerAblationCam,
     LayerClassActivationMap,
@@ -36,6 +37,12 @@ from captum_ssl.attr._cam.gradient_cams import (
     LayerXGradCam,
 )
 from captum_ssl.attr._cam.multi_cams import SESS, FullGrad, LayerRefineCam
+from captum_ssl.attr._cam.recipro_cam import LayerReciproCam
+from captum_ssl.attr._cam.smoothed_cams import (
+    LayerISCam,
+    LayerSmoothGradCamPlusPlus,
+    LayerSSCam,
+)
 from captum_ssl.attr._core import (
     AttributionInputError,
     NonFiniteWarning,
@@ -75,4 +82,9 @@ __all__ = [
     "LayerShapleyCam",
     "SESS",
     "SobelCam",
+    "LeGrad",
+    "LayerISCam",
+    "LayerReciproCam",
+    "LayerSSCam",
+    "LayerSmoothGradCamPlusPlus",
 ]

@@ -17,6 +17,7 @@ from captum_ssl.attr._cam.base import (
     _LayerActivationCam,
     first_principal_projection,
 )
+from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
@@ -24,9 +25,7 @@ from captum_ssl.attr._core import (
     chunked_scores,
     format_inputs,
     per_sample_targets,
-    replace_layer_output,
     resolve_layout,
-    target_scores,
 )
 from captum_ssl.attr._layout import TokenLayout, root_module
 
@@ -216,7 +215,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         return torch.softmax(scores, dim=1)
 
 
-class LayerAblationCam(_LayerPerturbationCam):
+class LayerAblationCam(_LayerOutputPerturbation, _LayerPerturbationCam):
     r"""Ablation-CAM: each channel weighted by the score drop when it is zeroed.
 
     .. math:: w_k = \frac{y^c - y^c_k}{y^c}
@@ -224,6 +223,12 @@ class LayerAblationCam(_LayerPerturbationCam):
     where :math:`y^c_k` is the target score with feature map :math:`A^k` set to
     zero at the layer. On token layers the channel is zeroed at the patch
     tokens (the feature map); prefix tokens are left as they are.
+
+    Prefix caching: the network up to the layer runs once per image and each
+    ablation re-runs only what follows the layer, with the same scores as
+    full forward passes (proven per call, else full passes with a warning;
+    see :mod:`captum_ssl.attr._prefix`). ``cam.prefix_cache = False``
+    re-runs the whole model for every channel.
 
     Deliberate deviation from pytorch-grad-cam: when a layer's activations can
     be negative (e.g. a ViT LayerNorm output), pytorch-grad-cam replaces the
@@ -260,33 +265,23 @@ class LayerAblationCam(_LayerPerturbationCam):
     ) -> Tensor:
         layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
         channels = acts.shape[1]
-        base = target_scores(self.forward_func, inputs, target, additional_forward_args)
 
-        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
-            b = b.to(inputs[0].device)
-            return tuple(t[b] for t in inputs)
+        def ablate(out: Tensor, b: Tensor, k: Tensor) -> Tensor:
+            keep = torch.ones(
+                len(k), channels, 1, 1, device=out.device, dtype=out.dtype
+            )
+            keep[torch.arange(len(k)), k.to(out.device)] = 0
+            return layout.from_grid(layout.to_grid(out) * keep, like=out)
 
-        def ablate(b: Tensor, k: Tensor):
-            keep = torch.ones(len(k), channels, 1, 1, device=acts.device)
-            keep[torch.arange(len(k)), k.to(acts.device)] = 0
-
-            def fn(out: Tensor) -> Tensor:
-                grid = layout.to_grid(out) * keep.to(out.dtype)
-                return layout.from_grid(grid, like=out)
-
-            return replace_layer_output(self.layer, fn)
-
-        ablated = chunked_scores(
-            self.forward_func,
+        base, ablated = self._output_scores(
             inputs,
             target,
             additional_forward_args,
             channels,
-            make_batch,
+            ablate,
             perturbations_per_eval,
             show_progress,
             desc="Ablation-CAM",
-            context=ablate,
         )
         return (base.unsqueeze(1) - ablated) / base.unsqueeze(1)
 
