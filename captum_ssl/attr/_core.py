@@ -255,15 +255,28 @@ def layer_activations_and_gradients(
     device_ids: Optional[List[int]] = None,
     attribute_to_layer_input: bool = False,
     grad_kwargs: Optional[dict] = None,
+    create_graph: bool = False,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
     """Activations and target gradients of ``layer`` as ``(B, C, h, w)`` grids.
 
     One forward pass with a hook on ``layer`` and one backward pass from the
     selected target down to the layer only (Captum's
     ``compute_layer_gradients_and_eval``); the hook is always removed.
+
+    ``create_graph=True`` keeps the autograd graph instead: parameters are not
+    frozen, the gradients are taken with ``create_graph=True`` and nothing is
+    detached, so a loss on a map built from them backpropagates into the
+    model's parameters (second-order terms included).
     """
     lay = resolve_layout(forward_func, layer, inputs, layout)
-    with layer_errors(layer), record_from_layer_only(forward_func):
+    if create_graph:
+        grad_kwargs = {**(grad_kwargs or {}), "create_graph": True}
+    record = (
+        contextlib.nullcontext()
+        if create_graph
+        else record_from_layer_only(forward_func)
+    )
+    with layer_errors(layer), record:
         grads, acts = compute_layer_gradients_and_eval(
             checked_forward(forward_func, target),
             layer,
@@ -275,7 +288,7 @@ def layer_activations_and_gradients(
             output_fn=_grid_tuple(lay),
             grad_kwargs=grad_kwargs,
         )
-    if all(bool((g == 0).all()) for g in grads):
+    if not create_graph and all(bool((g == 0).all()) for g in grads):
         warnings.warn(
             f"All gradients at the layer {layer.__class__.__name__} are zero for "
             "this target, so gradient-based maps are empty. With a class-token "
@@ -283,6 +296,8 @@ def layer_activations_and_gradients(
             "earlier layer such as `blocks[-1].norm1`.",
             stacklevel=3,
         )
+    if create_graph:
+        return tuple(acts), tuple(grads)
     return tuple(a.detach() for a in acts), tuple(g.detach() for g in grads)
 
 
