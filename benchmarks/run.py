@@ -226,9 +226,22 @@ def _explicit_pipeline(args: argparse.Namespace) -> bool:
     )
 
 
+# retraining protocols (benchmarks/bench_<name>.py with run(args)); only on request
+PROTOCOLS = ("roar", "cgc")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     _configure(args)
+    protocols = [b for b in args.bench or [] if b in PROTOCOLS]
+    if protocols:
+        import importlib
+
+        for name in protocols:
+            rc = importlib.import_module(f"benchmarks.bench_{name}").run(args)
+        args.bench = [b for b in args.bench if b not in PROTOCOLS]
+        if not args.bench or rc:
+            return rc
     from dataclasses import asdict
 
     from benchmarks._runner import discover, group_of, run_suites, save_jsonl

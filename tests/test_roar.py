@@ -100,3 +100,32 @@ def test_killed_run_resumes_and_matches_uninterrupted(tmp_path, digit_sets):
     assert straight.runs == pytest.approx(resumed.runs)
     again = roar_kar(train, test, DigitsCNN, out_dir=tmp_path / "a", **kw)
     assert again.trained == 0 and again.runs == resumed.runs
+
+
+def _rank_worker(rank: int, world: int, init: str, out: str, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        train, test = digits()
+        res = roar_kar(
+            (train[0][:300], train[1][:300]), test, DigitsCNN,
+            {"random": random_maps}, out, fractions=(0.3, 0.6), modes=("kar",),
+            seeds=(0,), epochs=1, progress=False,
+        )  # fmt: skip
+        queue.put((rank, res.trained, res.runs))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_runs_are_split_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank_worker, args=(2, init, str(tmp_path / "out"), queue), nprocs=2)
+    got = sorted(queue.get(timeout=60) for _ in range(2))
+    (_, t0, runs0), (_, t1, runs1) = got
+    assert t0 + t1 == 3 and min(t0, t1) >= 1  # 3 runs, split over 2 ranks
+    assert runs0 == runs1 and len(runs0) == 3

@@ -36,21 +36,25 @@ def digits(
 
 
 class DigitsCNN(nn.Module):
-    """Three 3x3 convolutions (8x8 -> 4x4) and a linear classifier.
+    """Three 3x3 convolutions, a max-pool and a linear classifier on a 4 x 4
+    average-pooled grid (any image size >= 8; 8x8 digits by default).
 
-    ``features[-1]`` (the last ReLU, 64 x 4 x 4) is the Grad-CAM layer."""
+    ``features[-1]`` (the last ReLU, 64 channels at half the input size) is
+    the Grad-CAM layer. ``in_channels=3`` serves ``ImageFolder`` data such as
+    CIFAR-10."""
 
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
         )  # fmt: skip
+        self.pool = nn.AdaptiveAvgPool2d(4)
         self.classifier = nn.Linear(64 * 4 * 4, classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
 def standard_explainers(nt_samples: int = 16) -> Dict[str, Explainer]:

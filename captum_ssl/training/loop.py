@@ -44,6 +44,7 @@ def train(
     checkpoint: Union[str, Path, None] = None,
     scheduler: Any = None,
     progress: bool = True,
+    frozen_norm: bool = False,
 ) -> List[Dict[str, float]]:
     r"""Train ``model`` for ``epochs`` epochs; checkpoint and resume per epoch.
 
@@ -65,6 +66,10 @@ def train(
         checkpoint (str or Path, optional): checkpoint file; ``None`` = none.
         scheduler (optional): an LR scheduler stepped once per epoch.
         progress (bool, optional): show a progress bar. Default: True
+        frozen_norm (bool, optional): keep batch-norm layers in eval mode
+                    (their running statistics fixed), as usual when
+                    fine-tuning a pretrained model with small batches.
+                    Default: False
 
     Returns:
         list[dict]: per epoch, the mean loss and the mean of each part.
@@ -95,6 +100,10 @@ def train(
         start = len(history)
     for epoch in range(start, epochs):
         model.train()
+        if frozen_norm:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         sums: Dict[str, float] = {}
         n = 0
         batches: Iterable = loader
