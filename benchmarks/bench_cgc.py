@@ -12,8 +12,9 @@ top-1 accuracy. Photos: the ImageNet sample folder (one photo per class; the
 first ``CGC_TRAIN`` train, the next ``CGC_TEST`` are held out), else the
 bundled photos with the pretrained model's predictions as labels.
 
-Environment options: ``CGC_TRAIN`` (64), ``CGC_TEST`` (32), ``CGC_EPOCHS`` (3),
-``CGC_LAMBDA`` (0.5), ``CGC_TAU`` (0.5), ``CGC_LR`` (1e-4). Checkpoints go to
+Environment options: ``CGC_TRAIN`` (128), ``CGC_TEST`` (128), ``CGC_EPOCHS`` (3),
+``CGC_LAMBDA`` (1.0; the paper uses 0.5 over far more steps), ``CGC_TAU`` (0.5),
+``CGC_LR`` (1e-4). Checkpoints go to
 ``<out>/cgc/`` per epoch; the same command resumes a killed run.
 """
 
@@ -72,10 +73,10 @@ def evaluate(model, layer, x, y, batch: int = 8) -> Dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    n_train = int(os.environ.get("CGC_TRAIN", "64"))
-    n_test = int(os.environ.get("CGC_TEST", "32"))
+    n_train = int(os.environ.get("CGC_TRAIN", "128"))
+    n_test = int(os.environ.get("CGC_TEST", "128"))
     epochs = int(os.environ.get("CGC_EPOCHS", "3"))
-    lam = float(os.environ.get("CGC_LAMBDA", "0.5"))
+    lam = float(os.environ.get("CGC_LAMBDA", "1.0"))
     tau = float(os.environ.get("CGC_TAU", "0.5"))
     lr = float(os.environ.get("CGC_LR", "1e-4"))
     device = torch.device(
@@ -91,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         pred = torch.cat([model(x[i : i + 16]).argmax(1) for i in range(0, len(x), 16)])
     y = torch.where(labels.to(device) >= 0, labels.to(device), pred)
-    n_train = min(n_train, len(x) // 2)  # the few bundled photos: half and half
+    if len(x) < n_train + n_test:  # the few bundled photos: half and half
+        n_train = len(x) // 2
+    n_test = len(x) - n_train
     xtr, ytr, xte, yte = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
     print(
         f"CGC on {NAME}: {len(xtr)} training / {len(xte)} held-out photos, "

@@ -6,6 +6,8 @@
     python -m benchmarks.run --suite accuracy --models res_50 moco_v3_res_50 \
         --methods thesis --metrics thesis --data storage/imagenet_1000samples
     torchrun --nproc_per_node=2 -m benchmarks.run --suite accuracy ...
+    python -m benchmarks.run --bench roar       # ROAR / KAR with retraining (digits)
+    python -m benchmarks.run --bench cgc        # CGC fine-tuning of EfficientNet-Lite0
 
 Timing suites (asv-style classes in ``benchmarks/bench_*.py``): every finished
 measurement is appended at once to ``results-<stamp>.jsonl`` in the output
