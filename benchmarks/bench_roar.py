@@ -12,7 +12,8 @@ Environment options: ``ROAR_SEEDS`` (default 3), ``ROAR_EPOCHS`` (10),
 ``ROAR_FRACTIONS`` (``0.1,0.3,0.5,0.7,0.9``; ``BENCH_FULL=1``: 0.1..0.9),
 ``ROAR_DATA``: a ``torchvision.datasets.ImageFolder`` root with ``train/``
 and ``test/`` sub-folders (e.g. CIFAR-10 exported as PNGs) instead of the
-digits; ``ROAR_SIZE`` (32) is its image size.
+digits; ``ROAR_SIZE`` (32) is its image size; ``ROAR_FILL``: ``mean`` (Hooker
+et al., default) or ``linear`` (ROAD's noisy linear imputation).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def table(summary: List[dict], fractions: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: List[dict], path: Path) -> None:
+def plot(summary: List[dict], path: Path, fill: str = "mean") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +100,8 @@ def plot(summary: List[dict], path: Path) -> None:
             )  # fmt: skip
         what = "most" if mode == "roar" else "least"
         ax.set_title(f"{mode.upper()}: the {what} important pixels replaced")
-        ax.set_xlabel("% of pixels replaced by the channel mean")
+        by = "the channel mean" if fill == "mean" else "linear imputation"
+        ax.set_xlabel(f"% of pixels replaced by {by}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy after retraining")
     axes[1].legend(fontsize=8)
@@ -125,31 +127,33 @@ def run(args: argparse.Namespace) -> int:
     )
     seeds = tuple(range(int(os.environ.get("ROAR_SEEDS", "3"))))
     epochs = int(os.environ.get("ROAR_EPOCHS", "10"))
+    fill = os.environ.get("ROAR_FILL", "mean")
     train, test, model_fn, what = _data()
     out = Path(args.out) / "roar"
     device = os.environ.get("BENCH_DEVICE") or None
     print(
         f"ROAR / KAR on {what}: {len(fracs)} fractions x {len(seeds)} seeds, "
-        f"{epochs} epochs per model; results in {out}",
+        f"{epochs} epochs per model, {fill} fill; results in {out}",
         flush=True,
     )
     t0 = time.perf_counter()
     res = roar_kar(
         train, test, model_fn, standard_explainers(), out, fractions=fracs,
-        seeds=seeds, epochs=epochs, device=device,
+        seeds=seeds, epochs=epochs, device=device, fill=fill,
     )  # fmt: skip
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         md = table(res.summary, fracs)
         head = (
-            f"ROAR / KAR test accuracy ({what}; mean ± 95% t-interval over "
-            f"{len(seeds)} seeds; {res.trained} models trained in this call, "
-            f"{time.perf_counter() - t0:.0f} s)\n\n"
+            f"ROAR / KAR test accuracy ({what}; {fill} fill; mean ± 95% "
+            f"t-interval over {len(seeds)} seeds; {res.trained} models trained "
+            f"in this call, {time.perf_counter() - t0:.0f} s)\n\n"
         )
-        (out / "roar.md").write_text(head + md + "\n")
-        plot(res.summary, out / "roar.png")
+        suffix = "" if fill == "mean" else f"-{fill}"
+        (out / f"roar{suffix}.md").write_text(head + md + "\n")
+        plot(res.summary, out / f"roar{suffix}.png", fill)
         print("\n" + head + md)
-        print(f"\ntable: {out / 'roar.md'}, plot: {out / 'roar.png'}")
+        print(f"\ntable: {out / f'roar{suffix}.md'}, plot: {out / f'roar{suffix}.png'}")
     if world > 1:
         import torch.distributed as dist
 

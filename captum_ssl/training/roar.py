@@ -62,13 +62,16 @@ def remove_pixels(
     order: Tensor,
     fraction: float,
     mode: str = "roar",
-    fill: Optional[Tensor] = None,
+    fill: Union[Tensor, str, None] = None,
 ) -> Tensor:
     """Replace a fraction of each image's pixels by ``fill`` (per channel).
 
     ``mode="roar"`` replaces the ``fraction`` most important pixels (by
     ``order`` from :func:`importance_order`), ``"kar"`` the ``fraction`` least
-    important ones. ``fill`` ``(C,)`` defaults to the batch's channel means."""
+    important ones. ``fill`` ``(C,)`` defaults to the batch's channel means
+    (Hooker et al.); ``"linear"`` fills by ROAD's noisy linear imputation
+    (Rong et al., ICML 2022: each removed pixel from its neighbours, which
+    hides the removal mask better than a constant)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: use one of {MODES}.")
     if not 0 <= fraction <= 1:
@@ -81,6 +84,13 @@ def remove_pixels(
     mask = torch.zeros(b, h * w, dtype=torch.bool, device=images.device)
     mask.scatter_(1, idx.to(images.device), True)
     mask = mask.reshape(b, 1, h, w)
+    if isinstance(fill, str):
+        if fill != "linear":
+            raise ValueError(f"fill={fill!r}: use a (C,) tensor or 'linear'.")
+        from captum_ssl.metrics import noisy_linear_imputation
+
+        g = torch.Generator(device=images.device).manual_seed(0)
+        return noisy_linear_imputation(images, mask, generator=g)
     return torch.where(mask, fill.to(images).reshape(1, c, 1, 1), images)
 
 
@@ -253,6 +263,7 @@ def roar_kar(
     device: Union[str, torch.device, None] = None,
     progress: bool = True,
     on_result: Optional[Callable[[Tuple[str, str, float, int], float], None]] = None,
+    fill: str = "mean",
 ) -> RoarResult:
     r"""ROAR and KAR curves of several attribution methods, with retraining.
 
@@ -288,6 +299,10 @@ def roar_kar(
         device (optional): training device; default CUDA when available.
         progress (bool, optional): print one line per finished run.
         on_result (Callable, optional): called with each new ``(run, accuracy)``.
+        fill (str, optional): ``"mean"``: the training set's per-channel mean
+                    (Hooker et al.); ``"linear"``: ROAD's noisy linear
+                    imputation (slower; see :func:`remove_pixels`).
+                    Default: "mean"
 
     Returns:
         RoarResult: all accuracies and :func:`summarize`'s table.
@@ -305,6 +320,8 @@ def roar_kar(
             raise ValueError(f"mode {m!r}: use one of {MODES}.")
     if not seeds:
         raise ValueError("seeds is empty: give at least one seed.")
+    if fill not in ("mean", "linear"):
+        raise ValueError(f"fill={fill!r}: use 'mean' or 'linear'.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -313,10 +330,11 @@ def roar_kar(
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "version": 1,
         "train": list(train_data[0].shape), "test": list(test_data[0].shape),
         "arch": repr(model_fn()),  # a new model never mixes with old rows
+        "fill": fill,
     }  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     key = key[:16]
-    fill = train_data[0].mean(dim=(0, 2, 3))
+    filler = train_data[0].mean(dim=(0, 2, 3)) if fill == "mean" else fill
     hw = tuple(train_data[0].shape[-2:])
 
     # 1. base model and maps (rank 0), stored
@@ -363,8 +381,8 @@ def roar_kar(
                 cache.clear()
                 cache[(name, mode, t)] = _perturbed(
                     out / f"data-{key}" / f"{name}-{mode}-{_fmt(t)}.pt",
-                    maps_dir / f"{name}.pt", train_data, test_data, t, mode, fill,
-                    hw,
+                    maps_dir / f"{name}.pt", train_data, test_data, t, mode,
+                    filler, hw,
                 )  # fmt: skip
             data = cache[(name, mode, t)]
         model = _fit(model_fn, data[0], seed, epochs, batch_size, lr, device)
@@ -402,7 +420,7 @@ def _perturbed(
     test_data: Tuple[Tensor, Tensor],
     t: float,
     mode: str,
-    fill: Tensor,
+    fill: Union[Tensor, str],
     hw: Tuple[int, int],
 ) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
     """The perturbed copies of both sets, built once and stored at ``path``."""
