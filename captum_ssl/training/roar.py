@@ -224,7 +224,8 @@ def explain_all(
     x, y = data
     maps = []
     for i in range(0, len(x), batch_size):
-        m = explainer(model, x[i : i + batch_size].to(device), y[i : i + batch_size])
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        m = explainer(model, xb, yb)
         maps.append(m.detach().cpu())
     return torch.cat(maps)
 
