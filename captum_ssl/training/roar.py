@@ -454,4 +454,4 @@ def random_maps(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
     seed = int(images.double().sum().item() * 1e6) % (2**31)
     g = torch.Generator().manual_seed(seed)
     b, _, h, w = images.shape
-    return torch.rand(b, 1, h, w, generator=g)
+    return torch.rand(b, 1, h, w, generator=g).to(images.device)
