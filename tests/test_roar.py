@@ -14,6 +14,7 @@ from captum_ssl.training import (
     roar_kar,
     standard_explainers,
     summarize,
+    tensors_of,
 )
 
 
@@ -150,3 +151,29 @@ def test_runs_are_split_over_ranks(tmp_path):
     (_, t0, runs0), (_, t1, runs1) = got
     assert t0 + t1 == 3 and min(t0, t1) >= 1  # 3 runs, split over 2 ranks
     assert runs0 == runs1 and len(runs0) == 3
+
+
+def test_image_folder_data(tmp_path):
+    from PIL import Image
+    from torchvision import datasets, transforms
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                arr = (torch.rand(12, 12, 3, generator=g) * 255).byte().numpy()
+                Image.fromarray(arr).save(folder / f"{i}.png")
+    sets = [
+        datasets.ImageFolder(tmp_path / s, transform=transforms.ToTensor())
+        for s in ("train", "test")
+    ]
+    train, test = (tensors_of(s) for s in sets)
+    assert train[0].shape == (8, 3, 12, 12) and train[1].tolist() == [0] * 4 + [1] * 4
+    res = roar_kar(
+        train, test, lambda: DigitsCNN(classes=2, in_channels=3),
+        {"random": random_maps}, tmp_path / "out", fractions=(0.5,),
+        modes=("roar",), seeds=(0,), epochs=1, progress=False,
+    )  # fmt: skip
+    assert set(res.runs) == {("none", "-", 0.0, 0), ("random", "roar", 0.5, 0)}
