@@ -94,6 +94,23 @@ def test_faithful_map_beats_random_on_digits(tmp_path, digit_sets):
     assert acc[("random", "roar")] < clean - 0.3
 
 
+def test_roar_with_imputation_degrades_faster_for_a_faithful_map(tmp_path, digit_sets):
+    # with ROAD's linear imputation the removal mask no longer traces the
+    # digit: removing half of the pixels by |Integrated Gradients| (the ink
+    # that carries the class) leaves less than removing half at random
+    train, test = digit_sets
+    methods = {
+        "Integrated Gradients": standard_explainers()["Integrated Gradients"],
+        "random": random_maps,
+    }
+    res = roar_kar(train, test, DigitsCNN, methods, tmp_path, fractions=(0.5,),
+                   modes=("roar",), seeds=(0,), epochs=8, progress=False,
+                   fill="linear")  # fmt: skip
+    acc = {m: a for (m, _, _, _), a in res.runs.items()}
+    assert acc["Integrated Gradients"] < acc["random"] - 0.2
+    assert acc["random"] < acc["none"]
+
+
 class _Killed(Exception):
     pass
 
