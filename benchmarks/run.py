@@ -6,6 +6,8 @@
     python -m benchmarks.run --suite accuracy --models res_50 moco_v3_res_50 \
         --methods thesis --metrics thesis --data storage/imagenet_1000samples
     torchrun --nproc_per_node=2 -m benchmarks.run --suite accuracy ...
+    python -m benchmarks.run --bench roar       # ROAR / KAR with retraining (digits)
+    python -m benchmarks.run --bench cgc        # CGC fine-tuning of EfficientNet-Lite0
 
 Timing suites (asv-style classes in ``benchmarks/bench_*.py``): every finished
 measurement is appended at once to ``results-<stamp>.jsonl`` in the output
@@ -226,9 +228,22 @@ def _explicit_pipeline(args: argparse.Namespace) -> bool:
     )
 
 
+# retraining protocols (benchmarks/bench_<name>.py with run(args)); only on request
+PROTOCOLS = ("roar", "cgc")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
     _configure(args)
+    protocols = [b for b in args.bench or [] if b in PROTOCOLS]
+    if protocols:
+        import importlib
+
+        for name in protocols:
+            rc = importlib.import_module(f"benchmarks.bench_{name}").run(args)
+        args.bench = [b for b in args.bench if b not in PROTOCOLS]
+        if not args.bench or rc:
+            return rc
     from dataclasses import asdict
 
     from benchmarks._runner import discover, group_of, run_suites, save_jsonl

@@ -103,15 +103,20 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
 
 
 @contextlib.contextmanager
-def attribution_call(forward_func: Callable) -> Iterator[List[Tensor]]:
+def attribution_call(
+    forward_func: Callable, keep_mode: bool = False
+) -> Iterator[List[Tensor]]:
     """The scope of one ``attribute`` call: eval mode (:func:`eval_mode`) and a
     record of the batch rows whose model output is not finite, for
-    :func:`finish_maps`. Nested scopes share the outermost record."""
+    :func:`finish_maps`. Nested scopes share the outermost record.
+
+    ``keep_mode=True`` (differentiable maps, ``create_graph=True``, computed
+    inside a training step) leaves every module's mode as the caller set it."""
     outer = _BAD_ROWS.get()
     record: List[Tensor] = [] if outer is None else outer
     token = _BAD_ROWS.set(record) if outer is None else None
     try:
-        with eval_mode(forward_func):
+        with contextlib.nullcontext() if keep_mode else eval_mode(forward_func):
             yield record
     finally:
         if token is not None:
@@ -574,21 +579,33 @@ def layer_activations_and_gradients(
     device_ids: Optional[List[int]] = None,
     attribute_to_layer_input: bool = False,
     grad_kwargs: Optional[dict] = None,
+    create_graph: bool = False,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
     """Activations and target gradients of ``layer`` as ``(B, C, h, w)`` grids.
 
     One forward pass with a hook on ``layer`` and one backward pass from the
     selected target down to the layer only (Captum's
     ``compute_layer_gradients_and_eval``); the hook is always removed.
+
+    ``create_graph=True`` keeps the autograd graph instead: parameters are not
+    frozen, the gradients are taken with ``create_graph=True`` and nothing is
+    detached, so a loss on a map built from them backpropagates into the
+    model's parameters (second-order terms included).
     """
     lay = resolve_layout(forward_func, layer, inputs, layout)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     batch = None if device_ids else inputs[0].shape[0]
-    with (
-        layer_errors(layer),
-        record_from_layer_only(forward_func),
-        eval_mode(forward_func),
-    ):
+    if create_graph:
+        grad_kwargs = {**(grad_kwargs or {}), "create_graph": True}
+    # a differentiable map (create_graph) keeps the graph to the parameters
+    # and the caller's train/eval mode: it is computed inside a training step
+    record = (
+        contextlib.nullcontext()
+        if create_graph
+        else record_from_layer_only(forward_func)
+    )
+    mode = contextlib.nullcontext() if create_graph else eval_mode(forward_func)
+    with layer_errors(layer), record, mode:
         grads, acts = compute_layer_gradients_and_eval(
             selecting_forward(forward_func, target),
             layer,
@@ -600,7 +617,7 @@ def layer_activations_and_gradients(
             output_fn=_grid_tuple(lay, batch),
             grad_kwargs=grad_kwargs,
         )
-    if all(bool((g == 0).all()) for g in grads):
+    if not create_graph and all(bool((g == 0).all()) for g in grads):
         warnings.warn(
             f"All gradients at the layer {layer.__class__.__name__} are zero for "
             "this target, so gradient-based maps are empty. With a class-token "
@@ -608,6 +625,8 @@ def layer_activations_and_gradients(
             "earlier layer such as `blocks[-1].norm1`.",
             stacklevel=3,
         )
+    if create_graph:
+        return tuple(acts), tuple(grads)
     return tuple(a.detach() for a in acts), tuple(g.detach() for g in grads)
 
 

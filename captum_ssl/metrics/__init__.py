@@ -31,6 +31,12 @@ from captum_ssl.metrics._confidence import (
     explanation_masked,
 )
 from captum_ssl.metrics._consistency import explanation_consistency
+from captum_ssl.metrics._content_heatmap import (
+    box_mask,
+    content_heatmap,
+    read_boxes,
+    scale_boxes,
+)
 from captum_ssl.metrics._perturbation import (
     deletion_auc,
     insertion_auc,
@@ -56,7 +62,9 @@ __all__ = [
     "accuracy",
     "average_drop",
     "average_increase",
+    "box_mask",
     "class_probability",
+    "content_heatmap",
     "deletion_auc",
     "explanation_consistency",
     "explanation_masked",
@@ -72,7 +80,9 @@ __all__ = [
     "quantus_explain_func",
     "quantus_faithfulness",
     "randomization_sanity",
+    "read_boxes",
     "road",
+    "scale_boxes",
     "spearman",
     "ssim",
     "substrate",

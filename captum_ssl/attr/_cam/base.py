@@ -88,6 +88,9 @@ class LayerGradCam(_CaptumLayerGradCam):
         >>> vit = timm.create_model("deit_small_patch16_224").eval()
         >>> attr = LayerGradCam(vit, vit.blocks[-1].norm1).attribute(x, target=3)
         >>> attr.shape                                      # (B, 1, 14, 14)
+        >>> # a differentiable map: a loss on it trains the model
+        >>> m = cam.attribute(images, target=labels, create_graph=True)
+        >>> m.relu().mean().backward()
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> TensorOrTuple:
         r"""
         Args:
@@ -127,13 +131,19 @@ class LayerGradCam(_CaptumLayerGradCam):
                         returns the weighted activations ``(B, C, h, w)``.
                         Default: True
             grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+            create_graph (bool, optional): return a differentiable map: the
+                        graph to the model's parameters is kept (nothing frozen
+                        or detached, gradients taken with ``create_graph=True``),
+                        so a loss on the map trains the model (CGC,
+                        :mod:`captum_ssl.training`). Slower and uses more
+                        memory; the default path is unchanged. Default: False
 
         Returns:
             Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
             patch-grid) resolution on the input's device, not normalised.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
-        with attribution_call(self.forward_func) as record:
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
             acts, grads = layer_activations_and_gradients(
                 self.forward_func,
                 self.layer,
@@ -144,6 +154,7 @@ class LayerGradCam(_CaptumLayerGradCam):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
                 grad_kwargs=grad_kwargs,
+                create_graph=create_graph,
             )
             cams = tuple(
                 self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
