@@ -228,6 +228,13 @@ def _explicit_pipeline(args: argparse.Namespace) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
+    from benchmarks.evaluation.options import OptionError, validate
+
+    try:
+        validate(args)  # before any model or data is loaded
+    except OptionError as err:
+        print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
+        return 2
     _configure(args)
     from dataclasses import asdict
 
@@ -265,6 +272,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             asdict(r)
             for r in run_suites(suites, on_row=save_jsonl(jsonl), repeat=args.repeat)
         ]
+        if not rows:
+            print(
+                "error: no timing suite produced a measurement (see the errors above)",
+                file=sys.stderr,
+            )
+            return 1
         tabs = tables(rows)
         md = markdown(tabs)
         (args.out / "results.md").write_text(md)

@@ -106,7 +106,7 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         r"""
@@ -119,9 +119,15 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
                         Default: False
             relu_attributions (bool, optional): ReLU the map. Default: False
             perturbations_per_eval (int, optional): perturbed inputs per
-                        forward pass. Default: 1
-            show_progress (bool, optional): show a progress bar.
-                        Default: False
+                        forward pass (one per channel and image in all).
+                        ``None`` picks the chunk from the input's size and
+                        the free memory (at most 64 on the CPU, 256 on CUDA;
+                        ``captum_ssl.attr._core.auto_perturbations_per_eval``).
+                        Speed and memory only: the map is the same for any
+                        value. Default: None
+            show_progress (bool, optional): print a progress bar of the
+                        chunks (Captum's, on stderr); for long runs on the
+                        CPU. Default: False
 
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
