@@ -12,7 +12,12 @@ from benchmarks.evaluation import methods as M
 from benchmarks.evaluation import pipeline as P
 from benchmarks.evaluation.store import ResultStore
 from captum_ssl.attr import LayerAblationCam, LayerScoreCam
-from captum_ssl.attr._core import AUTO_CHUNK_CAP, auto_perturbations_per_eval
+from captum_ssl.attr._core import (
+    AUTO_CHUNK_CAP,
+    AUTO_CHUNK_CPU_BYTES,
+    AUTO_CHUNK_INPUT_COPIES,
+    auto_perturbations_per_eval,
+)
 
 
 def _count_forwards(model):
@@ -39,7 +44,7 @@ def test_default_chunks_equal_explicit_small_chunks(cls, tiny_cnn):
     channels = layer.out_channels
     total = x.shape[0] * channels  # one perturbed evaluation per image and channel
     # the old default (1) made `total` one-image forward passes; the automatic
-    # chunk evaluates them in ceil(total / chunk) passes of up to 64 images
+    # chunk evaluates these small inputs in ceil(total / chunk) passes
     perturbed = [n for n in calls if n != x.shape[0]]
     chunk = auto_perturbations_per_eval((x,), total)
     assert chunk == min(total, AUTO_CHUNK_CAP["cpu"])
@@ -51,13 +56,13 @@ def test_auto_chunk_is_bounded_by_memory_and_cap():
     small = torch.zeros(1, 3, 32, 32)
     assert auto_perturbations_per_eval((small,), 5) == 5  # never more than needed
     assert auto_perturbations_per_eval((small,), 10_000) == AUTO_CHUNK_CAP["cpu"]
-    # a large input (3 x 512 x 512 floats = 3 MiB, counted 32 times): as many
-    # as fit in the CPU budget of 1 GiB
-    large = torch.zeros(1, 3, 512, 512)
+    # a larger input (3 x 128 x 128 floats, counted 32 times): as many as fit
+    # in the CPU budget
+    large = torch.zeros(1, 3, 128, 128)
     n = auto_perturbations_per_eval((large,), 10_000)
-    per_eval = 32 * large.numel() * 4
+    per_eval = AUTO_CHUNK_INPUT_COPIES * large.numel() * 4
     assert 1 <= n < AUTO_CHUNK_CAP["cpu"]
-    assert n * per_eval <= 1 << 30 < (n + 1) * per_eval
+    assert n * per_eval <= AUTO_CHUNK_CPU_BYTES < (n + 1) * per_eval
     huge = torch.zeros(1, 3, 4096, 4096)  # more than the budget: one at a time
     assert auto_perturbations_per_eval((huge,), 10_000) == 1
 

@@ -121,8 +121,10 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
             perturbations_per_eval (int, optional): perturbed inputs per
                         forward pass (one per channel and image in all).
                         ``None`` picks the chunk from the input's size and
-                        the free memory (at most 64 on the CPU, 256 on CUDA;
-                        ``captum_ssl.attr._core.auto_perturbations_per_eval``).
+                        the free memory: on CUDA up to a quarter of the free
+                        memory (at most 256), on the CPU a few 224 px images
+                        (larger CPU batches are not faster); see
+                        ``captum_ssl.attr._core.auto_perturbations_per_eval``.
                         Speed and memory only: the map is the same for any
                         value. Default: None
             show_progress (bool, optional): print a progress bar of the
