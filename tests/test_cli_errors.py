@@ -244,8 +244,9 @@ def test_store_marks_non_finite_values_and_tables_count_them(tmp_path, monkeypat
         return wrapped
 
     monkeypatch.setattr(M, "metric_function", nan_for_some)
-    spec = tiny_spec("tiny_sup", "supervised", 0)
-    plan = P.run(config(tmp_path, [spec], limit=4, metrics=["average_drop"]))
+    sup = tiny_spec("tiny_sup", "supervised", 0)
+    ssl = tiny_spec("tiny_ssl", "self-supervised", 1)
+    plan = P.run(config(tmp_path, [sup, ssl], limit=4, metrics=["average_drop"]))
     with ResultStore(tmp_path / P.DB_NAME) as s:
         key = plan.result_keys["tiny_sup", "gradcam", "average_drop"]
         rows = s.results([key])
@@ -254,9 +255,15 @@ def test_store_marks_non_finite_values_and_tables_count_them(tmp_path, monkeypat
     assert status == ["inf", "nan", "ok", "ok"]  # two batches of two images
     assert all(r["value"] is None for r in rows if r["status"] != "ok")
     finite = [r["value"] for r in rows if r["status"] == "ok"]
-    (row,) = tabs["per_model"]
+    row = next(r for r in tabs["per_model"] if r["model"] == "tiny_sup")
     assert row["nonfinite"] == len(rows) - len(finite) > 0
     assert row["n"] == len(finite)
     assert row["mean"] == pytest.approx(sum(finite) / len(finite))
     md = T.markdown(tabs)
     assert f"({row['nonfinite']} non-finite)" in md
+    # the paired comparison leaves out the images where either value is not
+    # finite, and says how many
+    (cmp,) = tabs["comparison"]
+    assert cmp["n"] + cmp["nonfinite"] == len(rows)
+    assert cmp["nonfinite"] >= row["nonfinite"]
+    assert f"| {cmp['n']} ({cmp['nonfinite']} non-finite) |" in md

@@ -179,6 +179,8 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                     metric=metric,
                     direction=_arrow(higher),
                     n=p["n"],
+                    # images left out of the pair because a value is not finite
+                    nonfinite=len(common) - p["n"],
                     supervised_mean=mean_ci([a[i] for i in common])[0],
                     self_supervised_mean=mean_ci([b[i] for i in common])[0],
                     diff=p["diff"],
@@ -398,6 +400,9 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
         rows = [
             dict(
                 r,
+                n=f"{r['n']} ({r['nonfinite']} non-finite)"
+                if r.get("nonfinite")
+                else r["n"],
                 diff=_pm(r["diff"], r["diff_ci95"]),
                 significant="yes" if r["significant"] else "no",
             )
