@@ -234,6 +234,13 @@ PROTOCOLS = ("roar", "cgc")
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse(argv)
+    from benchmarks.evaluation.options import OptionError, validate
+
+    try:
+        validate(args)  # before any model or data is loaded
+    except OptionError as err:
+        print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
+        return 2
     _configure(args)
     protocols = [b for b in args.bench or [] if b in PROTOCOLS]
     if protocols:
@@ -280,6 +287,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             asdict(r)
             for r in run_suites(suites, on_row=save_jsonl(jsonl), repeat=args.repeat)
         ]
+        if not rows:
+            print(
+                "error: no timing suite produced a measurement (see the errors above)",
+                file=sys.stderr,
+            )
+            return 1
         tabs = tables(rows)
         md = markdown(tabs)
         (args.out / "results.md").write_text(md)

@@ -5,7 +5,9 @@ A method or metric is named on the command line as ``name`` or
 ``rollout:discard_ratio=0.9`` or ``deletion:step=448``. Captum's gradient
 methods take a NoiseTunnel variant as a suffix: ``saliency+smoothgrad``,
 ``integrated_gradients+vargrad:nt_samples=16``. The options, with their
-defaults filled in, are part of each result's config key.
+defaults filled in, are part of each result's config key, except the speed
+options (:data:`SPEED_OPTIONS`: chunk and batch sizes, progress bars), which
+never change a value and so are left out of labels and keys.
 """
 
 from __future__ import annotations
@@ -40,9 +42,27 @@ def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
     return name.strip(), opts
 
 
+#: options that change speed or memory only, never a value
+SPEED_OPTIONS = (
+    "perturbations_per_eval",
+    "show_progress",
+    "internal_batch_size",
+    "nt_samples_batch_size",
+    "batch_size",
+)
+
+
+def identity(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that identify a method or metric (no speed options)."""
+    return {k: v for k, v in opts.items() if k not in SPEED_OPTIONS}
+
+
 def spec_label(name: str, opts: Dict[str, Any], defaults: Dict[str, Any]) -> str:
-    """Display name: the name plus the options that differ from the defaults."""
-    changed = {k: v for k, v in opts.items() if defaults.get(k, object()) != v}
+    """Display name: the name plus the options that differ from the defaults
+    (speed options left out)."""
+    changed = {
+        k: v for k, v in identity(opts).items() if defaults.get(k, object()) != v
+    }
     if not changed:
         return name
     return name + ":" + ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
@@ -296,9 +316,8 @@ def method_defaults(name: str) -> Dict[str, Any]:
     """Options of a method with their defaults (part of the config key)."""
     base, _, nt = name.partition("+")
     if base in CAMS:
+        # perturbation CAMs: the library's automatic chunk size
         d: Dict[str, Any] = {"relu_attributions": True}
-        if base in PERTURBATION_CAMS:
-            d["perturbations_per_eval"] = 32
         if base == "dff":
             d["n_components"] = 8
         return d

@@ -240,7 +240,7 @@ def make_plan(cfg: EvalConfig, store: ResultStore) -> Plan:
             if reason:
                 plan.skipped.append((spec.name, mlabel, reason))
                 continue
-            method = dict(name=mname, options=mopts)
+            method = dict(name=mname, options=M.identity(mopts))
             plan.map_keys[spec.name, mlabel] = store.register(
                 "map", {**mk, "method": method, "map_size": cfg.map_size}
             )
@@ -251,7 +251,7 @@ def make_plan(cfg: EvalConfig, store: ResultStore) -> Plan:
                 full = {
                     **mk,
                     "method": method,
-                    "metric": dict(name=xname, options=xopts),
+                    "metric": dict(name=xname, options=M.identity(xopts)),
                 }
                 plan.result_keys[spec.name, mlabel, xlabel] = store.register(
                     "result", full

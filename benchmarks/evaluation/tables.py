@@ -123,6 +123,9 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
         if model not in pretrained:
             continue  # honesty: random weights never enter accuracy tables
         mean, half = mean_ci(list(vals.values()))
+        # non-finite values (stored NULL with their status) are counted, never
+        # averaged: n is the number of finite values
+        nonfinite = sum(1 for v in vals.values() if not math.isfinite(v))
         per_model.append(
             dict(
                 model=model,
@@ -131,7 +134,8 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 method=method,
                 metric=metric,
                 direction=_arrow(_direction(plan, metric)),
-                n=len(vals),
+                n=len(vals) - nonfinite,
+                nonfinite=nonfinite,
                 mean=mean,
                 ci95=half,
             )
@@ -175,6 +179,8 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                     metric=metric,
                     direction=_arrow(higher),
                     n=p["n"],
+                    # images left out of the pair because a value is not finite
+                    nonfinite=len(common) - p["n"],
                     supervised_mean=mean_ci([a[i] for i in common])[0],
                     self_supervised_mean=mean_ci([b[i] for i in common])[0],
                     diff=p["diff"],
@@ -338,6 +344,13 @@ def _pm(mean: float, half: float) -> str:
     return f"{mean:.3f} ± {half:.3f}"
 
 
+def _cell(r: Dict[str, Any]) -> str:
+    """Mean ± CI of the finite values, and how many were not finite."""
+    text = _pm(r["mean"], r["ci95"])
+    bad = r.get("nonfinite", 0)
+    return f"{text} ({bad} non-finite)" if bad else text
+
+
 def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> str:
     out: List[str] = ["# Accuracy of the explanations", ""]
     for n in notes:
@@ -370,10 +383,8 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
         ]
         for meth in methods:
             cells = [
-                _pm(cell[meth, m]["mean"], cell[meth, m]["ci95"])
-                if (meth, m) in cell
-                else "-"
-                for m in metrics
+                _cell(cell[k]) if k in cell else "-"
+                for k in ((meth, m) for m in metrics)
             ]
             out.append(f"| {meth} | " + " | ".join(cells) + " |")
         out.append("")
@@ -389,6 +400,9 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
         rows = [
             dict(
                 r,
+                n=f"{r['n']} ({r['nonfinite']} non-finite)"
+                if r.get("nonfinite")
+                else r["n"],
                 diff=_pm(r["diff"], r["diff_ci95"]),
                 significant="yes" if r["significant"] else "no",
             )
