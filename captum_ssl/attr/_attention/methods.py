@@ -139,8 +139,15 @@ def residual_normalize(mat: Tensor) -> Tensor:
     return res / res.sum(dim=-1, keepdim=True)
 
 
-def rollout(mats: List[Tensor]) -> Tensor:
-    """``M_L @ ... @ M_1`` for per-layer ``(B, N, N)`` matrices in layer order."""
+def rollout(mats: List[Tensor], query: Optional[int] = None) -> Tensor:
+    """``M_L @ ... @ M_1`` for per-layer ``(B, N, N)`` matrices in layer order;
+    with ``query``, only that row ``(B, N)``, by vector-matrix products
+    (``O(L N^2)`` instead of ``O(L N^3)``)."""
+    if query is not None:
+        row = mats[-1][:, query : query + 1, :]
+        for mat in reversed(mats[:-1]):
+            row = row @ mat
+        return row[:, 0]
     result = torch.eye(mats[0].shape[-1], dtype=mats[0].dtype, device=mats[0].device)
     result = result.expand_as(mats[0])
     for mat in mats:
@@ -326,7 +333,7 @@ class AttentionRollout(_AttentionAttribution):
                 (0 if kind == CLASS else q, q),
             )
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return _to_map(rollout(mats)[:, q, :], cap.layout)
+        return _to_map(rollout(mats, q), cap.layout)
 
 
 class GradientAttentionRollout(_AttentionAttribution):
@@ -385,7 +392,7 @@ class GradientAttentionRollout(_AttentionAttribution):
             fused = fuse_heads((attn * grad).clamp(min=0), head_fusion)
             fused = discard_lowest(fused, discard_ratio, (0 if kind == CLASS else q, q))
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return _to_map(rollout(mats)[:, q, :], cap.layout)
+        return _to_map(rollout(mats, q), cap.layout)
 
 
 class GenericAttention(_AttentionAttribution):
