@@ -37,7 +37,9 @@ def test_default_run_prints_tables_files_and_reuses(tmp_path, capsys, monkeypatc
     source_init = P.ImageSource.__init__
 
     def init(self, *a, **kw):  # a photo that cannot be read, as the loader warns
-        warnings.warn("broken.JPEG cannot be read: skipped", UnreadableImageWarning)
+        warnings.warn(
+            "broken.JPEG cannot be read: skipped", UnreadableImageWarning, stacklevel=2
+        )
         source_init(self, *a, **kw)
 
     monkeypatch.setattr(P.ImageSource, "__init__", init)
