@@ -629,6 +629,8 @@ def report(cfg: EvalConfig, plan: Plan, notes: List[str] = ()) -> Dict[str, Path
                 p = fig_dir / f"{figures.safe_name(spec.name)}_attention_layers.png"
                 if p.is_file():
                     paths[f"layers_{spec.name}"] = p
+        if cfg.saliency and (cfg.out / "saliency").is_dir():
+            paths["saliency"] = cfg.out / "saliency"  # one PNG per image
     return paths
 
 
