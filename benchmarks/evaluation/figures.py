@@ -163,7 +163,7 @@ def vit_layer_figure(model, batch, spec, folder: Path, device) -> Path:
     for i, name in enumerate(batch.names):
         axes[i, 0].imshow(batch.raw[i].permute(1, 2, 0).numpy())
         axes[i, 0].set_axis_off()
-        axes[i, 0].set_title(name[:14], fontsize=6)
+        axes[i, 0].set_title(name[:14], fontsize=7)
         for j in range(n_layers):
             overlay(
                 batch.raw[i], raw[j][i].cpu(), ax=axes[i, j + 1],
@@ -176,7 +176,7 @@ def vit_layer_figure(model, batch, spec, folder: Path, device) -> Path:
     fig.suptitle(f"{spec.name}: raw attention per layer and rollout", fontsize=8)
     fig.tight_layout()
     path = folder / f"{safe_name(spec.name)}_attention_layers.png"
-    return save_figure(fig, path, dpi=100)[0]
+    return save_figure(fig, path, dpi=120)[0]
 
 
 def overlay_grids(
