@@ -245,7 +245,8 @@ def bar_charts(
         cell = {(r["model"], r["method"]): r for r in rs}
         width = 0.8 / max(1, len(models))
         fig, ax = plt.subplots(
-            figsize=(max(6.0, 0.9 * len(methods) + 2.5), 4.2), layout="constrained"
+            figsize=(max(6.0, 0.9 * len(methods) + 2.5) + 2.5, 4.2),
+            layout="constrained",
         )
         for k, (_, ssl, model) in enumerate(models):
             xs, ys, es = [], [], []
@@ -266,6 +267,6 @@ def bar_charts(
         n = max(r["n"] for r in rs)
         ax.set_title(f"{metric}: mean and 95% CI over {n} images", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=9)
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths += save_figure(fig, folder / f"bar_{safe_name(metric)}.png")
     return paths
