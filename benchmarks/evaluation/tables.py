@@ -478,6 +478,43 @@ def write_tables(
     return paths
 
 
+PER_IMAGE_COLUMNS = [
+    "model", "architecture", "training", "image", "label", "target", "predicted",
+    "predicted_probability", "method", "metric", "direction", "value",
+]  # fmt: skip
+
+
+def write_per_image(store: ResultStore, plan, path: Path) -> Path:
+    """One row per (model, method, metric, image): the metric value, with the
+    image's label (-1 if unknown), the explained target and the model's
+    prediction. Models with random weights are left out."""
+    info = _models_info(store, plan)
+    pred = {}
+    for model, key in plan.model_keys.items():
+        for r in store.results([key + ":pred"]):
+            pred[model, r["image"]] = (r["target"], r["value"])
+    by_key = {k: mmx for mmx, k in plan.result_keys.items()}
+    rows = store.results(list(by_key))
+    order = {k: i for i, k in enumerate(plan.result_keys.values())}
+    rows.sort(key=lambda r: (order[r["key"]], r["image"]))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PER_IMAGE_COLUMNS)
+        for r in rows:
+            model, method, metric = by_key[r["key"]]
+            if info[model]["weights"] != "pretrained":
+                continue
+            p, pp = pred.get((model, r["image"]), ("", ""))
+            w.writerow(
+                [
+                    model, info[model]["architecture"], info[model]["training"],
+                    r["image"], r["label"], r["target"], p, pp, method, metric,
+                    _arrow(_direction(plan, metric)), r["value"],
+                ]
+            )  # fmt: skip
+    return path
+
+
 def _json_default(v: Any) -> Optional[Any]:
     if isinstance(v, (np.floating, np.integer)):
         return v.item()

@@ -163,8 +163,15 @@ def residual_normalize(mat: Tensor) -> Tensor:
     return res / res.sum(dim=-1, keepdim=True)
 
 
-def rollout(mats: List[Tensor]) -> Tensor:
-    """``M_L @ ... @ M_1`` for per-layer ``(B, N, N)`` matrices in layer order."""
+def rollout(mats: List[Tensor], query: Optional[int] = None) -> Tensor:
+    """``M_L @ ... @ M_1`` for per-layer ``(B, N, N)`` matrices in layer order;
+    with ``query``, only that row ``(B, N)``, by vector-matrix products
+    (``O(L N^2)`` instead of ``O(L N^3)``)."""
+    if query is not None:
+        row = mats[-1][:, query : query + 1, :]
+        for mat in reversed(mats[:-1]):
+            row = row @ mat
+        return row[:, 0]
     result = torch.eye(mats[0].shape[-1], dtype=mats[0].dtype, device=mats[0].device)
     result = result.expand_as(mats[0])
     for mat in mats:
@@ -373,7 +380,7 @@ class AttentionRollout(_AttentionAttribution):
                 spare,
             )
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return self._done(_to_map(rollout(mats)[:, q, :], cap.layout), cap)
+        return self._done(_to_map(rollout(mats, q), cap.layout), cap)
 
 
 class GradientAttentionRollout(_AttentionAttribution):
@@ -465,7 +472,7 @@ class GradientAttentionRollout(_AttentionAttribution):
             protect = (0 if kind == CLASS else q, q)
             fused = discard_lowest(fused, discard_ratio, protect, spare)
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return self._done(_to_map(rollout(mats)[:, q, :], cap.layout), cap)
+        return self._done(_to_map(rollout(mats, q), cap.layout), cap)
 
 
 class GenericAttention(_AttentionAttribution):
