@@ -146,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
         md = table(res.summary, fracs)
         head = (
             f"ROAR / KAR test accuracy ({what}; {fill} fill; mean ± 95% "
-            f"t-interval over {len(seeds)} seeds; {res.trained} models trained "
-            f"in this call, {time.perf_counter() - t0:.0f} s)\n\n"
+            f"t-interval over {len(seeds)} seeds; {res.trained} of {len(res.runs)} "
+            f"models trained by this process, {time.perf_counter() - t0:.0f} s)\n\n"
         )
         suffix = "" if fill == "mean" else f"-{fill}"
         (out / f"roar{suffix}.md").write_text(head + md + "\n")

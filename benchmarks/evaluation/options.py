@@ -43,26 +43,28 @@ class OptionError(ValueError):
 def validate(args: argparse.Namespace) -> None:
     """Raise :class:`OptionError` for the first bad option of ``args``."""
     _numbers(args)
-    if args.filter is not None:
+    pattern = getattr(args, "filter", None)
+    if pattern is not None:
         try:
-            re.compile(args.filter)
+            re.compile(pattern)
         except re.error as err:
             raise OptionError(
-                f"--filter {args.filter}: not a regular expression ({err})"
+                f"--filter {pattern}: not a regular expression ({err})"
             ) from None
     _device(args)
     _bench(args)
     _models(args)
-    for word in args.methods or []:
+    for word in getattr(args, "methods", None) or []:
         check_method(word)
-    for word in args.metrics or []:
+    for word in getattr(args, "metrics", None) or []:
         check_metric(word)
-    if args.data is not None and not Path(args.data).is_dir():
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_dir():
         raise OptionError(
-            f"--data {args.data}: no such folder; pass the folder of the ImageNet "
+            f"--data {data}: no such folder; pass the folder of the ImageNet "
             "sample photos (<wnid>_<name>.JPEG), or leave --data out"
         )
-    if not args.list:
+    if not getattr(args, "list", False):
         check_out(Path(args.out))
 
 
@@ -88,8 +90,9 @@ def _numbers(args: argparse.Namespace) -> None:
 
 
 def _device(args: argparse.Namespace) -> None:
-    if args.device is not None:
-        given, flag = args.device, f"--device {args.device}"
+    device = getattr(args, "device", None)
+    if device is not None:
+        given, flag = device, f"--device {device}"
     elif os.environ.get("BENCH_DEVICE"):
         given = os.environ["BENCH_DEVICE"]
         flag = f"BENCH_DEVICE={given}"
@@ -137,7 +140,7 @@ def bench_areas() -> List[str]:
 
 def _bench(args: argparse.Namespace) -> None:
     known = bench_areas()
-    bad = [b for b in args.bench or [] if b not in known]
+    bad = [b for b in getattr(args, "bench", None) or [] if b not in known]
     if bad:
         raise OptionError(
             f"--bench {' '.join(bad)}: unknown area; known: {', '.join(known)}"
@@ -148,10 +151,13 @@ def _models(args: argparse.Namespace) -> None:
     from captum_ssl.models import list_models
 
     known = list_models()
-    names = list(args.models or [])
+    names = list(getattr(args, "models", None) or [])
     if names == ["none"]:
         names = []
-    for flag, given in (("--models", names), ("--random-weights", args.random_weights)):
+    for flag, given in (
+        ("--models", names),
+        ("--random-weights", getattr(args, "random_weights", [])),
+    ):
         bad = [n for n in given if n not in known]
         if bad:
             raise OptionError(
