@@ -25,6 +25,7 @@ from captum_ssl.attr._cam.gradient_cams import (
 )
 from captum_ssl.attr._core import AttributionInputError
 from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._lrp import LRP, AttnLRP, PartialLRP, TransformerAttribution
 
 __all__ = [
     "AttentionFlow",
@@ -45,4 +46,9 @@ __all__ = [
     "LayerScoreCam",
     "LayerXGradCam",
     "TokenLayout",
+    # relevance propagation (issue 9)
+    "AttnLRP",
+    "LRP",
+    "PartialLRP",
+    "TransformerAttribution",
 ]
