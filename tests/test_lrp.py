@@ -449,3 +449,26 @@ def test_noise_tunnel_composes():
         x, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=[1, 2]
     )
     assert maps.shape == (2, 1, 4, 4)
+
+
+def test_benchmark_method_names():
+    from benchmarks.evaluation import methods as M
+
+    model, x = vit(), images()
+    spec = M.ModelSpec(
+        name="tiny_vit",
+        build=lambda: model,
+        architecture="ViT",
+        training="supervised",
+        weights="random",
+        cam_layer="blocks.2.norm1",
+        attention_layers="blocks.*.attn",
+    )
+    for name in M.LRP_METHODS:
+        assert name in M.method_names() and M.applies(name, spec) is None
+        maps = M.build_method(name, {}, model, spec)(x, torch.tensor(TARGETS))
+        assert maps.shape[:2] == (3, 1) and torch.isfinite(maps).all()
+    xcit = M.ModelSpec(**{**spec.__dict__, "architecture": "XCiT-S12/16"})
+    assert "XCiT" in M.applies("attnlrp", xcit)
+    cp = M.build_method("cp_lrp", {}, model, spec)(x, torch.tensor(TARGETS))
+    torch.testing.assert_close(cp, AttnLRP(model).attribute(x, TARGETS, cp=True))
