@@ -163,7 +163,7 @@ class CheferRules(Rules):
         return r
 
     def matmul(self, r, z, a, b):
-        ra, rb = _matmul_rel(chefer_div(r, a @ b), a, b)
+        ra, rb = _matmul_rel(chefer_div(r, z), a, b)
         return ra / 2, rb / 2
 
     def add(self, r, z, a, b):
