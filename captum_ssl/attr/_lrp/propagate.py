@@ -88,13 +88,14 @@ class Propagator:
 
     def __init__(self, rules: Rules, state: State) -> None:
         self.rules, self.state = rules, state
-        A, DropPath, LayerScale, _, _, _ = _timm()
-        self._pass = (nn.Identity, nn.Dropout, DropPath)
+        _, DropPath, LayerScale, _, _, _ = _timm()
+        #: leaves that are the identity in eval mode (no rule needed)
+        self.passthrough = (nn.Identity, nn.Dropout, DropPath)
         self._scale = LayerScale
 
     # ---------------------------------------------------------------- leaves
     def check_leaf(self, m: nn.Module, where: str) -> None:
-        ok = (nn.LayerNorm, self._scale) + ACTIVATIONS + self._pass
+        ok = (nn.LayerNorm, self._scale) + ACTIVATIONS + self.passthrough
         if type(m) is nn.Linear or isinstance(m, ok):
             return
         raise AttributionInputError(
@@ -107,7 +108,7 @@ class Propagator:
     def leaf(self, m: nn.Module, x: Tensor) -> Tensor:
         """``m(x)`` with ``m``'s rule (``m`` is a leaf module)."""
         r, st = self.rules, self.state
-        if isinstance(m, self._pass):
+        if isinstance(m, self.passthrough):
             return type(m).forward(m, x)
         if isinstance(m, nn.Linear):
             w, b = m.weight, m.bias
@@ -295,7 +296,7 @@ def _plan(model: nn.Module, P: Propagator, embedding: bool) -> Plan:
 
     def leaf(m: nn.Module, where: str) -> None:
         P.check_leaf(m, where)
-        if not isinstance(m, P._pass):
+        if not isinstance(m, P.passthrough):
             plan.append((m, _leaf_forward(P, m)))
 
     def leaves(m: nn.Module, names: Tuple[str, ...], where: str) -> None:
@@ -374,7 +375,7 @@ def _embedding_plan(model: nn.Module, P: Propagator) -> Plan:
     plan: Plan = []
     norm = getattr(embed, "norm", nn.Identity())
     P.check_leaf(norm, "patch_embed.norm")
-    if not isinstance(norm, P._pass):
+    if not isinstance(norm, P.passthrough):
         plan.append((norm, _leaf_forward(P, norm)))
 
     def conv_forward(x: Tensor) -> Tensor:
