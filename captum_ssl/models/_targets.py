@@ -74,6 +74,9 @@ class EmbeddingSimilarity(nn.Module):
                 f"{tuple(references.shape)}"
             )
         self.backbone = backbone
+        # the wrapper has no layers of its own: it follows the backbone's mode
+        # (a new module is in training mode, which would warn on every call)
+        self.training = backbone.training
         self.register_buffer(
             "references", F.normalize(references.detach().float(), dim=1)
         )
@@ -128,6 +131,7 @@ class EmbeddingNorm(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.training = backbone.training  # follows the backbone's mode
 
     def forward(self, x: Tensor) -> Tensor:
         return _flat(self.backbone(x)).norm(dim=1, keepdim=True)
