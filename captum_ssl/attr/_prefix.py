@@ -34,7 +34,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
-from captum._utils.common import _run_forward, _select_targets
+from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
@@ -44,6 +44,8 @@ from captum_ssl.attr._core import (
     per_sample_targets,
     replace_layer_output,
     rows,
+    select_target,
+    selecting_forward,
     stack_targets,
 )
 from captum_ssl.attr._layout import root_module
@@ -230,7 +232,11 @@ def record_layer(
     """One forward pass recording what the replay needs, with the layer's
     output (``.layer_out``) and the model's (``.output``); or the reason why
     this model cannot be replayed."""
-    checked = checked_forward(forward_func, target)
+    # the whole output is recorded (rows with a non-finite output are noted
+    # for the attribution's NaN maps); the target is only checked here
+    checked = checked_forward(
+        selecting_forward(forward_func, target, select=False), target
+    )
     try:
         with torch.no_grad():
             return _record(
@@ -299,7 +305,7 @@ def layer_output_scores(
 
     def select(out: Tensor, b_idx: Tensor) -> Tensor:
         sub = stack_targets([targets[int(b)] for b in b_idx])
-        return _select_targets(out, sub).reshape(len(b_idx))
+        return select_target(out, sub).reshape(len(b_idx))
 
     def take(b_idx: Tensor, _j: Tensor) -> Tuple[Tensor, ...]:
         return tuple(_take(t, b_idx.to(t.device)) for t in inputs)
@@ -322,7 +328,7 @@ def layer_output_scores(
         return replace_layer_output(layer, lambda out: perturb(out, b, j))
 
     def forward_all() -> Any:
-        checked = checked_forward(fwd, target)
+        checked = checked_forward(selecting_forward(fwd, target, select=False), target)
         return _run_forward(checked, inputs, None, additional_forward_args)
 
     def full() -> Tensor:
