@@ -407,3 +407,25 @@ def test_quantus_refuses_a_module_in_training_mode():
     model.features[1].train()  # one module only: the root is in eval mode
     with pytest.raises(MetricInputError, match=r"model\.eval\(\)"):
         quantus_faithfulness(model, x, maps, [1, 4], metrics=["PixelFlipping"])
+
+
+@pytest.mark.parametrize("cls", [LayerEigenCam, LayerEigenGradCam])
+def test_eigen_cams_give_nan_only_for_the_sample_with_nan_activations(cls):
+    model = bn_net()
+    layer = model.features[3]
+    x = inputs("LayerEigenCam")
+    clean = cls(model, layer).attribute(x, target=[1, 4])
+
+    def poison(_m, _inp, out):
+        out = out.clone()
+        out[1, 0, 0, 0] = float("nan")
+        return out
+
+    handle = layer.register_forward_hook(poison)
+    try:
+        with pytest.warns(NonFiniteWarning, match=r"\[1\]"):
+            maps = cls(model, layer).attribute(x, target=[1, 4])
+    finally:
+        handle.remove()
+    assert torch.isnan(maps[1]).all()  # before: nan_to_num made it a finite map
+    torch.testing.assert_close(maps[0], clean[0])
