@@ -8,6 +8,7 @@ from captum_ssl.attr._attention import (
     GradientAttentionRollout,
     RawAttention,
 )
+from captum_ssl.attr._attention.legrad import LeGrad
 from captum_ssl.attr._cam.activation_cams import (
     LayerAblationCam,
     LayerClassActivationMap,
@@ -15,6 +16,18 @@ from captum_ssl.attr._cam.activation_cams import (
     LayerScoreCam,
 )
 from captum_ssl.attr._cam.base import LayerGradCam
+from captum_ssl.attr._cam.extra_cams import (
+    LayerFEM,
+    LayerFinerCam,
+    LayerKPCACam,
+    LayerRandomCam,
+    LayerShapleyCam,
+    SobelCam,
+)
+from captum_ssl.attr._cam.factorization import (
+    DeepFeatureFactorization,
+    Factorization,
+)
 from captum_ssl.attr._cam.gradient_cams import (
     LayerEigenGradCam,
     LayerGradCamElementWise,
@@ -22,6 +35,13 @@ from captum_ssl.attr._cam.gradient_cams import (
     LayerHiResCam,
     LayerLayerCam,
     LayerXGradCam,
+)
+from captum_ssl.attr._cam.multi_cams import SESS, FullGrad, LayerRefineCam
+from captum_ssl.attr._cam.recipro_cam import LayerReciproCam
+from captum_ssl.attr._cam.smoothed_cams import (
+    LayerISCam,
+    LayerSmoothGradCamPlusPlus,
+    LayerSSCam,
 )
 from captum_ssl.attr._core import (
     AttributionInputError,
@@ -51,4 +71,20 @@ __all__ = [
     "NonFiniteWarning",
     "TokenLayout",
     "TrainModeWarning",
+    "DeepFeatureFactorization",
+    "Factorization",
+    "FullGrad",
+    "LayerFEM",
+    "LayerFinerCam",
+    "LayerKPCACam",
+    "LayerRandomCam",
+    "LayerRefineCam",
+    "LayerShapleyCam",
+    "SESS",
+    "SobelCam",
+    "LeGrad",
+    "LayerISCam",
+    "LayerReciproCam",
+    "LayerSSCam",
+    "LayerSmoothGradCamPlusPlus",
 ]

@@ -103,15 +103,20 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
 
 
 @contextlib.contextmanager
-def attribution_call(forward_func: Callable) -> Iterator[List[Tensor]]:
+def attribution_call(
+    forward_func: Callable, keep_mode: bool = False
+) -> Iterator[List[Tensor]]:
     """The scope of one ``attribute`` call: eval mode (:func:`eval_mode`) and a
     record of the batch rows whose model output is not finite, for
-    :func:`finish_maps`. Nested scopes share the outermost record."""
+    :func:`finish_maps`. Nested scopes share the outermost record.
+
+    ``keep_mode=True`` (differentiable maps, ``create_graph=True``, computed
+    inside a training step) leaves every module's mode as the caller set it."""
     outer = _BAD_ROWS.get()
     record: List[Tensor] = [] if outer is None else outer
     token = _BAD_ROWS.set(record) if outer is None else None
     try:
-        with eval_mode(forward_func):
+        with contextlib.nullcontext() if keep_mode else eval_mode(forward_func):
             yield record
     finally:
         if token is not None:
@@ -547,8 +552,20 @@ def resolve_layout(
     return layout_for(forward_func, layer, input_hw(inputs), layout)
 
 
-def _grid_tuple(layout: TokenLayout) -> Callable:
-    return lambda tensors: tuple(layout.to_grid(t) for t in tensors)
+def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
+    def to_grids(tensors: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        for t in tensors:
+            if batch is not None and t.dim() > 0 and t.shape[0] != batch:
+                raise AttributionInputError(
+                    f"The layer's output {tuple(t.shape)} has {t.shape[0]} rows for "
+                    f"a batch of {batch}: it is not one map per image (windowed "
+                    "attention such as Swin's `attn` splits images into windows). "
+                    "Explain the block or its norm instead, e.g. "
+                    "`layers[-1].blocks[-1].norm1`."
+                )
+        return tuple(layout.to_grid(t) for t in tensors)
+
+    return to_grids
 
 
 def layer_activations_and_gradients(
@@ -562,31 +579,45 @@ def layer_activations_and_gradients(
     device_ids: Optional[List[int]] = None,
     attribute_to_layer_input: bool = False,
     grad_kwargs: Optional[dict] = None,
+    create_graph: bool = False,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
     """Activations and target gradients of ``layer`` as ``(B, C, h, w)`` grids.
 
     One forward pass with a hook on ``layer`` and one backward pass from the
     selected target down to the layer only (Captum's
     ``compute_layer_gradients_and_eval``); the hook is always removed.
+
+    ``create_graph=True`` keeps the autograd graph instead: parameters are not
+    frozen, the gradients are taken with ``create_graph=True`` and nothing is
+    detached, so a loss on a map built from them backpropagates into the
+    model's parameters (second-order terms included).
     """
     lay = resolve_layout(forward_func, layer, inputs, layout)
-    with (
-        layer_errors(layer),
-        record_from_layer_only(forward_func),
-        eval_mode(forward_func),
-    ):
+    device_ids = device_ids or getattr(forward_func, "device_ids", None)
+    batch = None if device_ids else inputs[0].shape[0]
+    if create_graph:
+        grad_kwargs = {**(grad_kwargs or {}), "create_graph": True}
+    # a differentiable map (create_graph) keeps the graph to the parameters
+    # and the caller's train/eval mode: it is computed inside a training step
+    record = (
+        contextlib.nullcontext()
+        if create_graph
+        else record_from_layer_only(forward_func)
+    )
+    mode = contextlib.nullcontext() if create_graph else eval_mode(forward_func)
+    with layer_errors(layer), record, mode:
         grads, acts = compute_layer_gradients_and_eval(
             selecting_forward(forward_func, target),
             layer,
             inputs,
             None,
             additional_forward_args,
-            device_ids=device_ids or getattr(forward_func, "device_ids", None),
+            device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
-            output_fn=_grid_tuple(lay),
+            output_fn=_grid_tuple(lay, batch),
             grad_kwargs=grad_kwargs,
         )
-    if all(bool((g == 0).all()) for g in grads):
+    if not create_graph and all(bool((g == 0).all()) for g in grads):
         warnings.warn(
             f"All gradients at the layer {layer.__class__.__name__} are zero for "
             "this target, so gradient-based maps are empty. With a class-token "
@@ -594,6 +625,8 @@ def layer_activations_and_gradients(
             "earlier layer such as `blocks[-1].norm1`.",
             stacklevel=3,
         )
+    if create_graph:
+        return tuple(acts), tuple(grads)
     return tuple(a.detach() for a in acts), tuple(g.detach() for g in grads)
 
 
@@ -612,16 +645,17 @@ def layer_activations(
 
     A ``target`` other than ``None`` is checked against the model's output."""
     lay = resolve_layout(forward_func, layer, inputs, layout)
+    device_ids = device_ids or getattr(forward_func, "device_ids", None)
     with layer_errors(layer), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(
             selecting_forward(forward_func, target, select=target is not None),
             inputs,
             layer,
             additional_forward_args,
-            device_ids=device_ids or getattr(forward_func, "device_ids", None),
+            device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-    return tuple(lay.to_grid(a) for a in acts)
+    return _grid_tuple(lay, None if device_ids else inputs[0].shape[0])(acts)
 
 
 @contextlib.contextmanager
@@ -641,6 +675,38 @@ def replace_layer_output(
         handle.remove()
 
 
+#: automatic chunks: at most this many perturbed inputs per forward pass
+AUTO_CHUNK_CAP = {"cpu": 64, "cuda": 256}
+#: automatic chunks: memory of one perturbed evaluation, in input sizes (the
+#: no-grad forward's activations are counted as this many copies of the input)
+AUTO_CHUNK_INPUT_COPIES = 32
+#: automatic chunks on the CPU: memory budget of one forward pass. Small on
+#: purpose: on the CPU a larger batch is not faster per image once it leaves
+#: the caches (Score-CAM, EfficientNet-Lite0, 224 px, 2 cores: 1 or 4 inputs
+#: per pass 14-16 s, 16 per pass 25 s), so chunks stay at a few 224 px images.
+AUTO_CHUNK_CPU_BYTES = 64 << 20
+
+
+def auto_perturbations_per_eval(inputs: Tuple[Tensor, ...], total: int) -> int:
+    """Perturbed inputs per forward pass when ``perturbations_per_eval=None``.
+
+    The memory of one perturbed evaluation is estimated as
+    :data:`AUTO_CHUNK_INPUT_COPIES` times the size of one input sample; the
+    chunk fills a quarter of the free CUDA memory (on the CPU
+    :data:`AUTO_CHUNK_CPU_BYTES`), capped at :data:`AUTO_CHUNK_CAP` and at
+    ``total``, and is at least 1.
+    """
+    device = inputs[0].device
+    per_eval = sum(t[:1].numel() * t.element_size() for t in inputs)
+    per_eval = max(1, per_eval * AUTO_CHUNK_INPUT_COPIES)
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 4
+        cap = AUTO_CHUNK_CAP["cuda"]
+    else:
+        budget, cap = AUTO_CHUNK_CPU_BYTES, AUTO_CHUNK_CAP["cpu"]
+    return int(max(1, min(cap, total, budget // per_eval)))
+
+
 def chunked_scores(
     forward_func: Callable,
     inputs: Tuple[Tensor, ...],
@@ -648,7 +714,7 @@ def chunked_scores(
     additional_forward_args: Any,
     n_per_sample: int,
     make_batch: Callable[[Tensor, Tensor], Tuple[Tensor, ...]],
-    perturbations_per_eval: int = 1,
+    perturbations_per_eval: Optional[int] = None,
     show_progress: bool = False,
     desc: str = "perturbations",
     context: Optional[Callable[[Tensor, Tensor], Any]] = None,
@@ -657,12 +723,19 @@ def chunked_scores(
 
     Evaluation ``j`` of sample ``b`` is built by ``make_batch(b_idx, j_idx)``
     for a chunk of (sample, perturbation) pairs, ``perturbations_per_eval`` at
-    a time; ``context(b_idx, j_idx)``, if given, is a context manager active
-    during that chunk's forward pass (for example a layer-output hook).
-    Returns a ``(B, n_per_sample)`` tensor on the input's device.
+    a time (``None``: :func:`auto_perturbations_per_eval`);
+    ``context(b_idx, j_idx)``, if given, is a context manager active during
+    that chunk's forward pass (for example a layer-output hook). Returns a
+    ``(B, n_per_sample)`` tensor on the input's device.
     """
-    if perturbations_per_eval < 1:
-        raise AttributionInputError("perturbations_per_eval must be >= 1.")
+    total = inputs[0].shape[0] * n_per_sample
+    if perturbations_per_eval is None:
+        perturbations_per_eval = auto_perturbations_per_eval(inputs, total)
+    if isinstance(perturbations_per_eval, bool) or perturbations_per_eval < 1:
+        raise AttributionInputError(
+            "perturbations_per_eval must be an integer >= 1, or None for an "
+            f"automatic chunk size; got {perturbations_per_eval!r}."
+        )
     with eval_mode(forward_func):
         return _chunked_scores(
             forward_func, inputs, target, additional_forward_args, n_per_sample,

@@ -17,6 +17,7 @@ from captum_ssl.attr._cam.base import (
     _LayerActivationCam,
     first_principal_projection,
 )
+from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
@@ -24,9 +25,7 @@ from captum_ssl.attr._core import (
     chunked_scores,
     format_inputs,
     per_sample_targets,
-    replace_layer_output,
     resolve_layout,
-    target_scores,
 )
 from captum_ssl.attr._layout import TokenLayout, root_module
 
@@ -108,7 +107,7 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         r"""
@@ -121,9 +120,17 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
                         Default: False
             relu_attributions (bool, optional): ReLU the map. Default: False
             perturbations_per_eval (int, optional): perturbed inputs per
-                        forward pass. Default: 1
-            show_progress (bool, optional): show a progress bar.
-                        Default: False
+                        forward pass (one per channel and image in all).
+                        ``None`` picks the chunk from the input's size and
+                        the free memory: on CUDA up to a quarter of the free
+                        memory (at most 256), on the CPU a few 224 px images
+                        (larger CPU batches are not faster); see
+                        ``captum_ssl.attr._core.auto_perturbations_per_eval``.
+                        Speed and memory only: the map is the same for any
+                        value. Default: None
+            show_progress (bool, optional): print a progress bar of the
+                        chunks (Captum's, on stderr); for long runs on the
+                        CPU. Default: False
 
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
@@ -179,7 +186,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         inputs: Tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: Any,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         if len(inputs) != 1 or inputs[0].dim() != 4:
@@ -216,7 +223,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         return torch.softmax(scores, dim=1)
 
 
-class LayerAblationCam(_LayerPerturbationCam):
+class LayerAblationCam(_LayerOutputPerturbation, _LayerPerturbationCam):
     r"""Ablation-CAM: each channel weighted by the score drop when it is zeroed.
 
     .. math:: w_k = \frac{y^c - y^c_k}{y^c}
@@ -224,6 +231,12 @@ class LayerAblationCam(_LayerPerturbationCam):
     where :math:`y^c_k` is the target score with feature map :math:`A^k` set to
     zero at the layer. On token layers the channel is zeroed at the patch
     tokens (the feature map); prefix tokens are left as they are.
+
+    Prefix caching: the network up to the layer runs once per image and each
+    ablation re-runs only what follows the layer, with the same scores as
+    full forward passes (proven per call, else full passes with a warning;
+    see :mod:`captum_ssl.attr._prefix`). ``cam.prefix_cache = False``
+    re-runs the whole model for every channel.
 
     Deliberate deviation from pytorch-grad-cam: when a layer's activations can
     be negative (e.g. a ViT LayerNorm output), pytorch-grad-cam replaces the
@@ -255,38 +268,28 @@ class LayerAblationCam(_LayerPerturbationCam):
         inputs: Tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: Any,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
         channels = acts.shape[1]
-        base = target_scores(self.forward_func, inputs, target, additional_forward_args)
 
-        def make_batch(b: Tensor, k: Tensor) -> Tuple[Tensor, ...]:
-            b = b.to(inputs[0].device)
-            return tuple(t[b] for t in inputs)
+        def ablate(out: Tensor, b: Tensor, k: Tensor) -> Tensor:
+            keep = torch.ones(
+                len(k), channels, 1, 1, device=out.device, dtype=out.dtype
+            )
+            keep[torch.arange(len(k)), k.to(out.device)] = 0
+            return layout.from_grid(layout.to_grid(out) * keep, like=out)
 
-        def ablate(b: Tensor, k: Tensor):
-            keep = torch.ones(len(k), channels, 1, 1, device=acts.device)
-            keep[torch.arange(len(k)), k.to(acts.device)] = 0
-
-            def fn(out: Tensor) -> Tensor:
-                grid = layout.to_grid(out) * keep.to(out.dtype)
-                return layout.from_grid(grid, like=out)
-
-            return replace_layer_output(self.layer, fn)
-
-        ablated = chunked_scores(
-            self.forward_func,
+        base, ablated = self._output_scores(
             inputs,
             target,
             additional_forward_args,
             channels,
-            make_batch,
+            ablate,
             perturbations_per_eval,
             show_progress,
             desc="Ablation-CAM",
-            context=ablate,
         )
         return (base.unsqueeze(1) - ablated) / base.unsqueeze(1)
 

@@ -12,6 +12,8 @@ come from :mod:`captum_ssl.attr._core` and Captum's own helpers.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -31,7 +33,7 @@ from captum_ssl.attr._core import (
     layer_activations,
     layer_activations_and_gradients,
 )
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._layout import TokenLayout, root_module
 
 
 def _finish(
@@ -86,6 +88,9 @@ class LayerGradCam(_CaptumLayerGradCam):
         >>> vit = timm.create_model("deit_small_patch16_224").eval()
         >>> attr = LayerGradCam(vit, vit.blocks[-1].norm1).attribute(x, target=3)
         >>> attr.shape                                      # (B, 1, 14, 14)
+        >>> # a differentiable map: a loss on it trains the model
+        >>> m = cam.attribute(images, target=labels, create_graph=True)
+        >>> m.relu().mean().backward()
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> TensorOrTuple:
         r"""
         Args:
@@ -125,13 +131,19 @@ class LayerGradCam(_CaptumLayerGradCam):
                         returns the weighted activations ``(B, C, h, w)``.
                         Default: True
             grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+            create_graph (bool, optional): return a differentiable map: the
+                        graph to the model's parameters is kept (nothing frozen
+                        or detached, gradients taken with ``create_graph=True``),
+                        so a loss on the map trains the model (CGC,
+                        :mod:`captum_ssl.training`). Slower and uses more
+                        memory; the default path is unchanged. Default: False
 
         Returns:
             Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
             patch-grid) resolution on the input's device, not normalised.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
-        with attribution_call(self.forward_func) as record:
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
             acts, grads = layer_activations_and_gradients(
                 self.forward_func,
                 self.layer,
@@ -142,6 +154,7 @@ class LayerGradCam(_CaptumLayerGradCam):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
                 grad_kwargs=grad_kwargs,
+                create_graph=create_graph,
             )
             cams = tuple(
                 self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
@@ -231,6 +244,56 @@ class _LayerActivationCam(LayerAttribution):
                 dim=1, keepdim=True
             )
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+
+
+def _working_layer(forward_func: Callable, layer: nn.Module) -> str:
+    """A layer near ``layer`` whose channel sum does not vanish, by name."""
+    model = root_module(forward_func)
+    names = {} if model is None else {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(layer))
+    shown = re.sub(r"\.(\d+)", r"[\1]", name) if name else "<this layer>"
+    blocks = getattr(layer, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "mlp"):
+        return f"`{shown}.blocks[-1].mlp`"
+    if hasattr(layer, "mlp"):
+        return f"`{shown}.mlp`"
+    return "the MLP (or last linear layer) of the block that produces it"
+
+
+def warn_if_channel_sum_vanishes(
+    forward_func: Callable,
+    layer: nn.Module,
+    acts: Tensor,
+    grads: Tensor,
+    method: str,
+    tol: float = 1e-3,
+) -> None:
+    """Warn when ``sum_k grads * acts`` is zero at every position.
+
+    A layer whose output goes straight into a per-position LayerNorm (Swin's
+    ``layers[-1]`` before ``model.norm``, ConvNeXt's ``stages[0..2]`` before
+    the next stage's ``LayerNorm2d``) has gradients orthogonal to its
+    activations at every position: LayerNorm is invariant to shifting and
+    scaling its input, so ``sum_k g_k a_k = 0`` exactly, and what is computed
+    is rounding noise.
+    """
+    prod = grads * acts
+    scale = prod.abs().sum(dim=1).amax()
+    if scale > 0 and prod.sum(dim=1).abs().amax() <= tol * scale:
+        warnings.warn(
+            f"{method}: the channel sum of gradient x activation at the layer "
+            f"{layer.__class__.__name__} is zero at every position (its output "
+            "feeds a per-position LayerNorm, which makes gradients orthogonal to "
+            "activations), so the map is rounding noise"
+            + (
+                " and its sign orientation is arbitrary"
+                if method == "LayerEigenGradCam"
+                else ""
+            )
+            + f". Explain {_working_layer(forward_func, layer)} instead, or use "
+            "LayerGradCam on this layer.",
+            stacklevel=4,
+        )
 
 
 def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:

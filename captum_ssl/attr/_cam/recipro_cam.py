@@ -1,0 +1,138 @@
+"""Recipro-CAM: spatial masks on the feature map, scored by the rest of the
+network."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from captum._utils.typing import TargetType
+from captum.attr import PerturbationAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from captum_ssl.attr._cam.base import _LayerActivationCam
+from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
+from captum_ssl.attr._core import TensorOrTuple, format_inputs, resolve_layout
+from captum_ssl.attr._layout import TokenLayout
+
+#: the paper's 3 x 3 Gaussian kernel around each position
+GAUSSIAN_3X3 = torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16.0
+
+
+def spatial_masks(positions: Tensor, h: int, w: int, gaussian: bool) -> Tensor:
+    """Masks ``(n, 1, h, w)``: 1 at each position, or the 3 x 3 Gaussian kernel
+    centred on it (cut at the border)."""
+    one_hot = F.one_hot(positions, h * w).reshape(-1, 1, h, w).float()
+    if not gaussian:
+        return one_hot
+    kernel = GAUSSIAN_3X3.to(positions.device).reshape(1, 1, 3, 3)
+    return F.conv2d(one_hot, kernel, padding=1)
+
+
+class LayerReciproCam(
+    _LayerOutputPerturbation, _LayerActivationCam, PerturbationAttribution
+):
+    r"""Recipro-CAM: the target's probability when the feature map is kept
+    only around one position.
+
+    For each position :math:`p` of the layer's ``h x w`` grid the feature map
+    :math:`A` is multiplied by a spatial mask :math:`M_p` (a 3 x 3 Gaussian
+    kernel centred on :math:`p`, weights 1/4, 1/8, 1/16; or 1 at :math:`p`
+    only) and the rest of the network scores it:
+
+    .. math:: L^c(p) = \mathrm{softmax}\big(g(A \odot M_p)\big)_c
+
+    where :math:`g` is everything after the layer. The masks are applied to
+    the feature map, not the input; on token layers to the patch tokens, with
+    the prefix tokens kept. ``h * w`` evaluations per image, which share the
+    network up to the layer (prefix caching, see
+    :mod:`captum_ssl.attr._prefix`; ``prefix_cache = False`` re-runs the
+    whole model). The map is not min-max normalised (the paper normalises it
+    for display).
+
+    Reference: Byun & Lee, "Recipro-CAM: Fast gradient-free visual explanations
+    for convolutional neural networks", 2022. https://arxiv.org/abs/2209.14074
+
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose output is masked.
+        device_ids (list[int], optional): for DataParallel models.
+        layout (TokenLayout, optional): token / channels-last layout.
+        gaussian (bool, optional): 3 x 3 Gaussian masks (the paper's
+                    default); False masks one position. Default: True
+
+    Examples::
+
+        >>> recipro = LayerReciproCam(model, model.layer4)
+        >>> attr = recipro.attribute(images, target=[3, 5],
+        ...                          perturbations_per_eval=49)   # (2, 1, 7, 7)
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable,
+        layer: nn.Module,
+        device_ids: Optional[List[int]] = None,
+        layout: Optional[TokenLayout] = None,
+        gaussian: bool = True,
+    ) -> None:
+        super().__init__(forward_func, layer, device_ids, layout)
+        self.gaussian = gaussian
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        perturbations_per_eval: Optional[int] = None,
+        show_progress: bool = False,
+        softmax: bool = True,
+        relu_attributions: bool = False,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample. Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+            perturbations_per_eval (int, optional): masked feature maps per
+                        evaluation of the network after the layer. ``None``
+                        chooses a chunk from the input size and free memory
+                        (``captum_ssl.attr._core.auto_perturbations_per_eval``).
+                        Default: None
+            show_progress (bool, optional): show a progress bar.
+            softmax (bool, optional): score the softmax of the output over its
+                        last dimension (the paper); False scores the output
+                        itself. Default: True
+            relu_attributions (bool, optional): ReLU the map (no effect on
+                        probabilities; for the CAM family's common options).
+                        Default: False
+
+        Returns:
+            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+        """
+        inputs = format_inputs(inputs)
+        acts = self._activations(inputs, additional_forward_args, False, target)
+        layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
+        h, w = acts.shape[-2:]
+
+        def mask(out: Tensor, b: Tensor, p: Tensor) -> Tensor:
+            m = spatial_masks(p.to(out.device), h, w, self.gaussian).to(out.dtype)
+            return layout.from_grid(layout.to_grid(out) * m, like=out)
+
+        _, scores = self._output_scores(
+            inputs,
+            target,
+            additional_forward_args,
+            h * w,
+            mask,
+            perturbations_per_eval,
+            show_progress,
+            "Recipro-CAM",
+            output_transform=(lambda o: torch.softmax(o, dim=-1)) if softmax else None,
+        )
+        cam = scores.reshape(-1, 1, h, w)
+        return torch.relu(cam) if relu_attributions else cam
