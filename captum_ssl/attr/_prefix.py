@@ -34,7 +34,7 @@ import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 import torch
-from captum._utils.common import _run_forward, _select_targets
+from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
@@ -44,6 +44,7 @@ from captum_ssl.attr._core import (
     per_sample_targets,
     replace_layer_output,
     rows,
+    select_target,
     stack_targets,
 )
 from captum_ssl.attr._layout import root_module
@@ -299,7 +300,7 @@ def layer_output_scores(
 
     def select(out: Tensor, b_idx: Tensor) -> Tensor:
         sub = stack_targets([targets[int(b)] for b in b_idx])
-        return _select_targets(out, sub).reshape(len(b_idx))
+        return select_target(out, sub).reshape(len(b_idx))
 
     def take(b_idx: Tensor, _j: Tensor) -> Tuple[Tensor, ...]:
         return tuple(_take(t, b_idx.to(t.device)) for t in inputs)
