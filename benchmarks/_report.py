@@ -41,7 +41,7 @@ def measure_label(measure: str, unit: str) -> str:
 def suite_title(name: str, classes: Dict[str, type]) -> str:
     cls = classes.get(name)
     doc = (cls.__doc__ or "").strip().split("\n\n")[0] if cls is not None else ""
-    doc = " ".join(doc.split())
+    doc = " ".join(doc.split()).replace("``", "`")  # reST -> Markdown
     return f"{doc} ({name})" if doc else name
 
 

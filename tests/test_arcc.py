@@ -11,6 +11,7 @@ from test_cams_more import SETUPS, _reference
 
 import captum_ssl.attr as A
 import captum_ssl.metrics as M
+from captum_ssl.viz import normalize
 
 gc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.metrics import arcc as gc_arcc  # noqa: E402
@@ -22,10 +23,37 @@ from pytorch_grad_cam.utils.model_targets import (  # noqa: E402
 TOL = 1e-4
 
 
+def _blob_case():
+    """A linear model whose class c responds to a bright blob at its own place,
+    images showing their target's blob, and the blobs as maps: removing the
+    most relevant pixels lowers the score, so ROAD (and ARCC) are not 0."""
+    torch.manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    centres = [(4, 4), (11, 5), (7, 12)]
+    blobs = torch.stack(
+        [torch.exp(-((yy - a) ** 2 + (xx - b) ** 2) / 8) for a, b in centres]
+    )
+    conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+    conv.weight.data.fill_(1 / 3)
+    fc = torch.nn.Linear(2 * 256, 3)
+    fc.weight.data = 4 * blobs.flatten(1).repeat(1, 2)
+    fc.bias.data.zero_()
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), fc).eval()
+    t = [0, 2, 1]
+    x = blobs[t][:, None].expand(3, 3, 16, 16) + 0.05 * torch.rand(3, 3, 16, 16)
+    maps = normalize(blobs[t] + 0.01 * torch.rand(3, 16, 16))  # as CAM libraries
+    targets = [ClassifierOutputSoftmaxTarget(c) for c in t]
+    base = gc.GradCAMPlusPlus(model, [conv])
+    prob = torch.nn.Sequential(model, torch.nn.Softmax(dim=-1))
+    return model, A.LayerGradCamPlusPlus(prob, conv), x, t, targets, maps, base
+
+
 def _case(where):
     """Maps without ties at the percentiles (pytorch-grad-cam's FullGrad);
     Coherency re-explains with Grad-CAM++ of the softmax probability, the
     score pytorch-grad-cam's ClassifierOutputSoftmaxTarget explains."""
+    if where == "blobs":
+        return _blob_case()
     model, layer, x, t, reshape = SETUPS[where]
     targets = [ClassifierOutputSoftmaxTarget(c) for c in t]
     maps = _reference(gc.FullGrad, model, [], x, targets, None)
@@ -42,7 +70,7 @@ def _no_noise(monkeypatch):
     monkeypatch.setattr(gc_road.torch, "randn_like", torch.zeros_like)
 
 
-@pytest.mark.parametrize("where", ["cnn", "vit"])
+@pytest.mark.parametrize("where", ["cnn", "vit", "blobs"])
 def test_arcc_parts_equal_pytorch_grad_cam(where, monkeypatch, record_property):
     model, cam, x, t, targets, maps, base = _case(where)
     _no_noise(monkeypatch)
@@ -70,6 +98,8 @@ def test_arcc_parts_equal_pytorch_grad_cam(where, monkeypatch, record_property):
         record_property(f"max_abs_diff_{name}", diff)
         assert diff <= TOL, (name, value, expected)
     assert float(ours["road"].abs().max()) > 0
+    if where == "blobs":  # a faithful map: ROAD and ARCC clearly positive
+        assert float(ours["road"].min()) > 0.1 and float(ours["arcc"].min()) > 0.1
 
 
 def test_arcc_directions_and_geometric_mean():

@@ -439,3 +439,23 @@ def test_main_job_knows_the_new_methods(where):
         opts = {"num_scales": 2} if name == "sess" else {}
         maps = M.build_method(name, opts, model, spec)(x, torch.tensor(t))
         assert maps.shape[:2] == (3, 1) and bool(torch.isfinite(maps).all()), name
+
+
+def test_noise_tunnel_and_layer_input_on_single_layer_cams():
+    """Captum's NoiseTunnel composes with the single-layer CAMs (per-sample
+    targets are expanded with the noisy copies)."""
+    from captum.attr import NoiseTunnel
+
+    model, layer, x, t, _ = SETUPS["vit"]
+    for cls in (A.LayerFinerCam, A.LayerShapleyCam, A.LayerFEM, A.LayerKPCACam):
+        nt = NoiseTunnel(cls(model, layer))
+        out = nt.attribute(x, nt_type="smoothgrad", nt_samples=2, target=t)
+        assert out.shape == (3, 1, 4, 4) and bool(torch.isfinite(out).all())
+    cnn, layer, x, t, _ = SETUPS["cnn"]
+    ours = A.LayerShapleyCam(cnn, layer).attribute(
+        x, target=t, attribute_to_layer_input=True
+    )
+    ref = A.LayerGradCam(cnn, layer).attribute(
+        x, target=t, attribute_to_layer_input=True
+    )
+    torch.testing.assert_close(ours, ref)  # piecewise linear after the layer

@@ -136,3 +136,22 @@ def test_help_states_the_real_defaults(capsys):
     text = capsys.readouterr().out
     assert f"default {QUICK_LIMIT};" in " ".join(text.split())
     assert "moco_v3_res_50 \\\n" in text  # the example's line continuation
+
+
+def test_printed_tables_show_the_family_difference(tmp_path):
+    from benchmarks.evaluation import tables as T
+    from benchmarks.evaluation.store import ResultStore
+    from benchmarks.evaluation.summary import tables_text
+
+    sup = tiny_spec("tiny_sup", "supervised", 0)
+    ssl = tiny_spec("tiny_ssl", "self-supervised", 1)
+    plan = P.run(config(tmp_path, [sup, ssl], limit=3, metrics=["average_drop"]))
+    with ResultStore(tmp_path / P.DB_NAME) as store:
+        tabs = T.build_tables(store, plan)
+    text = tables_text(tabs)
+    (cmp,) = tabs["comparison"]
+    assert "Self-supervised vs supervised" in text
+    line = next(x for x in text.splitlines() if x.startswith("tiny_ssl - tiny_sup"))
+    assert f"{cmp['diff']:.3f} ± {cmp['diff_ci95']:.3f}" in line
+    assert "average_drop ↓" in line and cmp["better"] in line.split()[-1]
+    assert max(len(x) for x in text.splitlines()) <= 120  # fits a terminal

@@ -230,6 +230,14 @@ ATTENTION = {
     "attention_flow": "AttentionFlow",
     "legrad": "LeGrad",
 }
+#: relevance propagation for ViTs (issue 9)
+LRP_METHODS = {
+    "transformer_attribution": "TransformerAttribution",
+    "partial_lrp": "PartialLRP",
+    "lrp": "LRP",
+    "attnlrp": "AttnLRP",
+    "cp_lrp": "AttnLRP",
+}
 GRADIENT = {
     "saliency": "Saliency",
     "input_x_gradient": "InputXGradient",
@@ -300,6 +308,11 @@ COST_CLASS = {
     "sobelcam": "none",
     "randomcam": "none",
     "dff": "none",
+    "transformer_attribution": "gradient",
+    "partial_lrp": "gradient",
+    "lrp": "gradient",
+    "attnlrp": "gradient",
+    "cp_lrp": "gradient",
 }
 
 
@@ -309,7 +322,13 @@ def cost_class(name: str) -> str:
 
 
 def method_names() -> List[str]:
-    base = list(CAMS) + list(OTHER_CAMS) + list(ATTENTION) + list(GRADIENT)
+    base = (
+        list(CAMS)
+        + list(OTHER_CAMS)
+        + list(ATTENTION)
+        + list(LRP_METHODS)
+        + list(GRADIENT)
+    )
     return base + [f"{g}+{nt}" for g in GRADIENT for nt in NOISE_TUNNELS]
 
 
@@ -337,6 +356,10 @@ def method_defaults(name: str) -> Dict[str, Any]:
         if base in ("rollout", "grad_rollout"):
             d["discard_ratio"] = 0.0
         return d
+    if base in LRP_METHODS:
+        if base in ("attnlrp", "cp_lrp"):
+            return {"cp": base == "cp_lrp", "epsilon": 1e-6, "at": "patches"}
+        return {"start_layer": 0} if base == "transformer_attribution" else {}
     if base in GRADIENT:
         # (B, 3, H, W) input maps become (B, 1, H, W) by |.| summed over channels
         d = {"reduce": "abs_sum"}
@@ -353,6 +376,8 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
     base = name.partition("+")[0]
     if base in ATTENTION and not model.is_vit:
         return "attention methods need a ViT with class-token attention layers"
+    if base in LRP_METHODS and (not model.is_vit or "XCiT" in model.architecture):
+        return "LRP rules cover timm ViT / DeiT / CaiT (not XCiT, Swin or CNNs)"
     if base in ("guided_gradcam", "cam") and not model.is_cnn:
         return f"{base} needs a convolutional (B, C, H, W) CAM layer"
     return None
@@ -399,6 +424,15 @@ def build_method(
 
         def explain(x: Tensor, t: Tensor) -> Tensor:
             return attr.attribute(x, target=t, **kw)
+
+        return explain
+
+    if base in LRP_METHODS:
+        lrp = getattr(A, LRP_METHODS[base])(model)
+        lrp_kw = dict(opts)
+
+        def explain(x: Tensor, t: Tensor) -> Tensor:
+            return lrp.attribute(x, target=t, **lrp_kw)
 
         return explain
 

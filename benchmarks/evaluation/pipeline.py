@@ -154,7 +154,7 @@ class ImageSource:
                     p.images[sl], p.raw[sl], p.labels[sl], p.names[sl], p.accepted[sl]
                 )
             return
-        data = ImageNetSamples(self.root, model=preprocessing, n=self.limit)
+        data = ImageNetSamples(self.root, model=preprocessing)
         data.select(names)  # by the photos' ids (distinct also for x.JPEG / x.jpg)
         for b in data.batches(batch_size):
             yield Batch(b.images, b.raw, b.labels, b.names, b.accepted)

@@ -49,6 +49,7 @@ from captum_ssl.attr._core import (
     TrainModeWarning,
 )
 from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._lrp import LRP, AttnLRP, PartialLRP, TransformerAttribution
 
 __all__ = [
     "AttentionFlow",
@@ -87,4 +88,9 @@ __all__ = [
     "LayerReciproCam",
     "LayerSSCam",
     "LayerSmoothGradCamPlusPlus",
+    # relevance propagation (issue 9)
+    "AttnLRP",
+    "LRP",
+    "PartialLRP",
+    "TransformerAttribution",
 ]

@@ -8,6 +8,7 @@ ReLU'd, at the input's size and min-max normalised per image.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -147,6 +148,24 @@ def coherency(
     return _pearson_01(_heatmap(again, x), heat)
 
 
+def _percentile(values: Tensor, p: float) -> Tensor:
+    """Per-row ``p``-th percentile of ``(B, n)``, computed as
+    ``numpy.percentile`` (linear): the index ``p / 100 * (n - 1)`` in double
+    precision, the lerp in the values' dtype, from the nearer end. (Where the
+    index is an integer only in exact arithmetic, ``torch.quantile`` can land
+    on the other side of a pixel value and remove one pixel more or less.)"""
+    s = torch.sort(values, dim=1).values
+    n = s.shape[1]
+    index = p / 100.0 * (n - 1)
+    lo = int(math.floor(index))
+    hi = min(lo + 1, n - 1)
+    t = torch.tensor(index - lo, dtype=s.dtype, device=s.device)
+    a, b = s[:, lo], s[:, hi]
+    if index - lo < 0.5:
+        return a + (b - a) * t
+    return b - (b - a) * (1 - t)
+
+
 def road_combined(
     model: Any,
     inputs: Tensor,
@@ -194,10 +213,10 @@ def road_combined(
     x, maps = prepare(model, inputs, attributions)
     target = resolve_target(model, x, target, batch_size)
     heat = _heat(maps)[:, 0]  # type: ignore[index]
-    q = torch.tensor([float(p) / 100 for p in percentiles], device=x.device)
     removed = []
     for m in (heat, 1 - heat):  # MoRF, LeRF
-        thr = torch.quantile(m.flatten(1), q.to(m.dtype), dim=1)  # (P, B)
+        flat = m.flatten(1)
+        thr = torch.stack([_percentile(flat, float(p)) for p in percentiles])
         removed.append(m[None] >= thr[:, :, None, None])  # (P, B, H, W)
     masks = torch.cat(removed).transpose(0, 1)  # (B, 2P, H, W)
     everything = masks.flatten(2).all(dim=2)  # (B, 2P)

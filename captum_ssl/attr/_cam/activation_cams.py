@@ -50,7 +50,7 @@ class LayerEigenCam(_LayerActivationCam):
         layer (torch.nn.Module): the layer whose activations are explained.
         device_ids (list[int], optional): for DataParallel models.
         layout (TokenLayout, optional): token / channels-last layout; ``None``
-                    reads it from the model.
+                    infers it from the layer's output and the model.
 
     Examples::
 

@@ -76,9 +76,11 @@ class LayerGradCam(_CaptumLayerGradCam):
         device_ids (list[int], optional): device ids for DataParallel models
                     whose forward_func is not the DataParallel module itself.
         layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid. ``None`` reads it from the model (timm's
-                    ``patch_embed`` and ``num_prefix_tokens``, Swin's
-                    channels-last features). Default: None
+                    grid. ``None`` infers it from the layer's actual output
+                    (channels-first or channels-last, token grid) and the
+                    model (timm's ``patch_embed`` and ``num_prefix_tokens``,
+                    also inside a wrapper); ambiguous outputs raise an error
+                    asking for it. Default: None
 
     Examples::
 
