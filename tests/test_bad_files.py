@@ -212,3 +212,33 @@ def test_real_model_in_train_mode_changes_nothing(effnet, photos):
         assert torch.equal(v, stats[k]), k
     torch.testing.assert_close(train_maps, maps)
     torch.testing.assert_close(train_auc, auc)
+
+
+def test_main_job_leaves_out_a_partial_checkpoint_and_says_why(tmp_path, monkeypatch):
+    from benchmarks.evaluation.cli import select_models
+
+    monkeypatch.setenv(zoo.WEIGHTS_ENV, str(tmp_path))
+    (tmp_path / "resnet50-0676ba61.pth").write_bytes(b"PK\x03\x04" + bytes(100))
+    specs, notes, absent = select_models(None, [])
+    assert [s.name for s in specs] == ["efficientnet_lite0"] and "res_50" in absent
+    assert "res_50" in notes[0] and "cut short" in notes[0]
+
+
+class _Planted:
+    """A pickle that would create a file if it were unpickled for real."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_availability_check_runs_nothing_from_the_file(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "resnet50-0676ba61.pth"
+    path.write_bytes(pickle.dumps(_Planted(marker), protocol=2))
+    assert "res_50" not in zoo.available(tmp_path)
+    assert not marker.exists()

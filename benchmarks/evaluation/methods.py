@@ -167,14 +167,15 @@ def missing_files_message(names: List[str]) -> str:
     for name in names:
         info = describe(name)
         for f in info["files"]:
-            if not f["present"]:
+            if not f["present"] or f.get("problem"):
                 where = Path(f["expected"])
                 try:
                     where = where.relative_to(Path.cwd())
                 except ValueError:
                     pass
+                bad = f" (present, but {f['problem']})" if f.get("problem") else ""
                 lines.append(
-                    f"  {name}: {f['role']} file {f['filename']} -> "
+                    f"  {name}: {f['role']} file {f['filename']}{bad} -> "
                     f"{where}\n      download from {f['source']}"
                 )
     if not lines:

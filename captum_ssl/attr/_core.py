@@ -414,12 +414,15 @@ def stack_targets(targets: List[Any]) -> TargetType:
 
 
 def checked_forward(forward_func: Callable, target: TargetType) -> Callable:
-    """``forward_func`` that validates ``target`` against its output."""
+    """``forward_func`` that validates ``target`` against its output (for one
+    forward pass of the whole explained batch: rows whose output is not
+    finite are recorded for :func:`finish_maps`)."""
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
         out = forward_func(*args, **kwargs)
         if isinstance(out, Tensor):
             check_target(out, target)
+            _record_bad_rows(out)  # a full-batch forward: see finish_maps
         return out
 
     # keep what Captum reads off the forward function (DataParallel)

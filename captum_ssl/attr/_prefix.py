@@ -45,7 +45,6 @@ from captum_ssl.attr._core import (
     replace_layer_output,
     rows,
     select_target,
-    selecting_forward,
     stack_targets,
 )
 from captum_ssl.attr._layout import root_module
@@ -232,11 +231,7 @@ def record_layer(
     """One forward pass recording what the replay needs, with the layer's
     output (``.layer_out``) and the model's (``.output``); or the reason why
     this model cannot be replayed."""
-    # the whole output is recorded (rows with a non-finite output are noted
-    # for the attribution's NaN maps); the target is only checked here
-    checked = checked_forward(
-        selecting_forward(forward_func, target, select=False), target
-    )
+    checked = checked_forward(forward_func, target)
     try:
         with torch.no_grad():
             return _record(
@@ -328,7 +323,7 @@ def layer_output_scores(
         return replace_layer_output(layer, lambda out: perturb(out, b, j))
 
     def forward_all() -> Any:
-        checked = checked_forward(selecting_forward(fwd, target, select=False), target)
+        checked = checked_forward(fwd, target)
         return _run_forward(checked, inputs, None, additional_forward_args)
 
     def full() -> Tensor:

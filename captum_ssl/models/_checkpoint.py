@@ -224,10 +224,11 @@ def incomplete_reason(path: PathLike) -> Optional[str]:
             return "it is a zip archive cut short (no central directory at its end)"
     try:
         with open(path, "rb") as f:
-            if pickle.load(f) != _LEGACY_MAGIC:  # noqa: S301 - an int, see below
+            # every pickle is read by the inert reader: nothing is imported
+            if _LayoutReader(f).load() != _LEGACY_MAGIC:
                 return "it is not a PyTorch checkpoint"
-            pickle.load(f)  # noqa: S301 - protocol version (an int)
-            pickle.load(f)  # noqa: S301 - sys info (a dict of ints)
+            _LayoutReader(f).load()  # protocol version
+            _LayoutReader(f).load()  # sys info
             reader = _LayoutReader(f)
             reader.load()
             keys = _LayoutReader(f).load()
