@@ -287,7 +287,7 @@ class AblationCamPrefixCache:
         cam = A.LayerAblationCam(self.model, layer)
         self.runs = {
             "captum_ssl": lambda: cam.attribute(
-                self.x, target=self.target, perturbations_per_eval=512
+                self.x, target=self.target, perturbations_per_eval=64
             ),
             "forward": no_grad_forward(self.model, self.x),
         }
