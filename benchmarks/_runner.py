@@ -90,9 +90,16 @@ def run_suites(
     device = default_device()
     rows: List[Row] = []
     plan = [(cls, p) for cls in suites for p in grid(cls)]
+    began = time.perf_counter()
     for i, (cls, params) in enumerate(plan, 1):
         label = f"{cls.__name__}({', '.join(str(v) for v in params.values())})"
-        log(f"[{i}/{len(plan)}] {label}")
+        spent = time.perf_counter() - began
+        eta = (
+            f", about {spent / (i - 1) * (len(plan) - i + 1):.0f} s left"
+            if i > 1
+            else ""
+        )
+        log(f"[{i}/{len(plan)}] {label} ({spent:.0f} s elapsed{eta})")
         suite = cls()
         try:
             start = time.perf_counter()

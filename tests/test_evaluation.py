@@ -193,8 +193,9 @@ def test_statistics_match_direct_computation(tmp_path):
     assert paths["comparison"].read_text().count("\n") == 2  # header + 1 row
     from benchmarks.evaluation.figures import bar_charts
 
-    (bar,) = bar_charts(tabs, tmp_path / "figures")  # sup and SSL side by side
+    bar, svg = bar_charts(tabs, tmp_path / "figures")  # sup and SSL side by side
     assert bar.name == "bar_average_drop.png" and bar.stat().st_size > 0
+    assert svg.name == "bar_average_drop.svg" and svg.stat().st_size > 0
 
 
 def test_models_without_weights_never_reach_accuracy_tables(tmp_path, monkeypatch):

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
-from typing import List, Optional, Tuple
+import warnings
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from benchmarks.evaluation import methods as M
 
-QUICK_LIMIT = 8
+#: images of the default run (spread over the 1000 sample classes)
+QUICK_LIMIT = 32
 
 
 def _full(args: argparse.Namespace) -> bool:
@@ -128,7 +132,28 @@ def describe_pipeline(args: argparse.Namespace) -> str:
     return "\n".join(lines + notes)
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def unreadable_photos() -> Iterator[List[str]]:
+    """Record the messages of ``UnreadableImageWarning`` (photos skipped because
+    they cannot be read; matched by class name) while still showing them."""
+    caught: List[str] = []
+    shown = warnings.showwarning
+
+    def show(message, category, *rest, **kw):
+        if category.__name__ == "UnreadableImageWarning":
+            caught.append(str(message))
+        return shown(message, category, *rest, **kw)
+
+    warnings.showwarning = show
+    try:
+        yield caught
+    finally:
+        warnings.showwarning = shown
+
+
+def run_pipeline(args: argparse.Namespace) -> Tuple[int, Dict[str, Path], List[str]]:
+    """Run (or resume) the pipeline and print its tables; returns the exit
+    code, the files written and the lines for the closing summary."""
     from benchmarks.evaluation.pipeline import (
         evaluate,
         init_distributed,
@@ -136,27 +161,38 @@ def run_pipeline(args: argparse.Namespace) -> int:
         report,
     )
     from benchmarks.evaluation.store import ResultStore
+    from benchmarks.evaluation.summary import download_line, tables_text
 
     cfg, notes = config_from_args(args)
+    cfg.threads = getattr(args, "threads", None)
+    _, _, absent = select_models(args.models, args.random_weights)
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        for n in notes:
-            print(n)
+    footer = [download_line(absent)]
+    if rank == 0 and absent:
+        print(
+            f"{len(absent)} zoo models have no weights here and are left out "
+            "(the files to download are listed at the end)."
+        )
     if not cfg.models:
         print("accuracy: no model to evaluate (none has its pretrained weights)")
-        return 0
+        return 0, {}, footer
     start = time.perf_counter()
-    if args.report_only:
-        init_distributed(cfg.device)
-        with ResultStore(cfg.out / "results.sqlite") as store:
-            plan = make_plan(cfg, store)
-        paths = report(cfg, plan, notes) if rank == 0 else {}
-    else:
-        plan, paths = evaluate(cfg, notes)
+    with unreadable_photos() as caught:
+        cfg.unreadable = caught
+        if args.report_only:
+            init_distributed(cfg.device)
+            with ResultStore(cfg.out / "results.sqlite") as store:
+                plan = make_plan(cfg, store)
+            paths = report(cfg, plan, notes) if rank == 0 else {}
+        else:
+            plan, paths = evaluate(cfg, notes)
+    if caught:
+        footer.append(
+            f"Skipped {len(caught)} unreadable photo(s): " + "; ".join(caught)
+        )
     if rank == 0:
-        print(f"\naccuracy pipeline done in {time.perf_counter() - start:.1f} s")
-        md = paths.get("md")
-        if md is not None:
-            print(md.read_text())
-            print("written: " + ", ".join(str(p) for p in paths.values()))
-    return 0
+        print(f"\naccuracy pipeline done in {time.perf_counter() - start:.1f} s\n")
+        if plan.tables is not None:
+            print(tables_text(plan.tables))
+        paths = {**paths, "store": cfg.out / "results.sqlite"}
+    return 0, paths, footer

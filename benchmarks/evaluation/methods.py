@@ -5,7 +5,9 @@ A method or metric is named on the command line as ``name`` or
 ``rollout:discard_ratio=0.9`` or ``deletion:step=448``. Captum's gradient
 methods take a NoiseTunnel variant as a suffix: ``saliency+smoothgrad``,
 ``integrated_gradients+vargrad:nt_samples=16``. The options, with their
-defaults filled in, are part of each result's config key.
+defaults filled in, are part of each result's config key, except the speed
+options (:data:`SPEED_OPTIONS`: chunk and batch sizes, progress bars), which
+never change a value and so are left out of labels and keys.
 """
 
 from __future__ import annotations
@@ -40,9 +42,27 @@ def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
     return name.strip(), opts
 
 
+#: options that change speed or memory only, never a value
+SPEED_OPTIONS = (
+    "perturbations_per_eval",
+    "show_progress",
+    "internal_batch_size",
+    "nt_samples_batch_size",
+    "batch_size",
+)
+
+
+def identity(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """The options that identify a method or metric (no speed options)."""
+    return {k: v for k, v in opts.items() if k not in SPEED_OPTIONS}
+
+
 def spec_label(name: str, opts: Dict[str, Any], defaults: Dict[str, Any]) -> str:
-    """Display name: the name plus the options that differ from the defaults."""
-    changed = {k: v for k, v in opts.items() if defaults.get(k, object()) != v}
+    """Display name: the name plus the options that differ from the defaults
+    (speed options left out)."""
+    changed = {
+        k: v for k, v in identity(opts).items() if defaults.get(k, object()) != v
+    }
     if not changed:
         return name
     return name + ":" + ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
@@ -181,12 +201,26 @@ CAMS = {
     "scorecam": "LayerScoreCam",
     "ablationcam": "LayerAblationCam",
     "cam": "LayerClassActivationMap",
+    "fem": "LayerFEM",
+    "finercam": "LayerFinerCam",
+    "kpcacam": "LayerKPCACam",
+    "shapleycam": "LayerShapleyCam",
+    "randomcam": "LayerRandomCam",
+    "dff": "DeepFeatureFactorization",
     "iscam": "LayerISCam",
     "sscam": "LayerSSCam",
     "smoothgradcampp": "LayerSmoothGradCamPlusPlus",
     "reciprocam": "LayerReciproCam",
 }
-PERTURBATION_CAMS = {"scorecam", "ablationcam", "iscam", "sscam", "reciprocam"}
+#: CAMs built differently from one layer: every bias (FullGrad), several
+#: layers (RefineCAM), a wrapped CAM on crops (SESS), the image alone (Sobel)
+OTHER_CAMS = {
+    "fullgrad": "FullGrad",
+    "refinecam": "LayerRefineCam",
+    "sess": "SESS",
+    "sobelcam": "SobelCam",
+}
+PERTURBATION_CAMS = {"scorecam", "ablationcam", "sess", "iscam", "sscam", "reciprocam"}
 ATTENTION = {
     "raw_attention": "RawAttention",
     "rollout": "AttentionRollout",
@@ -194,6 +228,14 @@ ATTENTION = {
     "generic_attention": "GenericAttention",
     "attention_flow": "AttentionFlow",
     "legrad": "LeGrad",
+}
+#: relevance propagation for ViTs (issue 9)
+LRP_METHODS = {
+    "transformer_attribution": "TransformerAttribution",
+    "partial_lrp": "PartialLRP",
+    "lrp": "LRP",
+    "attnlrp": "AttnLRP",
+    "cp_lrp": "AttnLRP",
 }
 GRADIENT = {
     "saliency": "Saliency",
@@ -255,6 +297,21 @@ COST_CLASS = {
     "deconvolution": "gradient",
     "integrated_gradients": "gradient",
     "guided_gradcam": "gradient",
+    "fullgrad": "gradient",
+    "fem": "none",
+    "finercam": "gradient",
+    "kpcacam": "none",
+    "shapleycam": "gradient",
+    "sess": "forward per mask",
+    "refinecam": "gradient",
+    "sobelcam": "none",
+    "randomcam": "none",
+    "dff": "none",
+    "transformer_attribution": "gradient",
+    "partial_lrp": "gradient",
+    "lrp": "gradient",
+    "attnlrp": "gradient",
+    "cp_lrp": "gradient",
 }
 
 
@@ -264,7 +321,13 @@ def cost_class(name: str) -> str:
 
 
 def method_names() -> List[str]:
-    base = list(CAMS) + list(ATTENTION) + list(GRADIENT)
+    base = (
+        list(CAMS)
+        + list(OTHER_CAMS)
+        + list(ATTENTION)
+        + list(LRP_METHODS)
+        + list(GRADIENT)
+    )
     return base + [f"{g}+{nt}" for g in GRADIENT for nt in NOISE_TUNNELS]
 
 
@@ -272,10 +335,17 @@ def method_defaults(name: str) -> Dict[str, Any]:
     """Options of a method with their defaults (part of the config key)."""
     base, _, nt = name.partition("+")
     if base in CAMS:
+        # perturbation CAMs: the library's automatic chunk size
         d: Dict[str, Any] = {"relu_attributions": True}
-        if base in PERTURBATION_CAMS:
-            d["perturbations_per_eval"] = 32
+        if base == "dff":
+            d["n_components"] = 8
         return d
+    if base in OTHER_CAMS:
+        if base == "refinecam":
+            return {"layers": None, "base": "gradcampp"}
+        if base == "sess":
+            return {"base": "gradcam", "num_scales": 4, "batch_size": 32}
+        return {}
     if base in ATTENTION:
         d = {}
         if base in ("raw_attention", "rollout", "grad_rollout", "attention_flow"):
@@ -285,6 +355,10 @@ def method_defaults(name: str) -> Dict[str, Any]:
         if base in ("rollout", "grad_rollout"):
             d["discard_ratio"] = 0.0
         return d
+    if base in LRP_METHODS:
+        if base in ("attnlrp", "cp_lrp"):
+            return {"cp": base == "cp_lrp", "epsilon": 1e-6, "at": "patches"}
+        return {"start_layer": 0} if base == "transformer_attribution" else {}
     if base in GRADIENT:
         # (B, 3, H, W) input maps become (B, 1, H, W) by |.| summed over channels
         d = {"reduce": "abs_sum"}
@@ -301,6 +375,8 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
     base = name.partition("+")[0]
     if base in ATTENTION and not model.is_vit:
         return "attention methods need a ViT with class-token attention layers"
+    if base in LRP_METHODS and (not model.is_vit or "XCiT" in model.architecture):
+        return "LRP rules cover timm ViT / DeiT / CaiT (not XCiT, Swin or CNNs)"
     if base in ("guided_gradcam", "cam") and not model.is_cnn:
         return f"{base} needs a convolutional (B, C, H, W) CAM layer"
     return None
@@ -334,6 +410,9 @@ def build_method(
 
         return explain
 
+    if base in OTHER_CAMS:
+        return _other_cam(base, dict(opts), model, spec, layout)
+
     if base in ATTENTION:
         kw = dict(opts)
         if base == "raw_attention":
@@ -344,6 +423,15 @@ def build_method(
 
         def explain(x: Tensor, t: Tensor) -> Tensor:
             return attr.attribute(x, target=t, **kw)
+
+        return explain
+
+    if base in LRP_METHODS:
+        lrp = getattr(A, LRP_METHODS[base])(model)
+        lrp_kw = dict(opts)
+
+        def explain(x: Tensor, t: Tensor) -> Tensor:
+            return lrp.attribute(x, target=t, **lrp_kw)
 
         return explain
 
@@ -373,6 +461,52 @@ def build_method(
         if reduce == "sum":
             return maps.sum(dim=1, keepdim=True)
         raise ValueError(f"reduce must be 'abs_sum' or 'sum', got {reduce!r}")
+
+    return explain
+
+
+def _previous_layer(path: str) -> Optional[str]:
+    """The layer one step earlier: the last integer component decreased
+    (``blocks.-1.norm1`` -> ``blocks.-2.norm1``), else the last component's
+    trailing number (``layer4`` -> ``layer3``); None if there is none."""
+    import re
+
+    parts = path.split(".")
+    for i in reversed(range(len(parts))):
+        if re.fullmatch(r"-?\d+", parts[i]):
+            parts[i] = str(int(parts[i]) - 1)
+            return ".".join(parts)
+    for i in reversed(range(len(parts))):
+        m = re.search(r"\d+$", parts[i])
+        if m and int(m.group()) > 0:
+            parts[i] = parts[i][: m.start()] + str(int(m.group()) - 1)
+            return ".".join(parts)
+    return None
+
+
+def _other_cam(
+    base: str, kw: Dict[str, Any], model: nn.Module, spec: ModelSpec, layout: Any
+) -> Explain:
+    import captum_ssl.attr as A
+    from captum_ssl.models import get_layer
+
+    if base == "fullgrad":
+        attr: Any = A.FullGrad(model)
+    elif base == "sobelcam":
+        attr = A.SobelCam(model)
+    elif base == "refinecam":
+        paths = kw.pop("layers") or [
+            p for p in (_previous_layer(spec.cam_layer), spec.cam_layer) if p
+        ]
+        layers = [get_layer(model, p) for p in paths]
+        cls = getattr(A, CAMS[kw.pop("base")])
+        attr = A.LayerRefineCam(model, layers, layout=layout, base_method=cls)
+    else:  # sess
+        cls = getattr(A, CAMS[kw.pop("base")])
+        attr = A.SESS(cls(model, get_layer(model, spec.cam_layer), layout=layout))
+
+    def explain(x: Tensor, t: Tensor) -> Tensor:
+        return attr.attribute(x, target=t, **kw)
 
     return explain
 

@@ -53,6 +53,11 @@ class EvalConfig:
         top_k (float): fraction of pixels for the top-k IoU agreement.
         fail_after (int, optional): raise after this many committed result
                     groups (tests simulate a killed run with it).
+        threads (int, optional): CPU threads torch uses (default: its
+                    current setting); with the device type it is part of
+                    every key, so timings of different settings never mix.
+        unreadable (list[str]): messages of the photos skipped as unreadable
+                    during the run (filled by the caller, listed in the report).
     """
 
     models: List[M.ModelSpec]
@@ -71,6 +76,8 @@ class EvalConfig:
     top_k: float = 0.2
     log: Callable[[str], None] = print
     fail_after: Optional[int] = None
+    threads: Optional[int] = None
+    unreadable: List[str] = field(default_factory=list)
     _committed: int = field(default=0, repr=False)
 
 
@@ -86,8 +93,18 @@ class Batch:
     accepted: Optional[List[Tuple[int, ...]]] = None  # correct classes per image
 
 
+def spread(names: List[str], limit: Optional[int]) -> List[str]:
+    """``limit`` names evenly spaced over ``names`` (all when ``limit`` is None
+    or not smaller): the first N of the 1000 sample photos would all be fish
+    and birds."""
+    if limit is None or limit >= len(names):
+        return list(names)
+    return [names[i * len(names) // limit] for i in range(limit)]
+
+
 class ImageSource:
-    """The images of a run: the sample folder, else the bundled photos."""
+    """The images of a run: the sample folder (``limit`` photos spread evenly
+    over its classes), else the bundled photos."""
 
     def __init__(self, data: Optional[Path], limit: Optional[int]) -> None:
         from captum_ssl.data import (
@@ -97,11 +114,11 @@ class ImageSource:
         )
 
         root = Path(data) if data is not None else default_imagenet_dir()
-        probe = ImageNetSamples(root, model=None, n=limit)
+        probe = ImageNetSamples(root, model=None)
         self.limit = limit
         if len(probe):
             self.kind, self.root = "imagenet", root.resolve()
-            self.names = probe.names
+            self.names = spread(probe.names, limit)
         else:
             if data is not None:
                 raise FileNotFoundError(
@@ -137,9 +154,8 @@ class ImageSource:
                     p.images[sl], p.raw[sl], p.labels[sl], p.names[sl], p.accepted[sl]
                 )
             return
-        data = ImageNetSamples(self.root, model=preprocessing, n=self.limit)
-        wanted = set(names)
-        data.files = [f for f in data.files if f[0].stem in wanted]
+        data = ImageNetSamples(self.root, model=preprocessing)
+        data.select(names)  # by the photos' ids (distinct also for x.JPEG / x.jpg)
         for b in data.batches(batch_size):
             yield Batch(b.images, b.raw, b.labels, b.names, b.accepted)
 
@@ -199,6 +215,9 @@ class Plan:
     metrics: Dict[str, Tuple[str, Dict[str, Any]]] = field(default_factory=dict)
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)
     model_specs: List[M.ModelSpec] = field(default_factory=list)
+    runtime: Dict[str, Any] = field(default_factory=dict)
+    tables: Optional[Dict[str, Any]] = None
+    reused: Tuple[int, int] = (0, 0)
 
     def keys(self) -> List[str]:
         return (
@@ -209,11 +228,22 @@ class Plan:
         )
 
 
-def make_plan(cfg: EvalConfig, store: ResultStore) -> Plan:
+def runtime(cfg: EvalConfig, device: Optional[str] = None) -> Dict[str, Any]:
+    """The device type and CPU thread count of a run (part of every key)."""
+    name = device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(
+        device=torch.device(name).type, threads=cfg.threads or torch.get_num_threads()
+    )
+
+
+def make_plan(
+    cfg: EvalConfig, store: ResultStore, device: Optional[str] = None
+) -> Plan:
     version = M.code_version()
     keyed_version = {k: version[k] for k in ("version", "source_sha256", "torch")}
     source = ImageSource(cfg.data, cfg.limit)
     plan = Plan(version, source, model_specs=list(cfg.models))
+    plan.runtime = runtime(cfg, device)
     for text in cfg.methods:
         name, opts = M.parse_spec(text)
         full = {**M.method_defaults(name), **opts}
@@ -234,6 +264,7 @@ def make_plan(cfg: EvalConfig, store: ResultStore) -> Plan:
             model=spec.key_spec(),
             architecture=spec.architecture,
             training=spec.training,
+            runtime=plan.runtime,
         )
         plan.model_keys[spec.name] = store.register("model", {**mk, "what": "top1"})
         for mlabel, (mname, mopts) in plan.methods.items():
@@ -241,7 +272,7 @@ def make_plan(cfg: EvalConfig, store: ResultStore) -> Plan:
             if reason:
                 plan.skipped.append((spec.name, mlabel, reason))
                 continue
-            method = dict(name=mname, options=mopts)
+            method = dict(name=mname, options=M.identity(mopts))
             plan.map_keys[spec.name, mlabel] = store.register(
                 "map", {**mk, "method": method, "map_size": cfg.map_size}
             )
@@ -252,7 +283,7 @@ def make_plan(cfg: EvalConfig, store: ResultStore) -> Plan:
                 full = {
                     **mk,
                     "method": method,
-                    "metric": dict(name=xname, options=xopts),
+                    "metric": dict(name=xname, options=M.identity(xopts)),
                 }
                 plan.result_keys[spec.name, mlabel, xlabel] = store.register(
                     "result", full
@@ -344,7 +375,7 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
     log = cfg.log if dist.rank == 0 else (lambda s: None)
     cfg.out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(cfg.out / DB_NAME)
-    plan = make_plan(cfg, store)
+    plan = make_plan(cfg, store, str(device))
     names = plan.source.names[dist.rank :: dist.world]
     log(
         f"accuracy: {len(cfg.models)} models x {len(plan.methods)} methods x "
@@ -354,8 +385,17 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
     )
     for model_name, mlabel, reason in plan.skipped:
         log(f"  skip {model_name} / {mlabel}: {reason}")
+    plan.reused = reused(store, plan, names)
+    if plan.reused[0]:
+        log(
+            f"reusing {plan.reused[0]} of {plan.reused[1]} metric values already in "
+            f"{store.path} (same code, options, data, device and threads); "
+            "computing the rest"
+        )
+    todos = {spec.name: _todo(store, plan, spec.name, names) for spec in cfg.models}
+    progress = Progress(sum(-(-len(t) // cfg.batch_size) for t in todos.values()), log)
     for i, spec in enumerate(cfg.models, 1):
-        todo = _todo(store, plan, spec.name, names)
+        todo = todos[spec.name]
         if not todo:
             log(f"[model {i}/{len(cfg.models)}] {spec.name}: all done (from the store)")
             continue
@@ -383,7 +423,8 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
                 fwd = _forward_seconds(model, x, device)
                 if metric_fwd is None:  # per image, at the metrics' batch size
                     metric_fwd = _metric_forward(model, x, cfg, device)
-            pred = logits.argmax(1).cpu()
+            prob_pred, pred = logits.softmax(1).max(1)
+            pred, prob_pred = pred.cpu(), prob_pred.cpu()
             labels = batch.labels
             target = torch.where(labels >= 0, labels, pred)
             t_dev = target.to(device)
@@ -397,6 +438,16 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
                     for n, t, lab, p in zip(batch.names, target, labels, prob)
                 ]
                 store.add_results(mkey, spec.name, "(image)", "probability", rows)
+                store.add_results(
+                    mkey + ":pred",
+                    spec.name,
+                    "(image)",
+                    "predicted",
+                    [
+                        (n, int(p), int(lab), float(pp))
+                        for n, p, lab, pp in zip(batch.names, pred, labels, prob_pred)
+                    ],
+                )
                 store.add_results(
                     mkey + ":top1",
                     spec.name,
@@ -419,7 +470,7 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
                     shown.append(f"{mlabel} {s:.1f}s")
             log(
                 f"  {spec.name} batch {b}/{nb} ({len(batch.names)} images, "
-                f"forward {fwd:.2f}s): " + ", ".join(shown)
+                f"forward {fwd:.2f}s): " + ", ".join(shown) + progress.step()
             )
             sys.stdout.flush()
         if (
@@ -437,6 +488,29 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
     dist.barrier()
     store.close()
     return plan
+
+
+class Progress:
+    """Elapsed time and an estimate of what is left, per finished batch."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.done, self.start = max(total, 1), 0, time.perf_counter()
+
+    def step(self) -> str:
+        self.done += 1
+        spent = time.perf_counter() - self.start
+        left = spent / self.done * (self.total - self.done)
+        return (
+            f" [{self.done}/{self.total} batches, {spent:.0f} s elapsed, "
+            f"about {left:.0f} s left]"
+        )
+
+
+def reused(store: ResultStore, plan: Plan, names: List[str]) -> Tuple[int, int]:
+    """(metric values already in the store, metric values of the run)."""
+    wanted = set(names)
+    done = sum(len(store.done(k) & wanted) for k in plan.result_keys.values())
+    return done, len(plan.result_keys) * len(wanted)
 
 
 def _todo(store: ResultStore, plan: Plan, model: str, names: List[str]) -> set:
@@ -486,9 +560,10 @@ def _method_batch(
     hw = tuple(x.shape[-2:])
     store.add_maps(mkey, spec.name, mlabel, names, small_maps(maps, cfg.map_size, hw))
     if cfg.saliency:
-        from benchmarks.evaluation.figures import save_saliency
+        from benchmarks.evaluation.figures import safe_name, save_saliency
 
-        save_saliency(cfg.out / "saliency" / spec.name / mlabel, batch, idx, maps)
+        folder = cfg.out / "saliency" / safe_name(spec.name) / safe_name(mlabel)
+        save_saliency(folder, batch, idx, maps)
     total = seconds
     for xlabel, (xname, xopts) in plan.metrics.items():
         todo = [j for j, n in enumerate(names) if n not in done[xlabel]]
@@ -525,21 +600,36 @@ def report(cfg: EvalConfig, plan: Plan, notes: List[str] = ()) -> Dict[str, Path
 
     with ResultStore(cfg.out / DB_NAME) as store:
         tabs = tables.build_tables(store, plan, cfg.top_k)
+        plan.tables = tabs
         v = plan.version
+        rt = plan.runtime
         head = [
             f"Code: captum_ssl {v['version']} (sources {v['source_sha256']}"
             + (f", commit {v['commit']}" if v.get("commit") else "")
-            + f"), torch {v['torch']}; data: {plan.source.describe()}.",
+            + f"), torch {v['torch']}; data: {plan.source.describe()}; "
+            f"device: {rt.get('device')}, {rt.get('threads')} CPU threads.",
         ]
+        if cfg.unreadable:
+            head.append(
+                f"Skipped {len(cfg.unreadable)} unreadable photo(s): "
+                + "; ".join(cfg.unreadable)
+            )
         paths = tables.write_tables(tabs, cfg.out, list(head) + list(notes), plan)
+        paths["per_image"] = tables.write_per_image(
+            store, plan, cfg.out / "accuracy_per_image.csv"
+        )
         if cfg.figures:
             fig_dir = cfg.out / "figures"
-            for i, p in enumerate(
-                figures.overlay_grids(store, plan, fig_dir, cfg.figure_images)
-            ):
-                paths[f"grid{i}"] = p
-            for i, p in enumerate(figures.bar_charts(tabs, fig_dir)):
-                paths[f"bar{i}"] = p
+            grids = figures.overlay_grids(store, plan, fig_dir, cfg.figure_images)
+            bars = figures.bar_charts(tabs, fig_dir, list(plan.methods))
+            for i, p in enumerate(grids + bars):
+                paths[f"figure{i}"] = p
+            for spec in plan.model_specs:  # drawn during the run (ViTs)
+                p = fig_dir / f"{figures.safe_name(spec.name)}_attention_layers.png"
+                if p.is_file():
+                    paths[f"layers_{spec.name}"] = p
+        if cfg.saliency and (cfg.out / "saliency").is_dir():
+            paths["saliency"] = cfg.out / "saliency"  # one PNG per image
     return paths
 
 

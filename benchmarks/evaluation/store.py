@@ -11,12 +11,19 @@ keys of the current run only.
 Several processes (``torchrun`` ranks) may write into the same file: the
 database runs in WAL mode with a busy timeout and every write is retried
 while the database is locked.
+
+A non-finite value is never stored as a finished number: its ``value`` is
+NULL and its ``status`` says ``'nan'``, ``'inf'`` or ``'-inf'`` (``'ok'``
+otherwise), so tables count such rows instead of averaging over them. A
+damaged or truncated file raises :class:`StoreError`, naming the file and
+the fix (:func:`check_file` checks it before a run starts).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -42,6 +49,7 @@ CREATE TABLE IF NOT EXISTS results (
     value REAL,
     rank INTEGER,
     created REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok',  -- 'ok', 'nan', 'inf' or '-inf'
     PRIMARY KEY (key, image)
 );
 CREATE TABLE IF NOT EXISTS maps (
@@ -72,6 +80,38 @@ CREATE TABLE IF NOT EXISTS timings (
 """
 
 
+class StoreError(RuntimeError):
+    """The results store cannot be read; the message names the file and the fix."""
+
+
+def _damaged(path: Path, err: Exception) -> StoreError:
+    return StoreError(
+        f"{path}: the results store is damaged ({err}); move it away "
+        f"(mv {path} {path}.bad) to start a new store, or pass another --out"
+    )
+
+
+def check_file(path) -> None:
+    """Raise :class:`StoreError` when ``path`` is not a readable, intact SQLite
+    database (``PRAGMA quick_check``). Reads only; a busy database passes."""
+    path = Path(path)
+    try:
+        conn = sqlite3.connect(str(path), timeout=5)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            return  # another process is writing: it is readable
+        raise _damaged(path, err) from None
+    except sqlite3.DatabaseError as err:
+        raise _damaged(path, err) from None
+    problems = [r[0] for r in rows if r[0] != "ok"]
+    if problems:
+        raise _damaged(path, "; ".join(problems[:2]))
+
+
 def config_key(spec: Dict[str, Any]) -> str:
     """A short stable hash of a JSON-serialisable spec."""
     text = json.dumps(spec, sort_keys=True, default=str)
@@ -99,8 +139,22 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
         self.conn = sqlite3.connect(str(self.path), timeout=timeout)
-        self._retry(lambda c: c.execute("PRAGMA journal_mode=WAL"))
-        self._retry(lambda c: c.executescript(SCHEMA))
+        try:
+            self._retry(lambda c: c.execute("PRAGMA journal_mode=WAL"))
+            self._retry(lambda c: c.executescript(SCHEMA))
+            cols = [r[1] for r in self.conn.execute("PRAGMA table_info(results)")]
+            if "status" not in cols:  # a store written before the column
+                self._retry(
+                    lambda c: c.execute(
+                        "ALTER TABLE results ADD COLUMN status TEXT NOT NULL "
+                        "DEFAULT 'ok'"
+                    )
+                )
+        except sqlite3.DatabaseError as err:
+            self.conn.close()
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise
+            raise _damaged(self.path, err) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -149,16 +203,20 @@ class ResultStore:
         """Commit ``(image, target, label, value)`` rows of one config at once.
 
         A row already present is kept (``INSERT OR IGNORE``): a value is never
-        computed into the store twice.
+        computed into the store twice. A non-finite value is stored as NULL
+        with its status (``'nan'``, ``'inf'``, ``'-inf'``).
         """
         now = time.time()
         data = [
-            (key, img, model, method, metric, int(t), int(lab), _num(v), rank, now)
+            (key, img, model, method, metric, int(t), int(lab), *_num(v), rank, now)
             for img, t, lab, v in rows
         ]
         self._retry(
             lambda c: c.executemany(
-                "INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)", data
+                "INSERT OR IGNORE INTO results (key, image, model, method, metric, "
+                "target, label, value, status, rank, created) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                data,
             )
         )
 
@@ -201,17 +259,18 @@ class ResultStore:
     # ------------------------------------------------------------ reading
     def done(self, key: str, table: str = "results") -> set:
         """Images already stored for a config."""
-        cur = self.conn.execute(f"SELECT image FROM {table} WHERE key = ?", (key,))
-        return {r[0] for r in cur}
+        sql = f"SELECT image FROM {table} WHERE key = ?"
+        return {r[0] for r in self._query(sql, (key,))}
 
     def results(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-        """Result rows (of the given config keys only, if given)."""
+        """Result rows (of the given config keys only, if given); ``value`` is
+        None where ``status`` is not ``'ok'``."""
         sql = (
-            "SELECT key, image, model, method, metric, target, label, value, rank "
-            "FROM results"
+            "SELECT key, image, model, method, metric, target, label, value, rank, "
+            "status FROM results"
         )
         names = ["key", "image", "model", "method", "metric", "target", "label"]
-        names += ["value", "rank"]
+        names += ["value", "rank", "status"]
         return [dict(zip(names, r)) for r in self._select(sql, keys)]
 
     def maps(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
@@ -232,23 +291,34 @@ class ResultStore:
         return [dict(zip(names, r)) for r in self._select(sql, keys)]
 
     def spec(self, key: str) -> Optional[Dict[str, Any]]:
-        row = self.conn.execute(
-            "SELECT spec FROM configs WHERE key = ?", (key,)
-        ).fetchone()
-        return None if row is None else json.loads(row[0])
+        rows = self._query("SELECT spec FROM configs WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
 
     def _select(self, sql: str, keys: Optional[Sequence[str]]):
         if keys is None:
-            return self.conn.execute(sql).fetchall()
+            return self._query(sql)
         keys = list(keys)
         out = []
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             marks = ",".join("?" * len(chunk))
-            out += self.conn.execute(f"{sql} WHERE key IN ({marks})", chunk).fetchall()
+            out += self._query(f"{sql} WHERE key IN ({marks})", chunk)
         return out
 
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> List[tuple]:
+        """Rows of a read; a damaged file raises :class:`StoreError`."""
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise
+            raise _damaged(self.path, err) from None
 
-def _num(v: Any) -> Optional[float]:
+
+def _num(v: Any) -> Tuple[Optional[float], str]:
+    """``(value, status)``: non-finite values become ``(None, 'nan' | 'inf' |
+    '-inf')``."""
     v = float(v)
-    return None if v != v else v  # NaN -> NULL
+    if math.isfinite(v):
+        return v, "ok"
+    return None, "nan" if v != v else ("inf" if v > 0 else "-inf")

@@ -123,6 +123,9 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
         if model not in pretrained:
             continue  # honesty: random weights never enter accuracy tables
         mean, half = mean_ci(list(vals.values()))
+        # non-finite values (stored NULL with their status) are counted, never
+        # averaged: n is the number of finite values
+        nonfinite = sum(1 for v in vals.values() if not math.isfinite(v))
         per_model.append(
             dict(
                 model=model,
@@ -131,7 +134,8 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 method=method,
                 metric=metric,
                 direction=_arrow(_direction(plan, metric)),
-                n=len(vals),
+                n=len(vals) - nonfinite,
+                nonfinite=nonfinite,
                 mean=mean,
                 ci95=half,
             )
@@ -175,6 +179,8 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                     metric=metric,
                     direction=_arrow(higher),
                     n=p["n"],
+                    # images left out of the pair because a value is not finite
+                    nonfinite=len(common) - p["n"],
                     supervised_mean=mean_ci([a[i] for i in common])[0],
                     self_supervised_mean=mean_ci([b[i] for i in common])[0],
                     diff=p["diff"],
@@ -338,6 +344,13 @@ def _pm(mean: float, half: float) -> str:
     return f"{mean:.3f} ± {half:.3f}"
 
 
+def _cell(r: Dict[str, Any]) -> str:
+    """Mean ± CI of the finite values, and how many were not finite."""
+    text = _pm(r["mean"], r["ci95"])
+    bad = r.get("nonfinite", 0)
+    return f"{text} ({bad} non-finite)" if bad else text
+
+
 def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> str:
     out: List[str] = ["# Accuracy of the explanations", ""]
     for n in notes:
@@ -370,10 +383,8 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
         ]
         for meth in methods:
             cells = [
-                _pm(cell[meth, m]["mean"], cell[meth, m]["ci95"])
-                if (meth, m) in cell
-                else "-"
-                for m in metrics
+                _cell(cell[k]) if k in cell else "-"
+                for k in ((meth, m) for m in metrics)
             ]
             out.append(f"| {meth} | " + " | ".join(cells) + " |")
         out.append("")
@@ -389,6 +400,9 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
         rows = [
             dict(
                 r,
+                n=f"{r['n']} ({r['nonfinite']} non-finite)"
+                if r.get("nonfinite")
+                else r["n"],
                 diff=_pm(r["diff"], r["diff_ci95"]),
                 significant="yes" if r["significant"] else "no",
             )
@@ -462,6 +476,43 @@ def write_tables(
             w.writerows(rows)
         paths[name] = path
     return paths
+
+
+PER_IMAGE_COLUMNS = [
+    "model", "architecture", "training", "image", "label", "target", "predicted",
+    "predicted_probability", "method", "metric", "direction", "value",
+]  # fmt: skip
+
+
+def write_per_image(store: ResultStore, plan, path: Path) -> Path:
+    """One row per (model, method, metric, image): the metric value, with the
+    image's label (-1 if unknown), the explained target and the model's
+    prediction. Models with random weights are left out."""
+    info = _models_info(store, plan)
+    pred = {}
+    for model, key in plan.model_keys.items():
+        for r in store.results([key + ":pred"]):
+            pred[model, r["image"]] = (r["target"], r["value"])
+    by_key = {k: mmx for mmx, k in plan.result_keys.items()}
+    rows = store.results(list(by_key))
+    order = {k: i for i, k in enumerate(plan.result_keys.values())}
+    rows.sort(key=lambda r: (order[r["key"]], r["image"]))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PER_IMAGE_COLUMNS)
+        for r in rows:
+            model, method, metric = by_key[r["key"]]
+            if info[model]["weights"] != "pretrained":
+                continue
+            p, pp = pred.get((model, r["image"]), ("", ""))
+            w.writerow(
+                [
+                    model, info[model]["architecture"], info[model]["training"],
+                    r["image"], r["label"], r["target"], p, pp, method, metric,
+                    _arrow(_direction(plan, metric)), r["value"],
+                ]
+            )  # fmt: skip
+    return path
 
 
 def _json_default(v: Any) -> Optional[Any]:

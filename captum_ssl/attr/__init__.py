@@ -16,6 +16,18 @@ from captum_ssl.attr._cam.activation_cams import (
     LayerScoreCam,
 )
 from captum_ssl.attr._cam.base import LayerGradCam
+from captum_ssl.attr._cam.extra_cams import (
+    LayerFEM,
+    LayerFinerCam,
+    LayerKPCACam,
+    LayerRandomCam,
+    LayerShapleyCam,
+    SobelCam,
+)
+from captum_ssl.attr._cam.factorization import (
+    DeepFeatureFactorization,
+    Factorization,
+)
 from captum_ssl.attr._cam.gradient_cams import (
     LayerEigenGradCam,
     LayerGradCamElementWise,
@@ -24,14 +36,20 @@ from captum_ssl.attr._cam.gradient_cams import (
     LayerLayerCam,
     LayerXGradCam,
 )
+from captum_ssl.attr._cam.multi_cams import SESS, FullGrad, LayerRefineCam
 from captum_ssl.attr._cam.recipro_cam import LayerReciproCam
 from captum_ssl.attr._cam.smoothed_cams import (
     LayerISCam,
     LayerSmoothGradCamPlusPlus,
     LayerSSCam,
 )
-from captum_ssl.attr._core import AttributionInputError
+from captum_ssl.attr._core import (
+    AttributionInputError,
+    NonFiniteWarning,
+    TrainModeWarning,
+)
 from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._lrp import LRP, AttnLRP, PartialLRP, TransformerAttribution
 
 __all__ = [
     "AttentionFlow",
@@ -51,10 +69,28 @@ __all__ = [
     "LayerLayerCam",
     "LayerScoreCam",
     "LayerXGradCam",
+    "NonFiniteWarning",
     "TokenLayout",
+    "TrainModeWarning",
+    "DeepFeatureFactorization",
+    "Factorization",
+    "FullGrad",
+    "LayerFEM",
+    "LayerFinerCam",
+    "LayerKPCACam",
+    "LayerRandomCam",
+    "LayerRefineCam",
+    "LayerShapleyCam",
+    "SESS",
+    "SobelCam",
     "LeGrad",
     "LayerISCam",
     "LayerReciproCam",
     "LayerSSCam",
     "LayerSmoothGradCamPlusPlus",
+    # relevance propagation (issue 9)
+    "AttnLRP",
+    "LRP",
+    "PartialLRP",
+    "TransformerAttribution",
 ]

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 FORMATS = ("NCHW", "NHWC", "NLC")
+#: most prefix tokens (class, distillation, register tokens) tried when a
+#: token output's prefix count is not known
+MAX_PREFIX = 8
 
 
 def root_module(forward_func: Callable) -> Optional[nn.Module]:
@@ -29,6 +32,34 @@ def root_module(forward_func: Callable) -> Optional[nn.Module]:
     return None
 
 
+#: attributes that mark the model a token layout is read from
+MODEL_MARKERS = ("patch_embed", "num_prefix_tokens")
+
+
+def explained_model(
+    forward_func: Callable, layer: Optional[nn.Module] = None
+) -> Optional[nn.Module]:
+    """The model whose patch grid and prefix tokens describe ``layer``.
+
+    ``forward_func``'s module itself, or, when it wraps the model (for example
+    :class:`~captum_ssl.models.EmbeddingSimilarity` around a headless ViT, an
+    ``nn.Sequential(normalize, vit)``, DataParallel), the innermost submodule
+    that has a ``patch_embed`` or ``num_prefix_tokens`` attribute (timm's
+    convention, also the documented way for any other model to expose its
+    layout) and contains ``layer``. ``None`` for a plain function.
+    """
+    root = root_module(forward_func)
+    if root is None or any(hasattr(root, a) for a in MODEL_MARKERS):
+        return root
+    found = root
+    for module in root.modules():
+        if module is root or not any(hasattr(module, a) for a in MODEL_MARKERS):
+            continue
+        if layer is None or any(sub is layer for sub in module.modules()):
+            found = module  # pre-order: a later hit is nested deeper
+    return found
+
+
 def _pair(value) -> Tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
@@ -39,19 +70,40 @@ def _pair(value) -> Tuple[int, int]:
 class TokenLayout:
     r"""How a layer's output maps onto a spatial grid.
 
+    Any field left ``None`` is inferred from the layer's actual output: a 4-D
+    output is read as ``(B, C, H, W)`` or ``(B, H, W, C)`` according to where
+    the layer's channel count sits and which pair of dimensions is a grid of
+    the input image's shape; a token sequence ``(B, N, C)`` is laid onto the
+    model's patch grid, or onto the grid of the input's shape that ``N``
+    factors into. Where that stays ambiguous (for example a ``(B, 8, 8, 8)``
+    output of a layer with 8 channels) the methods raise an error asking for
+    ``layout=``.
+
     Args:
         fmt (str, optional): ``"NCHW"`` (CNN feature maps), ``"NHWC"``
-                    (channels-last, e.g. Swin) or ``"NLC"`` (token sequences
-                    ``(B, N, C)``, e.g. ViT). ``None`` infers it from the
-                    output's rank and the model.
+                    (channels-last, e.g. Swin, ConvNeXt's in-block norms) or
+                    ``"NLC"`` (token sequences ``(B, N, C)``, e.g. ViT).
+                    ``None`` infers it. Default: None
         grid (tuple[int, int], optional): ``(h, w)`` of the patch grid of an
-                    ``NLC`` output. ``None`` takes it from the model.
+                    ``NLC`` output. ``None`` takes it from the model or the
+                    input size. Default: None
         num_prefix_tokens (int, optional): tokens before the patch tokens
-                    (class, distillation, register tokens). ``None`` derives it
-                    from the grid: ``N - h * w``.
-        channels_last (bool, optional): with ``fmt=None``, read 4-D outputs as
-                    ``(B, H, W, C)`` instead of ``(B, C, H, W)``.
-                    Default: False
+                    (class, distillation, register tokens). ``None`` takes it
+                    from the model, else from the grid: ``N - h * w``.
+        channels_last (bool, optional): with ``fmt=None``, ``True`` reads 4-D
+                    outputs as ``(B, H, W, C)``, ``False`` as ``(B, C, H, W)``;
+                    ``None`` infers. Default: None
+        channels (int, optional): hint filled in by the library: the layer's
+                    channel count (its ``out_channels``, ``normalized_shape``
+                    ...). Default: None
+        input_size (tuple[int, int], optional): hint filled in by the
+                    library: the input image's ``(H, W)``. Default: None
+        patch_grid (tuple[int, int], optional): hint filled in by the
+                    library: the model's patch grid (timm ``patch_embed``);
+                    used for token outputs that fit it. Default: None
+        tie_break (str, optional): hint filled in by the library: the 4-D
+                    format to take when both readings fit the channels and the
+                    input (see :func:`layout_for`). Default: None
 
     Examples::
 
@@ -64,20 +116,29 @@ class TokenLayout:
     fmt: Optional[str] = None
     grid: Optional[Tuple[int, int]] = None
     num_prefix_tokens: Optional[int] = None
-    channels_last: bool = False
+    channels_last: Optional[bool] = None
+    channels: Optional[int] = None
+    input_size: Optional[Tuple[int, int]] = None
+    patch_grid: Optional[Tuple[int, int]] = None
+    tie_break: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.fmt is not None and self.fmt not in FORMATS:
             raise ValueError(f"fmt must be one of {FORMATS} or None, got {self.fmt!r}")
-        if self.grid is not None:
-            object.__setattr__(self, "grid", _pair(self.grid))
+        for name in ("grid", "input_size", "patch_grid"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _pair(getattr(self, name)))
 
     # ------------------------------------------------------------------ resolve
     def resolve(self, shape: torch.Size) -> TokenLayout:
         """A layout with every field set for an output of ``shape``, or an error."""
         ndim = len(shape)
         if ndim == 4:
-            fmt = self.fmt or ("NHWC" if self.channels_last else "NCHW")
+            fmt = self.fmt
+            if fmt is None and self.channels_last is not None:
+                fmt = "NHWC" if self.channels_last else "NCHW"
+            if fmt is None:
+                fmt = self._infer_4d(tuple(shape))
             if fmt == "NLC":
                 raise ValueError(
                     f"Layer output has shape {tuple(shape)} (4-D) but the layout says "
@@ -99,6 +160,36 @@ class TokenLayout:
             "`model.layer4` for a ResNet or `model.blocks[-1].norm1` for a ViT."
         )
 
+    def _infer_4d(self, shape: tuple) -> str:
+        """``"NCHW"`` or ``"NHWC"`` from where the channels and the grid sit."""
+        grids = {"NCHW": shape[2:4], "NHWC": shape[1:3]}
+        chans = {"NCHW": shape[1], "NHWC": shape[3]}
+        by_channels = [f for f in grids if self.channels in (None, chans[f])]
+        by_grid = [
+            f
+            for f in grids
+            if self.input_size is None or _fits_loosely(grids[f], self.input_size)
+        ]
+        for found in (
+            [f for f in by_channels if f in by_grid],
+            by_grid if self.channels is not None else [],
+            by_channels if self.input_size is not None else [],
+        ):
+            if len(found) == 1:
+                return found[0]
+        if self.tie_break is not None:
+            return self.tie_break
+        if self.channels is None and self.input_size is None:
+            return "NCHW"  # nothing to go by: Captum's convention
+        raise ValueError(
+            f"Cannot tell whether the layer output {shape} is channels-first "
+            "(B, C, H, W) or channels-last (B, H, W, C): "
+            + (f"the layer has {self.channels} channels and " if self.channels else "")
+            + f"both readings fit the input size {self.input_size}. Pass "
+            "layout=TokenLayout(fmt='NCHW') or layout=TokenLayout(fmt='NHWC') to "
+            "the method's constructor."
+        )
+
     def _resolve_tokens(self, n: int, shape: tuple) -> TokenLayout:
         k = self.num_prefix_tokens
         if self.grid is not None:
@@ -112,20 +203,28 @@ class TokenLayout:
                     "num_prefix_tokens=k) matching this layer."
                 )
             return TokenLayout(fmt="NLC", grid=(gh, gw), num_prefix_tokens=prefix)
-        if k is not None:
-            side = math.isqrt(max(n - k, 0))
-            if n - k > 0 and side * side == n - k:
-                return TokenLayout(fmt="NLC", grid=(side, side), num_prefix_tokens=k)
-            raise ValueError(
-                f"Layer output {shape} has {n} tokens; after {k} prefix tokens "
-                f"{n - k} remain, which is not a square grid. Pass "
-                "layout=TokenLayout(grid=(h, w)) for a non-square patch grid."
-            )
+        if self.patch_grid is not None:
+            gh, gw = self.patch_grid
+            prefix = n - gh * gw
+            if prefix >= 0 and (prefix == 0 if k is None else prefix in (0, k)):
+                return TokenLayout(fmt="NLC", grid=(gh, gw), num_prefix_tokens=prefix)
+            if k is None and 0 < prefix <= MAX_PREFIX:
+                return TokenLayout(fmt="NLC", grid=(gh, gw), num_prefix_tokens=prefix)
+        found = _token_grids(n, k, self.input_size)
+        if len(found) == 1:
+            prefix, grid = found[0]
+            return TokenLayout(fmt="NLC", grid=grid, num_prefix_tokens=prefix)
+        what = (
+            f"after {k} prefix tokens {n - k} remain, which fit"
+            if k is not None
+            else "it fits"
+        )
+        fits = ", ".join(f"{g[0]}x{g[1]} + {p} prefix" for p, g in found) or "none"
         raise ValueError(
-            f"Layer output {shape} is a token sequence but the patch grid is "
-            "unknown: the model exposes neither `patch_embed` nor "
-            "`num_prefix_tokens`. Pass layout=TokenLayout(grid=(h, w), "
-            "num_prefix_tokens=k) to the method's constructor."
+            f"Layer output {shape} is a token sequence whose patch grid is unknown: "
+            f"{what} these grids of the input {self.input_size}: {fits}. Pass "
+            "layout=TokenLayout(grid=(h, w), num_prefix_tokens=k) to the "
+            "method's constructor."
         )
 
     # ------------------------------------------------------------- conversions
@@ -161,27 +260,129 @@ def layout_for(
 ) -> TokenLayout:
     """Layout hints for ``layer`` of the model behind ``forward_func``.
 
-    Explicit fields of ``user_layout`` win; missing ones come from the model:
-    timm's ``output_fmt == "NHWC"`` (Swin), a channels-last ``nn.LayerNorm``
-    layer, ``patch_embed`` (grid from the input size and patch size, or its
-    ``grid_size``) and ``num_prefix_tokens``.
+    Explicit fields of ``user_layout`` win; the hints :meth:`TokenLayout.resolve`
+    reads the actual output with come from the layer (its channel count), the
+    input (its size) and the model (:func:`explained_model`: ``patch_embed``
+    gives the patch grid, ``num_prefix_tokens`` the prefix tokens). Nothing is
+    decided from the layer's type or a model-wide flag such as timm's
+    ``output_fmt``: a Swin's patch-embedding convolution is channels-first
+    while its stages are channels-last, and timm's channels-first
+    ``LayerNorm2d`` and channels-last ``LayerNorm`` are both ``nn.LayerNorm``.
+
+    Only when both readings of a 4-D output fit (its channel count equals its
+    side, e.g. ``(B, 16, 16, 16)``) is a tie broken: by the layer's own kind
+    where that fixes the layout (a convolution, batch / group / instance norm
+    or pooling layer is channels-first, a linear layer channels-last), else as
+    channels-first when the model has no ``nn.LayerNorm`` at all (a classic
+    CNN; channels-last feature maps come from LayerNorm-based models such as
+    ConvNeXt, Swin, MaxViT). Otherwise the methods raise an error asking for
+    ``layout=``.
     """
     layout = user_layout or TokenLayout()
-    model = root_module(forward_func)
-    grid, k = layout.grid, layout.num_prefix_tokens
-    # timm's Swin declares channels-last features; a plain LayerNorm normalises
-    # the last dimension, so a 4-D LayerNorm output is channels-last too
-    # (timm's LayerNorm2d is a subclass and is excluded by the exact type test).
-    channels_last = layout.channels_last or type(layer) is nn.LayerNorm
-    if model is not None and getattr(model, "output_fmt", None) == "NHWC":
-        channels_last = True
+    model = explained_model(forward_func, layer)
+    patch_grid, k = layout.patch_grid, layout.num_prefix_tokens
     if model is not None:
         embed = getattr(model, "patch_embed", None)
-        if grid is None and embed is not None:
-            grid = _grid_from_embed(embed, input_hw)
+        if patch_grid is None and embed is not None:
+            patch_grid = _grid_from_embed(embed, input_hw)
         if k is None and isinstance(getattr(model, "num_prefix_tokens", None), int):
             k = model.num_prefix_tokens
-    return replace(layout, grid=grid, num_prefix_tokens=k, channels_last=channels_last)
+    return replace(
+        layout,
+        num_prefix_tokens=k,
+        patch_grid=patch_grid,
+        channels=layout.channels or layer_channels(layer),
+        input_size=layout.input_size or input_hw,
+        tie_break=layout.tie_break or _tie_break(layer, model),
+    )
+
+
+_CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+
+def _tie_break(layer: nn.Module, model: Optional[nn.Module]) -> Optional[str]:
+    if isinstance(layer, _CHANNELS_FIRST):
+        return "NCHW"
+    if isinstance(layer, nn.Linear):
+        return "NHWC"
+    scope = model if model is not None else layer
+    if not any(isinstance(m, nn.LayerNorm) for m in scope.modules()):
+        return "NCHW"
+    return None
+
+
+def layer_channels(layer: nn.Module) -> Optional[int]:
+    """The channel count of ``layer``'s output, where its parameters state it.
+
+    A convolution's ``out_channels``, a norm's ``num_features`` /
+    ``num_channels`` / last ``normalized_shape``, a linear layer's
+    ``out_features``; for a container (a block, a stage) that of its last such
+    submodule in definition order. ``None`` when none is found.
+    """
+    for module in reversed(list(layer.modules())):
+        for attr in ("out_channels", "num_features", "num_channels", "out_features"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and len(shape) == 1:
+            return int(shape[0])
+    return None
+
+
+def _fits_loosely(grid: Tuple[int, int], size: Tuple[int, int], tol=1.5) -> bool:
+    """Whether ``grid`` can be a feature map of an image of ``size``: one stride
+    ``s >= 1`` with both sides within ``tol`` cells of ``size / s`` (padding,
+    rounding and unpadded convolutions shift a side by a cell or two)."""
+    (h, w), (big_h, big_w) = grid, size
+    if not (1 <= h <= big_h and 1 <= w <= big_w):
+        return False
+    lo = max((h - tol) / big_h, (w - tol) / big_w, 0.0)
+    hi = min((h + tol) / big_h, (w + tol) / big_w, 1.0)
+    return lo <= hi
+
+
+def _fits_exactly(grid: Tuple[int, int], size: Tuple[int, int]) -> bool:
+    """Whether ``grid`` is ``size`` divided by one integer stride, both sides
+    rounded down or both rounded up (a patch embedding, a strided stem)."""
+    (h, w), (big_h, big_w) = grid, size
+    for s in range(1, max(big_h, big_w) + 1):
+        if (big_h // s, big_w // s) == (h, w):
+            return True
+        if (-(-big_h // s), -(-big_w // s)) == (h, w):
+            return True
+    return False
+
+
+def _token_grids(
+    n: int, k: Optional[int], size: Optional[Tuple[int, int]]
+) -> List[Tuple[int, Tuple[int, int]]]:
+    """``(prefix, grid)`` pairs an ``n``-token sequence can be: ``k`` prefix
+    tokens (any of 0..MAX_PREFIX when unknown) and a grid of the input's shape
+    (a square one when the input size is unknown)."""
+    found = []
+    for prefix in [k] if k is not None else range(MAX_PREFIX + 1):
+        m = n - prefix
+        if m <= 0:
+            continue
+        if size is None:
+            side = math.isqrt(m)
+            if side * side == m:
+                found.append((prefix, (side, side)))
+            continue
+        for h in range(1, m + 1):
+            if m % h == 0 and _fits_exactly((h, m // h), size):
+                found.append((prefix, (h, m // h)))
+    return found
 
 
 def _grid_from_embed(embed: nn.Module, input_hw) -> Optional[Tuple[int, int]]:

@@ -8,6 +8,7 @@ Examples::
     ...     ...  # storage/imagenet_1000samples/, or the bundled photos if empty
 """
 
+from ._files import UnreadableImageError, UnreadableImageWarning, open_image
 from ._imagenet import (
     IMAGENET_ENV,
     ImageNetSamples,
@@ -24,12 +25,15 @@ __all__ = [
     "IMAGENET_ENV",
     "ImageNetSamples",
     "Photos",
+    "UnreadableImageError",
+    "UnreadableImageWarning",
     "bundled_photos",
     "class_index",
     "class_name",
     "default_imagenet_dir",
     "image_batches",
     "imagenet_wnids",
+    "open_image",
     "photo_names",
     "sample_files",
 ]

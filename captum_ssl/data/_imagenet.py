@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..models._preprocessing import Preprocessing
+from ._files import UnreadableImageError, image_ids, open_image, skip_warning
 from ._photos import Photos, _preprocessing, bundled_photos
 
 #: environment variable overriding the default sample folder
@@ -86,7 +87,11 @@ class ImageNetSamples(Dataset):
     1000 sample photos are grayscale) and preprocessed for the chosen model. The
     label is the wnid's position in sorted-wnid order, which is the order of
     timm's ``ImageNetInfo`` (the synonym in the file name is not unique and is not
-    used).
+    used). A file that cannot be read correctly (truncated, damaged JPEG data,
+    an unsupported pixel format) is skipped by :meth:`batches` with an
+    :class:`UnreadableImageWarning` naming it; indexing it raises
+    :class:`UnreadableImageError`. Each photo's id (:attr:`names`) is its file
+    stem, or its whole file name where two files share a stem.
 
     Args:
         root (path, optional): the folder. Default: :func:`default_imagenet_dir`
@@ -114,6 +119,8 @@ class ImageNetSamples(Dataset):
         self.root = Path(root) if root is not None else default_imagenet_dir()
         self.preprocessing = _preprocessing(model)
         files = sample_files(self.root)
+        # ids over the whole folder: a photo's id never depends on n
+        self._ids = dict(zip((p for p, _ in files), image_ids([p for p, _ in files])))
         self.files = files[:n] if n is not None else files
         self.raw = raw
         self._raw_tf = self.preprocessing.raw_transform()
@@ -128,15 +135,27 @@ class ImageNetSamples(Dataset):
 
     @property
     def names(self) -> List[str]:
-        return [path.stem for path, _ in self.files]
+        """One distinct id per photo: the file stem, or the whole file name
+        where several files share a stem (``x.JPEG`` and ``x.jpg``)."""
+        return [self.image_id(path) for path, _ in self.files]
+
+    def image_id(self, path: Path) -> str:
+        """The id of the photo in ``path`` (see :attr:`names`)."""
+        return self._ids.get(path, path.stem)
+
+    def select(self, names: List[str]) -> None:
+        """Keep only the photos whose id is in ``names`` (in folder order)."""
+        wanted = set(names)
+        self.files = [f for f in self.files if self.image_id(f[0]) in wanted]
 
     def read_raw(self, index: int) -> Tensor:
-        """The ``index``-th photo as an unnormalised [0, 1] ``(3, H, W)`` crop."""
-        from PIL import Image
+        """The ``index``-th photo as an unnormalised [0, 1] ``(3, H, W)`` crop.
 
-        path = self.files[index][0]
-        with Image.open(path) as image:
-            return self._raw_tf(image)
+        Raises:
+            UnreadableImageError: the file cannot be read correctly (message:
+                its path and the reason).
+        """
+        return self._raw_tf(open_image(self.files[index][0]))
 
     def __getitem__(self, index: int) -> Tuple[Tensor, int]:
         image = self.read_raw(index)
@@ -152,13 +171,21 @@ class ImageNetSamples(Dataset):
         if progress:
             starts = _progress(starts, total=len(starts), desc="ImageNet samples")
         for start in starts:
-            idx = range(start, min(start + batch_size, len(self)))
-            raw = torch.stack([self.read_raw(i) for i in idx])
+            raws, idx = [], []
+            for i in range(start, min(start + batch_size, len(self))):
+                try:
+                    raws.append(self.read_raw(i))
+                    idx.append(i)
+                except UnreadableImageError as err:  # named, skipped, run goes on
+                    skip_warning(err)
+            if not idx:
+                continue
+            raw = torch.stack(raws)
             labels = [self.files[i][1] for i in idx]
             yield Photos(
                 images=self.preprocessing.normalize(raw),
                 labels=torch.tensor(labels, dtype=torch.long),
-                names=[self.files[i][0].stem for i in idx],
+                names=[self.image_id(self.files[i][0]) for i in idx],
                 raw=raw,
                 accepted=[(label,) for label in labels],
             )

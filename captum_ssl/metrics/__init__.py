@@ -11,11 +11,13 @@ re-explain (``explanation_consistency``, ``randomization_sanity``) take the
 attribution method in place of maps.
 """
 
+from captum_ssl.metrics._arcc import arcc, coherency, complexity, road_combined
 from captum_ssl.metrics._common import (
     MetricInputError,
     gaussian_blur,
     higher_is_better,
     pearson,
+    rise_kernel,
     spearman,
     ssim,
     substrate,
@@ -29,6 +31,12 @@ from captum_ssl.metrics._confidence import (
     explanation_masked,
 )
 from captum_ssl.metrics._consistency import explanation_consistency
+from captum_ssl.metrics._content_heatmap import (
+    box_mask,
+    content_heatmap,
+    read_boxes,
+    scale_boxes,
+)
 from captum_ssl.metrics._perturbation import (
     deletion_auc,
     insertion_auc,
@@ -45,16 +53,23 @@ from captum_ssl.metrics._road import noisy_linear_imputation, road
 from captum_ssl.metrics._sanity import randomization_sanity
 
 __all__ = [
+    "arcc",
+    "coherency",
+    "complexity",
+    "road_combined",
     "DEFAULT_METRICS",
     "MetricInputError",
     "accuracy",
     "average_drop",
     "average_increase",
+    "box_mask",
     "class_probability",
+    "content_heatmap",
     "deletion_auc",
     "explanation_consistency",
     "explanation_masked",
     "gaussian_blur",
+    "rise_kernel",
     "higher_is_better",
     "insertion_auc",
     "noisy_linear_imputation",
@@ -65,7 +80,9 @@ __all__ = [
     "quantus_explain_func",
     "quantus_faithfulness",
     "randomization_sanity",
+    "read_boxes",
     "road",
+    "scale_boxes",
     "spearman",
     "ssim",
     "substrate",

@@ -7,8 +7,11 @@ perturbed copies in bounded chunks live here once.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -18,7 +21,11 @@ from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
     AttributionInputError,
+    NonFiniteWarning,
     chunked_scores,
+    eval_mode,
+    normalize_target,
+    user_stacklevel,
 )
 from captum_ssl.viz._maps import as_map, upsample
 
@@ -65,14 +72,71 @@ def higher_is_better(metric: Callable, **options: Any) -> bool:
     return table[value]
 
 
+#: images whose map is not finite, per metric call (see :func:`direction`)
+_BAD_MAPS: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar(
+    "captum_ssl_bad_maps", default=None
+)
+
+
+def metric_call(fn: Callable) -> Callable:
+    """Run ``fn(model, ...)`` the way every metric must run.
+
+    * The model (first argument) runs in eval mode for the call, each module
+      getting its own mode back afterwards (one warning when it was in
+      training mode: BatchNorm statistics never change while scoring).
+    * An image whose map holds NaN / Inf gets NaN as its value, with a
+      :class:`~captum_ssl.attr.NonFiniteWarning`; so does an image whose
+      model output is not finite. A NaN is never turned into a number.
+    """
+
+    @functools.wraps(fn)
+    def metric(*args: Any, **kwargs: Any) -> Any:
+        model = args[0] if args else kwargs.get("model")
+        outer = _BAD_MAPS.get()
+        record: list = [] if outer is None else outer
+        token = _BAD_MAPS.set(record) if outer is None else None
+        try:
+            with eval_mode(model, f"{fn.__name__} (a metric)"):
+                out = fn(*args, **kwargs)
+        finally:
+            if token is not None:
+                _BAD_MAPS.reset(token)
+        return out if outer is not None else _mark_nan(out, record, fn.__name__)
+
+    return metric
+
+
 def direction(spec: Any) -> Callable[[Callable], Callable]:
-    """Decorator setting ``fn.higher_is_better = spec``."""
+    """Decorator of every metric: :func:`metric_call`, and
+    ``fn.higher_is_better = spec``."""
 
     def wrap(fn: Callable) -> Callable:
-        fn.higher_is_better = spec  # type: ignore[attr-defined]
-        return fn
+        metric = metric_call(fn)
+        metric.higher_is_better = spec  # type: ignore[attr-defined]
+        return metric
 
     return wrap
+
+
+def _mark_nan(out: Any, record: list, name: str) -> Any:
+    if isinstance(out, dict):
+        return {k: _mark_nan(v, record, f"{name}[{k!r}]") for k, v in out.items()}
+    if not isinstance(out, Tensor) or out.dim() == 0:
+        return out
+    for bad in record:
+        if bad.shape[0] == out.shape[0] and bool(bad.any()):
+            mask = bad.to(out.device).view(-1, *[1] * (out.dim() - 1))
+            out = out.masked_fill(mask, float("nan"))
+    bad_rows = (~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)).nonzero()
+    if bad_rows.numel():
+        warnings.warn(
+            f"{name}: the value of image(s) {bad_rows.flatten().tolist()[:10]} is "
+            "NaN: their map or the model's output for them is not finite. NaN "
+            "is returned, not a number; drop those images or fix the map/model.",
+            NonFiniteWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return out
 
 
 # --------------------------------------------------------------------- model
@@ -95,6 +159,13 @@ def check_inputs(inputs: Tensor) -> None:
         )
     if inputs.shape[0] == 0:
         raise MetricInputError("inputs is an empty batch: pass at least one image.")
+    bad = ~torch.isfinite(inputs.detach().flatten(1)).all(1)
+    if bool(bad.any()):
+        where = bad.nonzero().flatten().tolist()[:10]
+        raise MetricInputError(
+            f"inputs hold NaN or Inf in image(s) {where}: fix or drop them "
+            "(`keep = torch.isfinite(x).flatten(1).all(1)`)."
+        )
 
 
 def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
@@ -112,6 +183,9 @@ def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
             "images: give one map per image."
         )
     maps = as_map(attributions.detach().to(inputs.device, torch.float32))
+    record = _BAD_MAPS.get()
+    if record is not None:  # NaN / Inf maps: the metric's value becomes NaN
+        record.append(~torch.isfinite(maps.flatten(1)).all(1))
     return upsample(maps, inputs)
 
 
@@ -134,9 +208,9 @@ def resolve_target(
     predictions you already have) to avoid it.
     """
     if target is not None:
-        return target
+        return normalize_target(target)
     preds = []
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model, "scoring"):
         for start in range(0, inputs.shape[0], batch_size):
             out = model(inputs[start : start + batch_size])
             if out.dim() < 2 or out.shape[1] < 2:
@@ -167,7 +241,10 @@ def score_forward(model: Callable, score: ScoreType) -> Callable:
 
         def top1(x: Tensor) -> Tensor:
             out = model(x)
-            return F.one_hot(out.argmax(dim=1), out.shape[1]).to(out.dtype)
+            hot = F.one_hot(out.argmax(dim=1), out.shape[1]).to(out.dtype)
+            # a NaN output has no top-1 class (argmax would pick the NaN)
+            finite = torch.isfinite(out).all(dim=1, keepdim=True)
+            return torch.where(finite, hot, torch.full_like(hot, float("nan")))
 
         return top1
     raise MetricInputError(
@@ -239,11 +316,55 @@ def gaussian_kernel(size: int = 11, sigma: float = 5.0, device: Any = None) -> T
     return k / k.sum()
 
 
-def gaussian_blur(inputs: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
-    """Per-channel Gaussian blur with zero padding, as RISE's insertion code."""
+def rise_kernel(
+    size: int = 11, sigma: float = 5.0, truncate: float = 4.0, device: Any = None
+) -> Tensor:
+    """RISE's blur kernel ``(size, size)``: SciPy's ``gaussian_filter`` of a
+    centred unit impulse inside a ``size x size`` window.
+
+    RISE's ``gkern`` builds its kernel that way. SciPy's filter reaches
+    ``int(truncate * sigma + 0.5)`` pixels (20 for sigma 5), past the 11 x 11
+    window, and its default ``mode="reflect"`` folds the Gaussian's tails back
+    into the window: the kernel still sums to one but is much flatter than a
+    Gaussian truncated to the window (centre 0.0088 and corner 0.0077 against
+    0.0120 and 0.0044 for :func:`gaussian_kernel`). The filter is separable and
+    the impulse too, so the kernel is the outer product of the 1-D filter of a
+    1-D impulse, computed here with the same half-sample reflection.
+    """
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    weights = weights / weights.sum()
+    # positions i + t read (reflected into [0, size)) at the impulse's index
+    pos = torch.arange(size, device=device)[:, None] + offsets.long()[None, :]
+    pos = pos % (2 * size)
+    pos = torch.where(pos >= size, 2 * size - 1 - pos, pos)
+    line = (weights[None, :] * (pos == size // 2)).sum(dim=1)
+    return (line[:, None] * line[None, :]).float()
+
+
+#: blur kernels of the ``"blur"`` substrates: RISE's (default) and a Gaussian
+#: truncated to the window and renormalised
+BLUR_KERNELS = ("rise", "gaussian")
+
+
+def gaussian_blur(
+    inputs: Tensor, size: int = 11, sigma: float = 5.0, kernel: str = "rise"
+) -> Tensor:
+    """Per-channel blur with zero padding, as RISE's insertion code.
+
+    ``kernel="rise"`` (default) is RISE's own kernel (:func:`rise_kernel`),
+    ``"gaussian"`` the normalised Gaussian truncated to the window
+    (:func:`gaussian_kernel`, this library's earlier kernel).
+    """
+    if kernel == "rise":
+        k = rise_kernel(size, sigma, device=inputs.device)
+    elif kernel == "gaussian":
+        k = gaussian_kernel(size, sigma, inputs.device)
+    else:
+        raise MetricInputError(f"kernel={kernel!r}: use one of {BLUR_KERNELS}.")
     c = inputs.shape[1]
-    k = gaussian_kernel(size, sigma, inputs.device).to(inputs.dtype)
-    weight = k.expand(c, 1, size, size)
+    weight = k.to(inputs.dtype).expand(c, 1, size, size)
     return F.conv2d(inputs, weight, padding=size // 2, groups=c)
 
 
@@ -253,10 +374,13 @@ def substrate(inputs: Tensor, spec: SubstrateType) -> Tensor:
     Returned broadcastable to ``inputs`` (4D, batch dimension 1 when the same
     for every image), not expanded.
 
-    ``"zero"`` (0 in the model's input space), ``"blur"`` (Gaussian, kernel 11,
-    sigma 5), ``"mean"`` (per-image, per-channel mean), a number, a tensor
-    broadcastable to ``inputs`` (e.g. ``(C, 1, 1)`` per-channel values such as
-    the normalised black), or a callable ``inputs -> substrate``.
+    ``"zero"`` (0 in the model's input space), ``"blur"`` (RISE's blur:
+    11 x 11 window, sigma 5, RISE's kernel, see :func:`rise_kernel`),
+    ``"blur_gaussian"`` (the same with a normalised Gaussian truncated to the
+    window, the kernel this library used before), ``"mean"`` (per-image,
+    per-channel mean), a number, a tensor broadcastable to ``inputs`` (e.g.
+    ``(C, 1, 1)`` per-channel values such as the normalised black), or a
+    callable ``inputs -> substrate``.
     """
     if callable(spec) and not isinstance(spec, Tensor):
         out = spec(inputs)
@@ -267,12 +391,15 @@ def substrate(inputs: Tensor, spec: SubstrateType) -> Tensor:
     elif spec == "zero":
         out = inputs.new_zeros((1, 1, 1, 1))
     elif spec == "blur":
-        out = gaussian_blur(inputs)
+        out = gaussian_blur(inputs, kernel="rise")
+    elif spec == "blur_gaussian":
+        out = gaussian_blur(inputs, kernel="gaussian")
     elif spec == "mean":
         out = inputs.mean(dim=(2, 3), keepdim=True)
     else:
         raise MetricInputError(
-            f"substrate={spec!r}: use 'zero', 'blur', 'mean', a number, a tensor "
+            f"substrate={spec!r}: use 'zero', 'blur', 'blur_gaussian', 'mean', a "
+            "number, a tensor "
             "broadcastable to the inputs, or a callable inputs -> substrate."
         )
     try:

@@ -24,6 +24,8 @@ from captum_ssl.metrics._common import (
 )
 from captum_ssl.viz._maps import normalize
 
+nan = float("nan")
+
 
 def explanation_masked(
     inputs: Tensor, attributions: Tensor, normalize_maps: bool = True
@@ -202,4 +204,5 @@ def average_increase(
     s = _image_and_masked(
         model, inputs, attributions, target, score, batch_size, "both"
     )
-    return (s[:, 1] > s[:, 0]).to(s.dtype)
+    up = (s[:, 1] > s[:, 0]).to(s.dtype)
+    return torch.where(torch.isnan(s).any(dim=1), torch.full_like(up, nan), up)

@@ -23,6 +23,7 @@ from captum_ssl.metrics._common import (
     evaluate,
     first_k_mask,
     fraction_grid,
+    metric_call,
     n_steps,
     normalized_auc,
     prepare,
@@ -32,6 +33,7 @@ from captum_ssl.metrics._common import (
 )
 
 
+@metric_call
 def perturbation_curve(
     model: Callable,
     inputs: Tensor,
@@ -163,8 +165,11 @@ def insertion_auc(
 ) -> Tensor:
     r"""Insertion AUC (Petsiuk et al., RISE, BMVC 2018). Higher is better.
 
-    Starts from the substrate (a Gaussian blur of the image, kernel 11,
-    sigma 5, zero padding, as in RISE's code) and puts back the most salient
+    Starts from the substrate (the image blurred as in RISE's code: its
+    11 x 11 kernel, sigma 5, zero padding; see
+    :func:`~captum_ssl.metrics.rise_kernel`; ``substrate="blur_gaussian"``
+    takes a normalised Gaussian truncated to the window instead) and puts
+    back the most salient
     ``step`` pixels of the image at each step until the image is whole; the
     trapezoid area of the class-probability curve (x-axis scaled to [0, 1])
     is the score. A faithful map makes the probability rise fast (high AUC).

@@ -204,9 +204,11 @@ def quantus_faithfulness(
 
     if not isinstance(model, nn.Module):
         raise MetricInputError("quantus_faithfulness needs a torch nn.Module.")
-    if model.training:
+    training = [n or "(the model)" for n, m in model.named_modules() if m.training]
+    if training:
         raise MetricInputError(
-            "The model is in training mode; Quantus requires model.eval()."
+            f"The model is in training mode ({', '.join(training[:3])}); Quantus "
+            "requires model.eval(): call it before quantus_faithfulness."
         )
     x, _ = prepare(model, inputs, None)
     target = resolve_target(model, x, target, batch_size)

@@ -13,6 +13,7 @@ from ._checkpoint import (
     CheckpointMismatchError,
     MissingCheckpointError,
     check_sha256,
+    incomplete_reason,
     load_state,
     read_checkpoint,
 )
@@ -129,12 +130,15 @@ def checkpoint_paths(
 def is_available(
     name: str, weights_dir: Optional[PathLike] = None, head: bool = True
 ) -> bool:
-    """Whether every file ``load(name, head=head)`` needs is present."""
+    """Whether every file ``load(name, head=head)`` needs is present and whole.
+
+    An empty or partly downloaded file (:func:`incomplete_reason`) does not
+    count: :func:`describe` says what is wrong with it."""
     try:
-        checkpoint_paths(name, weights_dir, head)
+        paths = checkpoint_paths(name, weights_dir, head)
     except MissingCheckpointError:
         return False
-    return True
+    return all(incomplete_reason(p) is None for p in paths.values())
 
 
 def available(weights_dir: Optional[PathLike] = None, head: bool = True) -> List[str]:
@@ -171,6 +175,7 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
     files = []
     for f in e.files:
         path = _locate(f, folder)
+        problem = incomplete_reason(path) if path is not None else None
         files.append(
             dict(
                 role=f.role,
@@ -180,6 +185,7 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
                 path=str(path) if path else None,
                 expected=str(folder / f.filename),
                 present=path is not None,
+                problem=problem,  # why a present file is unusable (None: whole)
             )
         )
     p = e.preprocessing
@@ -196,7 +202,7 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
         embed_dim=e.embed_dim,
         notes=e.notes,
         files=files,
-        available=all(f["present"] for f in files),
+        available=all(f["present"] and not f["problem"] for f in files),
     )
 
 

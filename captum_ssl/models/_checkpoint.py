@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(RuntimeError):
@@ -41,6 +44,10 @@ class ChecksumError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint is a valid file, but of another model (keys or shapes differ)."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint holds NaN / Inf weights, or a negative BatchNorm variance."""
 
 
 def _safe_globals() -> List[Any]:
@@ -128,17 +135,110 @@ def read_checkpoint(path: Path, source: str = "") -> Any:
                 f"that."
             ) from err
         raise CorruptCheckpointError(
-            f"{path} ({size} bytes) is truncated or corrupt: {_first_line(err)}.{where}"
+            f"{path} ({size} bytes) is truncated or corrupt: {_reason(err)}.{where}"
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - any failure here is a damaged file
         raise CorruptCheckpointError(
-            f"{path} ({size} bytes) is truncated or corrupt: {_first_line(err)}.{where}"
+            f"{path} ({size} bytes) is truncated or corrupt: {_reason(err)}.{where}"
         ) from err
 
 
-def _first_line(err: BaseException) -> str:
+def _reason(err: BaseException) -> str:
+    """The cause in torch's message, without its advice to load the file with
+    ``weights_only=False`` (unsafe, and useless for a damaged file)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    noise = ("weights_only", "Weights only load failed", "torch.load", "error:")
+    lines = [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and not any(n in ln for n in noise)
+    ]
+    return lines[0].rstrip(".") if lines else type(err).__name__
+
+
+_first_line = _reason  # older name
+
+
+# --------------------------------------------------------------- completeness
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_ELEMENT_SIZES = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+    "ByteStorage": 1, "BoolStorage": 1, "ComplexFloatStorage": 8,
+    "ComplexDoubleStorage": 16,
+}  # fmt: skip
+
+
+class _Inert:
+    """Stands for every class a legacy checkpoint names: nothing is imported
+    or run while its layout is checked."""
+
+    qualname = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _LayoutReader(pickle.Unpickler):
+    def __init__(self, f: Any) -> None:
+        super().__init__(f)
+        self.storages: Dict[str, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        return type(name, (_Inert,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid and pid[0] == "storage":
+            kind = getattr(pid[1], "qualname", str(pid[1])).rsplit(".", 1)[-1]
+            self.storages[str(pid[2])] = _ELEMENT_SIZES.get(kind, 0)
+        return None
+
+
+def incomplete_reason(path: PathLike) -> Optional[str]:
+    """Why a checkpoint file is empty or cut short, or ``None`` when it is whole.
+
+    Cheap (no tensor is read): a zip-format file (``torch.save`` since 1.6)
+    must end with its central directory; a legacy-format file must hold every
+    storage its header declares. A partly downloaded file fails both.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":
+            return "it is a zip archive cut short (no central directory at its end)"
+    try:
+        with open(path, "rb") as f:
+            if pickle.load(f) != _LEGACY_MAGIC:  # noqa: S301 - an int, see below
+                return "it is not a PyTorch checkpoint"
+            pickle.load(f)  # noqa: S301 - protocol version (an int)
+            pickle.load(f)  # noqa: S301 - sys info (a dict of ints)
+            reader = _LayoutReader(f)
+            reader.load()
+            keys = _LayoutReader(f).load()
+            for key in keys:
+                numel = int.from_bytes(f.read(8), "little")
+                f.seek(numel * reader.storages.get(str(key), 1), 1)
+            if f.tell() > size:
+                return f"it is cut short ({size} of at least {f.tell()} bytes)"
+    except Exception as err:  # noqa: BLE001 - unreadable header: damaged
+        return f"its header cannot be read ({type(err).__name__})"
+    return None
 
 
 def unwrap(obj: Any, keys: Iterable[str] = ("state_dict", "model")) -> Dict[str, Any]:
@@ -225,7 +325,44 @@ def load_state(
             f"{what} does not fit {type(model).__name__}: " + "; ".join(parts) + ". "
             "Is it the file of another model or release?"
         )
+    check_values(state, what)
     model.load_state_dict(state, strict=False)
+
+
+def check_values(state: Mapping[str, Any], what: str) -> None:
+    """Refuse NaN / Inf weights and negative BatchNorm variances, naming them.
+
+    A model loaded from such a file returns NaN logits (or maps) for every
+    image; the file is damaged or was saved from a diverged run.
+    """
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]
+    negative = [
+        k
+        for k, v in state.items()
+        if k.endswith("running_var") and isinstance(v, Tensor) and bool((v < 0).any())
+    ]
+    if bad or negative:
+        parts = []
+        if bad:
+            parts.append(
+                f"NaN or Inf in {len(bad)} tensors (as the model names them: "
+                f"{_summary(bad)})"
+            )
+        if negative:
+            parts.append(
+                f"a negative BatchNorm variance in {len(negative)} tensors "
+                f"({_summary(negative)})"
+            )
+        raise NonFiniteWeightsError(
+            f"{what}: " + "; ".join(parts) + ". The file is damaged, or saved "
+            "from a diverged run (or its tensors were swapped): download it again."
+        )
 
 
 def state_dict_of(obj: Any, what: str) -> Dict[str, Tensor]:

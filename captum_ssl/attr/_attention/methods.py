@@ -27,8 +27,8 @@ from captum_ssl.attr._attention.capture import (
     resolve_layers,
 )
 from captum_ssl.attr._attention.flow import layered_max_flows
-from captum_ssl.attr._core import AttributionInputError, TensorOrTuple
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._core import AttributionInputError, TensorOrTuple, finish_maps
+from captum_ssl.attr._layout import TokenLayout, explained_model
 
 HEAD_FUSIONS = ("mean", "max", "min")
 Query = Union[int, str]
@@ -50,14 +50,14 @@ def fuse_heads(attn: Tensor, head_fusion: str) -> Tensor:
 def _query_index(query: Query, forward_func: Callable, cap: Captured) -> int:
     n = cap.attentions[0].shape[-1]
     if query == "cls":
-        if getattr(root_module(forward_func), "cls_token", True) is None:
+        if getattr(explained_model(forward_func), "cls_token", True) is None:
             raise AttributionInputError(
                 "This model has no class token (timm class_token=False), so "
                 "query='cls' has no row to read: pass query=<token index>."
             )
         return 0
     if query == "dist":
-        model = root_module(forward_func)
+        model = explained_model(forward_func)
         if getattr(model, "dist_token", None) is None:
             raise AttributionInputError(
                 "query='dist' needs a distilled model (a DeiT with `dist_token`); "
@@ -102,18 +102,42 @@ def _check_ratio(discard_ratio: float) -> None:
         )
 
 
-def discard_lowest(fused: Tensor, ratio: float, protect: Tuple[int, int]) -> Tensor:
-    """Zero the ``ratio`` lowest entries of each sample's ``(q, N)`` matrix,
-    never the ``protect`` entry (the query token's own entry)."""
+DISCARDS = ("protect", "vit_explain")
+
+
+def _check_discard(discard: str) -> None:
+    if discard not in DISCARDS:
+        raise AttributionInputError(
+            f"discard must be one of {DISCARDS}, got {discard!r}."
+        )
+
+
+def discard_lowest(
+    fused: Tensor, ratio: float, protect: Tuple[int, int], spare: str = "protect"
+) -> Tensor:
+    """Zero the ``k = int(q * N * ratio)`` lowest entries of each sample's
+    ``(q, N)`` matrix.
+
+    ``spare`` says what happens to the ``protect`` entry (the query token's own
+    entry): ``"protect"`` never zeroes it and zeroes ``k`` other entries;
+    ``"after"`` picks the ``k`` lowest and then spares it, so only ``k - 1``
+    are zeroed when it was among them (vit-explain's ``vit_rollout.py``);
+    ``"none"`` spares nothing (vit-explain's ``vit_grad_rollout.py``).
+    """
     b, q, n = fused.shape
     k = int(q * n * ratio)
     if k == 0:
         return fused
     flat = fused.reshape(b, q * n)
+    keep = protect[0] * n + protect[1]
     ranked = flat.clone()
-    ranked[:, protect[0] * n + protect[1]] = float("inf")
+    if spare == "protect":
+        ranked[:, keep] = float("inf")
     idx = ranked.topk(k, dim=1, largest=False).indices
-    return flat.scatter(1, idx, 0.0).reshape(b, q, n)
+    out = flat.scatter(1, idx, 0.0)
+    if spare == "after":
+        out[:, keep] = flat[:, keep]
+    return out.reshape(b, q, n)
 
 
 def embed(fused: Tensor, kind: str, fill: str) -> Tensor:
@@ -139,8 +163,15 @@ def residual_normalize(mat: Tensor) -> Tensor:
     return res / res.sum(dim=-1, keepdim=True)
 
 
-def rollout(mats: List[Tensor]) -> Tensor:
-    """``M_L @ ... @ M_1`` for per-layer ``(B, N, N)`` matrices in layer order."""
+def rollout(mats: List[Tensor], query: Optional[int] = None) -> Tensor:
+    """``M_L @ ... @ M_1`` for per-layer ``(B, N, N)`` matrices in layer order;
+    with ``query``, only that row ``(B, N)``, by vector-matrix products
+    (``O(L N^2)`` instead of ``O(L N^3)``)."""
+    if query is not None:
+        row = mats[-1][:, query : query + 1, :]
+        for mat in reversed(mats[:-1]):
+            row = row @ mat
+        return row[:, 0]
     result = torch.eye(mats[0].shape[-1], dtype=mats[0].dtype, device=mats[0].device)
     result = result.expand_as(mats[0])
     for mat in mats:
@@ -174,6 +205,14 @@ class _AttentionAttribution(Attribution):
 
     def _modules(self):
         return resolve_layers(self.forward_func, self.layers)
+
+    @staticmethod
+    def _done(maps: Union[Tensor, List[Tensor]], cap: Captured):
+        """NaN maps where the model's output is not finite, with a warning."""
+        record = [] if cap.bad_rows is None else [cap.bad_rows]
+        if isinstance(maps, Tensor):
+            return finish_maps((maps,), record)[0]
+        return list(finish_maps(tuple(maps), record))
 
     def _capture(self, inputs, modules, target, args, grads: bool) -> Captured:
         return attention_forward(
@@ -257,7 +296,7 @@ class RawAttention(_AttentionAttribution):
                 _to_map(fuse_heads(row.unsqueeze(2), head_fusion)[:, 0], cap.layout)
             )
         single = not isinstance(self.layers, (list, tuple))
-        return maps[0] if single else maps
+        return self._done(maps[0] if single else maps, cap)
 
 
 class AttentionRollout(_AttentionAttribution):
@@ -273,6 +312,13 @@ class AttentionRollout(_AttentionAttribution):
 
     CaiT / XCiT class-attention layers only update the class token: their
     matrix is the identity with the class-attention row in row 0.
+
+    Discarding: by default (``discard="protect"``) the ``k`` lowest entries
+    other than the query token's own entry are zeroed. vit-explain's
+    ``vit_rollout.py`` picks the ``k`` lowest entries and then spares the
+    class token's own entry, zeroing ``k - 1`` when it was among them:
+    ``discard="vit_explain"`` does that. (vit-explain's division of columns,
+    its issue #16, is not reproduced.)
 
     Args:
         forward_func (Callable): the ViT (or a bound method of it).
@@ -296,6 +342,7 @@ class AttentionRollout(_AttentionAttribution):
         start_layer: int = 0,
         end_layer: Optional[int] = None,
         query: Query = "cls",
+        discard: str = "protect",
     ) -> Tensor:
         r"""
         Args:
@@ -309,24 +356,31 @@ class AttentionRollout(_AttentionAttribution):
             start_layer, end_layer (int, optional): roll only
                         ``layers[start_layer:end_layer]`` (Python slice).
             query (int or str, optional): ``"cls"``, ``"dist"`` or a token index.
+            discard (str, optional): ``"protect"`` (``k`` entries other than
+                        the query's own) or ``"vit_explain"`` (the ``k``
+                        lowest, then the query's own entry spared).
+                        Default: ``"protect"``
 
         Returns:
             Tensor: ``(B, 1, gh, gw)`` rollout maps.
         """
         _check_ratio(discard_ratio)
         _check_fusion(head_fusion)
+        _check_discard(discard)
         modules = _sub_range(self._modules(), start_layer, end_layer)
         cap = self._capture(inputs, modules, target, additional_forward_args, False)
         q = _query_index(query, self.forward_func, cap)
+        spare = "protect" if discard == "protect" else "after"
         mats = []
         for attn, kind in zip(cap.attentions, cap.kinds):
             fused = discard_lowest(
                 fuse_heads(attn, head_fusion),
                 discard_ratio,
                 (0 if kind == CLASS else q, q),
+                spare,
             )
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return _to_map(rollout(mats)[:, q, :], cap.layout)
+        return self._done(_to_map(rollout(mats, q), cap.layout), cap)
 
 
 class GradientAttentionRollout(_AttentionAttribution):
@@ -338,6 +392,22 @@ class GradientAttentionRollout(_AttentionAttribution):
     Then, as in :class:`AttentionRollout`: ``discard_ratio``, ``(A + I) / 2``
     row-normalised, product over layers, the query token's row.
 
+    Two orders, both offered:
+
+    * default: negatives are clamped per head, then heads are fused,
+      ``fuse((A * dy/dA).clamp(min=0))`` (the order of Chefer et al.'s
+      rule, so that one head's negative evidence cannot cancel another's
+      positive evidence), and the discarding never zeroes the query token's
+      own entry (``k`` other entries are zeroed);
+    * vit-explain's (``fusion_before_clamp=True, discard="vit_explain"``):
+      heads are fused first, then negatives clamped,
+      ``fuse(A * dy/dA).clamp(min=0)``, and the ``k`` lowest entries are
+      zeroed whatever they are, the class token's own entry included.
+
+    The two orders give different maps (see ``docs/deviations.md`` for the
+    measured difference). vit-explain's layer pairing (its issue #6), column
+    division (#16) and batch-size-1 limit are not reproduced.
+
     Args:
         forward_func (Callable): the ViT (or a bound method of it).
         layers (list, optional): attention layers; default all token layers.
@@ -346,6 +416,9 @@ class GradientAttentionRollout(_AttentionAttribution):
     Examples::
 
         >>> maps = GradientAttentionRollout(model).attribute(images, target=labels)
+        >>> as_vit_explain = GradientAttentionRollout(model).attribute(
+        ...     images, target=labels, discard_ratio=0.9,
+        ...     fusion_before_clamp=True, discard="vit_explain")
     """
 
     @log_usage()
@@ -359,6 +432,8 @@ class GradientAttentionRollout(_AttentionAttribution):
         start_layer: int = 0,
         end_layer: Optional[int] = None,
         query: Query = "cls",
+        fusion_before_clamp: bool = False,
+        discard: str = "protect",
     ) -> Tensor:
         r"""
         Args:
@@ -371,21 +446,33 @@ class GradientAttentionRollout(_AttentionAttribution):
             start_layer, end_layer (int, optional): roll
                         ``layers[start_layer:end_layer]``.
             query (int or str, optional): ``"cls"``, ``"dist"`` or a token index.
+            fusion_before_clamp (bool, optional): fuse heads, then clamp
+                        negatives (vit-explain) instead of clamping per head
+                        first. Default: False
+            discard (str, optional): ``"protect"`` (never the query's own
+                        entry) or ``"vit_explain"`` (no entry spared).
+                        Default: ``"protect"``
 
         Returns:
             Tensor: ``(B, 1, gh, gw)`` maps.
         """
         _check_ratio(discard_ratio)
         _check_fusion(head_fusion)
+        _check_discard(discard)
         modules = _sub_range(self._modules(), start_layer, end_layer)
         cap = self._capture(inputs, modules, target, additional_forward_args, True)
         q = _query_index(query, self.forward_func, cap)
+        spare = "protect" if discard == "protect" else "none"
         mats = []
         for attn, grad, kind in zip(cap.attentions, cap.gradients, cap.kinds):  # type: ignore[arg-type]
-            fused = fuse_heads((attn * grad).clamp(min=0), head_fusion)
-            fused = discard_lowest(fused, discard_ratio, (0 if kind == CLASS else q, q))
+            if fusion_before_clamp:
+                fused = fuse_heads(attn * grad, head_fusion).clamp(min=0)
+            else:
+                fused = fuse_heads((attn * grad).clamp(min=0), head_fusion)
+            protect = (0 if kind == CLASS else q, q)
+            fused = discard_lowest(fused, discard_ratio, protect, spare)
             mats.append(residual_normalize(embed(fused, kind, "identity")))
-        return _to_map(rollout(mats)[:, q, :], cap.layout)
+        return self._done(_to_map(rollout(mats, q), cap.layout), cap)
 
 
 class GenericAttention(_AttentionAttribution):
@@ -437,7 +524,7 @@ class GenericAttention(_AttentionAttribution):
         for attn, grad, kind in zip(cap.attentions, cap.gradients, cap.kinds):  # type: ignore[arg-type]
             cam = embed((grad * attn).clamp(min=0).mean(dim=1), kind, "zeros")
             rel = rel + cam @ rel
-        return _to_map(rel[:, q, :], cap.layout)
+        return self._done(_to_map(rel[:, q, :], cap.layout), cap)
 
 
 class AttentionFlow(_AttentionAttribution):
@@ -448,7 +535,12 @@ class AttentionFlow(_AttentionAttribution):
     ``l - 1`` feeds token ``i`` of layer ``l`` with capacity ``A'_l[i, j]``, the
     head-fused attention with the residual ``(A + I) / 2`` re-normalised by
     rows. The map value of a patch token is the maximum flow from it (input
-    layer) to the query token (class token) of the output layer.
+    layer) to the query token (class token) of the output layer, divided by
+    the sum of the flows from every input token, the class token (and any
+    other prefix token) included: the normalisation of the reference code
+    (Abnar & Zuidema's ``compute_flows`` / ``compute_node_flow``, which
+    divide each output node's flows by their sum), returned by default.
+    ``normalize=False`` returns the raw max-flow values instead.
 
     One max-flow problem per patch token is solved with SciPy's compiled Dinic
     solver on CPU (see :mod:`captum_ssl.attr._attention.flow` for why, and for
@@ -478,6 +570,7 @@ class AttentionFlow(_AttentionAttribution):
         start_layer: int = 0,
         end_layer: Optional[int] = None,
         query: Query = "cls",
+        normalize: bool = True,
     ) -> Tensor:
         r"""
         Args:
@@ -489,6 +582,10 @@ class AttentionFlow(_AttentionAttribution):
             start_layer, end_layer (int, optional): use
                         ``layers[start_layer:end_layer]``.
             query (int or str, optional): ``"cls"``, ``"dist"`` or a token index.
+            normalize (bool, optional): divide by the flows' sum over all
+                        input tokens, prefix tokens included (the reference
+                        code's normalisation); ``False`` returns raw max-flow
+                        values. Default: True
 
         Returns:
             Tensor: ``(B, 1, gh, gw)`` flow values in ``[0, 1]``.
@@ -506,8 +603,18 @@ class AttentionFlow(_AttentionAttribution):
         )  # (B, L, N, N)
         n = mats.shape[-1]
         k = cap.layout.num_prefix_tokens or 0
-        sources = list(range(k, n))
-        rows = torch.stack([layered_max_flows(m, q, sources) for m in mats])
+        sources = list(range(0 if normalize else k, n))
+        # a NaN capacity has no flow: such a sample's map is NaN, not a number
+        rows = torch.stack(
+            [
+                layered_max_flows(m, q, sources)
+                if bool(torch.isfinite(m).all())
+                else m.new_full((len(sources),), float("nan"))
+                for m in mats
+            ]
+        )
         full = rows.new_zeros(rows.shape[0], n)
-        full[:, k:] = rows
-        return _to_map(full, cap.layout)
+        full[:, n - len(sources) :] = rows
+        if normalize:
+            full = full / full.sum(dim=1, keepdim=True).clamp(min=1e-12)
+        return self._done(_to_map(full, cap.layout), cap)

@@ -21,6 +21,7 @@ from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     chunked_scores,
     format_inputs,
     per_sample_targets,
@@ -49,7 +50,7 @@ class LayerEigenCam(_LayerActivationCam):
         layer (torch.nn.Module): the layer whose activations are explained.
         device_ids (list[int], optional): for DataParallel models.
         layout (TokenLayout, optional): token / channels-last layout; ``None``
-                    reads it from the model.
+                    infers it from the layer's output and the model.
 
     Examples::
 
@@ -78,12 +79,13 @@ class LayerEigenCam(_LayerActivationCam):
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
         """
-        inputs = format_inputs(inputs)
-        acts = self._activations(
-            inputs, additional_forward_args, attribute_to_layer_input, target
-        )
-        cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+        inputs = format_inputs(inputs, False, self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts = self._activations(
+                inputs, additional_forward_args, attribute_to_layer_input, target
+            )
+            cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
 class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
@@ -105,7 +107,7 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         r"""
@@ -118,9 +120,17 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
                         Default: False
             relu_attributions (bool, optional): ReLU the map. Default: False
             perturbations_per_eval (int, optional): perturbed inputs per
-                        forward pass. Default: 1
-            show_progress (bool, optional): show a progress bar.
-                        Default: False
+                        forward pass (one per channel and image in all).
+                        ``None`` picks the chunk from the input's size and
+                        the free memory: on CUDA up to a quarter of the free
+                        memory (at most 256), on the CPU a few 224 px images
+                        (larger CPU batches are not faster); see
+                        ``captum_ssl.attr._core.auto_perturbations_per_eval``.
+                        Speed and memory only: the map is the same for any
+                        value. Default: None
+            show_progress (bool, optional): print a progress bar of the
+                        chunks (Captum's, on stderr); for long runs on the
+                        CPU. Default: False
 
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
@@ -176,7 +186,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         inputs: Tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: Any,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         if len(inputs) != 1 or inputs[0].dim() != 4:
@@ -258,7 +268,7 @@ class LayerAblationCam(_LayerOutputPerturbation, _LayerPerturbationCam):
         inputs: Tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: Any,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)

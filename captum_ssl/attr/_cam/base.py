@@ -12,6 +12,8 @@ come from :mod:`captum_ssl.attr._core` and Captum's own helpers.
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -24,18 +26,25 @@ from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
     TensorOrTuple,
+    attribution_call,
+    check_layer,
+    finish_maps,
     format_inputs,
     layer_activations,
     layer_activations_and_gradients,
 )
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._layout import TokenLayout, root_module
 
 
 def _finish(
-    cams: Tuple[Tensor, ...], relu_attributions: bool, is_tuple: bool
+    cams: Tuple[Tensor, ...],
+    relu_attributions: bool,
+    is_tuple: bool,
+    record: Optional[List[Tensor]] = None,
 ) -> TensorOrTuple:
     if relu_attributions:
         cams = tuple(torch.relu(c) for c in cams)
+    cams = finish_maps(cams, record or [])
     return _format_output(is_tuple, cams)
 
 
@@ -67,9 +76,11 @@ class LayerGradCam(_CaptumLayerGradCam):
         device_ids (list[int], optional): device ids for DataParallel models
                     whose forward_func is not the DataParallel module itself.
         layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid. ``None`` reads it from the model (timm's
-                    ``patch_embed`` and ``num_prefix_tokens``, Swin's
-                    channels-last features). Default: None
+                    grid. ``None`` infers it from the layer's actual output
+                    (channels-first or channels-last, token grid) and the
+                    model (timm's ``patch_embed`` and ``num_prefix_tokens``,
+                    also inside a wrapper); ambiguous outputs raise an error
+                    asking for it. Default: None
 
     Examples::
 
@@ -79,6 +90,9 @@ class LayerGradCam(_CaptumLayerGradCam):
         >>> vit = timm.create_model("deit_small_patch16_224").eval()
         >>> attr = LayerGradCam(vit, vit.blocks[-1].norm1).attribute(x, target=3)
         >>> attr.shape                                      # (B, 1, 14, 14)
+        >>> # a differentiable map: a loss on it trains the model
+        >>> m = cam.attribute(images, target=labels, create_graph=True)
+        >>> m.relu().mean().backward()
     """
 
     def __init__(
@@ -88,6 +102,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         device_ids: Optional[List[int]] = None,
         layout: Optional[TokenLayout] = None,
     ) -> None:
+        check_layer(forward_func, layer)
         super().__init__(forward_func, layer, device_ids)
         self.layout = layout
 
@@ -101,6 +116,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> TensorOrTuple:
         r"""
         Args:
@@ -117,27 +133,35 @@ class LayerGradCam(_CaptumLayerGradCam):
                         returns the weighted activations ``(B, C, h, w)``.
                         Default: True
             grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+            create_graph (bool, optional): return a differentiable map: the
+                        graph to the model's parameters is kept (nothing frozen
+                        or detached, gradients taken with ``create_graph=True``),
+                        so a loss on the map trains the model (CGC,
+                        :mod:`captum_ssl.training`). Slower and uses more
+                        memory; the default path is unchanged. Default: False
 
         Returns:
             Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
             patch-grid) resolution on the input's device, not normalised.
         """
-        inputs = format_inputs(inputs)
-        acts, grads = layer_activations_and_gradients(
-            self.forward_func,
-            self.layer,
-            inputs,
-            target,
-            additional_forward_args,
-            layout=self.layout,
-            device_ids=self.device_ids,
-            attribute_to_layer_input=attribute_to_layer_input,
-            grad_kwargs=grad_kwargs,
-        )
-        cams = tuple(
-            self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
-        )
-        return _finish(cams, relu_attributions, len(cams) > 1)
+        inputs = format_inputs(inputs, forward_func=self.forward_func)
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
+            acts, grads = layer_activations_and_gradients(
+                self.forward_func,
+                self.layer,
+                inputs,
+                target,
+                additional_forward_args,
+                layout=self.layout,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
+                grad_kwargs=grad_kwargs,
+                create_graph=create_graph,
+            )
+            cams = tuple(
+                self._combine(a, g, attr_dim_summation) for a, g in zip(acts, grads)
+            )
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         """Grad-CAM: the spatial mean of the gradients, per channel."""
@@ -162,6 +186,7 @@ class _LayerActivationCam(LayerAttribution):
         device_ids: Optional[List[int]] = None,
         layout: Optional[TokenLayout] = None,
     ) -> None:
+        check_layer(forward_func, layer)
         LayerAttribution.__init__(self, forward_func, layer, device_ids)
         self.layout = layout
 
@@ -209,15 +234,68 @@ class _LayerActivationCam(LayerAttribution):
         relu_attributions: bool,
         **kwargs: Any,
     ) -> Tensor:
-        inputs = format_inputs(inputs)
-        acts = self._activations(
-            inputs, additional_forward_args, attribute_to_layer_input, target
+        inputs = format_inputs(inputs, False, self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts = self._activations(
+                inputs, additional_forward_args, attribute_to_layer_input, target
+            )
+            weights = self._weights(
+                acts, inputs, target, additional_forward_args, **kwargs
+            )
+            cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
+                dim=1, keepdim=True
+            )
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+
+
+def _working_layer(forward_func: Callable, layer: nn.Module) -> str:
+    """A layer near ``layer`` whose channel sum does not vanish, by name."""
+    model = root_module(forward_func)
+    names = {} if model is None else {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(layer))
+    shown = re.sub(r"\.(\d+)", r"[\1]", name) if name else "<this layer>"
+    blocks = getattr(layer, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and hasattr(blocks[-1], "mlp"):
+        return f"`{shown}.blocks[-1].mlp`"
+    if hasattr(layer, "mlp"):
+        return f"`{shown}.mlp`"
+    return "the MLP (or last linear layer) of the block that produces it"
+
+
+def warn_if_channel_sum_vanishes(
+    forward_func: Callable,
+    layer: nn.Module,
+    acts: Tensor,
+    grads: Tensor,
+    method: str,
+    tol: float = 1e-3,
+) -> None:
+    """Warn when ``sum_k grads * acts`` is zero at every position.
+
+    A layer whose output goes straight into a per-position LayerNorm (Swin's
+    ``layers[-1]`` before ``model.norm``, ConvNeXt's ``stages[0..2]`` before
+    the next stage's ``LayerNorm2d``) has gradients orthogonal to its
+    activations at every position: LayerNorm is invariant to shifting and
+    scaling its input, so ``sum_k g_k a_k = 0`` exactly, and what is computed
+    is rounding noise.
+    """
+    prod = grads * acts
+    scale = prod.abs().sum(dim=1).amax()
+    if scale > 0 and prod.sum(dim=1).abs().amax() <= tol * scale:
+        warnings.warn(
+            f"{method}: the channel sum of gradient x activation at the layer "
+            f"{layer.__class__.__name__} is zero at every position (its output "
+            "feeds a per-position LayerNorm, which makes gradients orthogonal to "
+            "activations), so the map is rounding noise"
+            + (
+                " and its sign orientation is arbitrary"
+                if method == "LayerEigenGradCam"
+                else ""
+            )
+            + f". Explain {_working_layer(forward_func, layer)} instead, or use "
+            "LayerGradCam on this layer.",
+            stacklevel=4,
         )
-        weights = self._weights(acts, inputs, target, additional_forward_args, **kwargs)
-        cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
-            dim=1, keepdim=True
-        )
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
 
 
 def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
@@ -229,10 +307,13 @@ def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
     smaller of ``X X^T`` (positions) and ``X^T X`` (channels) in float64: the
     same component as an SVD at a fraction of its cost. The sign of a singular
     vector is arbitrary, so the projection is oriented to correlate positively
-    with ``reference`` ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``.
+    with ``reference`` ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``; the map of a
+    sample whose ``x`` holds NaN or Inf is NaN (never a finite stand-in).
     """
     b, c, h, w = x.shape
-    rows = torch.nan_to_num(x.reshape(b, c, h * w).transpose(1, 2).double())
+    rows = x.reshape(b, c, h * w).transpose(1, 2).double()
+    bad = ~torch.isfinite(rows).flatten(1).all(1)
+    rows = rows.masked_fill(bad.view(b, 1, 1), 0.0)  # solved apart, then NaN
     rows = rows - rows.mean(dim=1, keepdim=True)
     if h * w <= c:
         evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))
@@ -244,4 +325,5 @@ def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
     ref = ref - ref.mean(dim=1, keepdim=True)
     sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (proj * sign).transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)
+    proj = (proj * sign).masked_fill(bad.view(b, 1, 1), float("nan"))
+    return proj.transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)

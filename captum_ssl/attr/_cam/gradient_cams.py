@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from captum_ssl.attr._cam.base import LayerGradCam, first_principal_projection
+from captum_ssl.attr._cam.base import (
+    LayerGradCam,
+    first_principal_projection,
+    warn_if_channel_sum_vanishes,
+)
 
 
 class LayerGradCamPlusPlus(LayerGradCam):
@@ -73,6 +77,11 @@ class LayerHiResCam(LayerGradCam):
     Unlike Grad-CAM it does not average the gradients over positions, so the
     map provably reflects the locations the model used.
 
+    On a layer whose output feeds a per-position LayerNorm (Swin's
+    ``layers[-1]``, ConvNeXt's ``stages[0..2]``) the channel sum is exactly
+    zero at every position (LayerNorm's gradient is orthogonal to its input):
+    a warning names a layer that works.
+
     Reference: Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful
     explanations of convolutional neural networks", 2020.
     https://arxiv.org/abs/2011.08891
@@ -86,6 +95,13 @@ class LayerHiResCam(LayerGradCam):
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         return grads
+
+    def _combine(self, acts: Tensor, grads: Tensor, sum_channels: bool) -> Tensor:
+        if sum_channels:
+            warn_if_channel_sum_vanishes(
+                self.forward_func, self.layer, acts, grads, type(self).__name__
+            )
+        return super()._combine(acts, grads, sum_channels)
 
 
 class LayerGradCamElementWise(LayerGradCam):
@@ -142,7 +158,9 @@ class LayerEigenGradCam(LayerGradCam):
     Deliberate deviation from pytorch-grad-cam: the SVD's sign is arbitrary and
     pytorch-grad-cam keeps whatever sign LAPACK returns, so its map can come
     out inverted. Here the projection is oriented to correlate positively with
-    the HiRes-CAM map :math:`\sum_k \partial y^c / \partial A^k \odot A^k`.
+    the HiRes-CAM map :math:`\sum_k \partial y^c / \partial A^k \odot A^k`;
+    where that sum vanishes (a layer feeding a per-position LayerNorm, see
+    :class:`LayerHiResCam`) the orientation is arbitrary and a warning says so.
 
     Reference: after Muhammad & Yeasin, "Eigen-CAM: Class Activation Map using
     Principal Components", IJCNN 2020 (https://arxiv.org/abs/2008.00299);
@@ -162,5 +180,8 @@ class LayerEigenGradCam(LayerGradCam):
                 "LayerEigenGradCam has no per-channel form: use "
                 "attr_dim_summation=True."
             )
+        warn_if_channel_sum_vanishes(
+            self.forward_func, self.layer, acts, grads, type(self).__name__
+        )
         product = grads * acts
         return first_principal_projection(product, product.sum(dim=1, keepdim=True))

@@ -87,7 +87,7 @@ class LayerReciproCam(
         inputs: TensorOrTuple,
         target: TargetType = None,
         additional_forward_args: Any = None,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         softmax: bool = True,
         relu_attributions: bool = False,
@@ -99,7 +99,10 @@ class LayerReciproCam(
                         sample. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             perturbations_per_eval (int, optional): masked feature maps per
-                        evaluation of the network after the layer. Default: 1
+                        evaluation of the network after the layer. ``None``
+                        chooses a chunk from the input size and free memory
+                        (``captum_ssl.attr._core.auto_perturbations_per_eval``).
+                        Default: None
             show_progress (bool, optional): show a progress bar.
             softmax (bool, optional): score the softmax of the output over its
                         last dimension (the paper); False scores the output

@@ -73,7 +73,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         num_samples: Optional[int] = None,
         noise: Optional[Tensor] = None,
@@ -89,7 +89,10 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
                         Default: False
             relu_attributions (bool, optional): ReLU the map. Default: False
             perturbations_per_eval (int, optional): masked inputs per forward
-                        pass. Default: 1
+                        pass. ``None`` chooses a chunk from the
+                        input size and free memory
+                        (``captum_ssl.attr._core.auto_perturbations_per_eval``).
+                        Default: None
             show_progress (bool, optional): show a progress bar.
             num_samples (int, optional): evaluations per channel; ``None``
                         uses the class default (IS-CAM 10, SS-CAM 35).
@@ -123,7 +126,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
         inputs: Tuple[Tensor, ...],
         target: TargetType,
         additional_forward_args: Any,
-        perturbations_per_eval: int = 1,
+        perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
         x = _image(inputs, type(self).__name__)

@@ -1,0 +1,300 @@
+"""Checks of the main job's options, before any model or data is loaded.
+
+``validate(args)`` is called once by ``benchmarks.run`` right after argument
+parsing. Each problem is one :class:`OptionError` whose message names the
+option (or path) and the fix; ``benchmarks.run`` prints it as one line and
+exits with status 2. Nothing here loads a model, reads an image or writes
+anything but a probe file that is removed at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import pkgutil
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Set
+
+from benchmarks.evaluation import methods as M
+
+#: words that stand for sets of methods / metrics
+SET_WORDS = ("quick", "thesis", "all")
+#: options that must be positive integers where given (None allowed: auto)
+POSITIVE_INTS = (
+    "perturbations_per_eval",
+    "internal_batch_size",
+    "nt_samples_batch_size",
+    "nt_samples",
+    "n_steps",
+    "batch_size",
+)
+#: arguments the pipeline passes itself
+_FIXED = {"self", "inputs", "target", "additional_forward_args"}
+_METRIC_FIXED = {"model", "inputs", "attributions", "target"}
+
+
+class OptionError(ValueError):
+    """A bad option of the main job; the message says which and how to fix it."""
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raise :class:`OptionError` for the first bad option of ``args``."""
+    _numbers(args)
+    pattern = getattr(args, "filter", None)
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise OptionError(
+                f"--filter {pattern}: not a regular expression ({err})"
+            ) from None
+    _device(args)
+    _bench(args)
+    _models(args)
+    for word in getattr(args, "methods", None) or []:
+        check_method(word)
+    for word in getattr(args, "metrics", None) or []:
+        check_metric(word)
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_dir():
+        raise OptionError(
+            f"--data {data}: no such folder; pass the folder of the ImageNet "
+            "sample photos (<wnid>_<name>.JPEG), or leave --data out"
+        )
+    if not getattr(args, "list", False):
+        check_out(Path(args.out))
+
+
+# ----------------------------------------------------------------- numbers
+
+
+def _numbers(args: argparse.Namespace) -> None:
+    hints = {
+        "limit": "leave --limit out for the default (8 images; all with --full)",
+        "images": "leave --images out for the default",
+        "batch_size": "e.g. --batch-size 8",
+        "metric_batch_size": "e.g. --metric-batch-size 64",
+        "repeat": "e.g. --repeat 3",
+    }
+    for name, hint in hints.items():
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            flag = "--" + name.replace("_", "-")
+            raise OptionError(f"{flag} must be at least 1 (got {v}); {hint}")
+
+
+# ------------------------------------------------------------------ device
+
+
+def _device(args: argparse.Namespace) -> None:
+    device = getattr(args, "device", None)
+    if device is not None:
+        given, flag = device, f"--device {device}"
+    elif os.environ.get("BENCH_DEVICE"):
+        given = os.environ["BENCH_DEVICE"]
+        flag = f"BENCH_DEVICE={given}"
+    else:
+        return
+    import torch
+
+    try:
+        dev = torch.device(given)
+    except (RuntimeError, ValueError):
+        raise OptionError(
+            f"{flag}: not a torch device; use cpu, cuda or cuda:N"
+        ) from None
+    fix = "leave --device out (CUDA when present, else the CPU) or use --device cpu"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"{flag}: no CUDA GPU is available here; {fix}")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise OptionError(
+                f"{flag}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise OptionError(f"{flag}: MPS is not available here; {fix}")
+    elif dev.type != "cpu":
+        raise OptionError(f"{flag}: unsupported device type {dev.type!r}; {fix}")
+
+
+# ------------------------------------------------------------- names
+
+
+def bench_areas() -> List[str]:
+    """The areas ``--bench`` accepts: ``benchmarks/bench_<area>.py`` and
+    ``evaluation`` (the accuracy pipeline)."""
+    import benchmarks
+
+    areas = [
+        m.name[len("bench_") :]
+        for m in pkgutil.iter_modules(benchmarks.__path__)
+        if m.name.startswith("bench_")
+    ]
+    return sorted(areas) + ["evaluation"]
+
+
+def _bench(args: argparse.Namespace) -> None:
+    known = bench_areas()
+    bad = [b for b in getattr(args, "bench", None) or [] if b not in known]
+    if bad:
+        raise OptionError(
+            f"--bench {' '.join(bad)}: unknown area; known: {', '.join(known)}"
+        )
+
+
+def _models(args: argparse.Namespace) -> None:
+    from captum_ssl.models import list_models
+
+    known = list_models()
+    names = list(getattr(args, "models", None) or [])
+    if names == ["none"]:
+        names = []
+    for flag, given in (
+        ("--models", names),
+        ("--random-weights", getattr(args, "random_weights", [])),
+    ):
+        bad = [n for n in given if n not in known]
+        if bad:
+            raise OptionError(
+                f"{flag} {' '.join(bad)}: unknown model; known: {', '.join(known)}"
+                + (" (or 'none' with --random-weights)" if flag == "--models" else "")
+            )
+
+
+def _parse(flag: str, word: str):
+    try:
+        return M.parse_spec(word)
+    except ValueError:
+        raise OptionError(
+            f"{flag} {word}: options are written name:option=value,option=value"
+        ) from None
+
+
+def check_method(word: str) -> None:
+    """One ``--methods`` word: a set word, or a known method whose options are
+    arguments of that method."""
+    if word in SET_WORDS:
+        return
+    name, opts = _parse("--methods", word)
+    base, _, nt = name.partition("+")
+    if name not in M.method_names():
+        if base in M.GRADIENT and nt:
+            raise OptionError(
+                f"--methods {word}: unknown NoiseTunnel variant {nt!r}; known: "
+                f"{', '.join(M.NOISE_TUNNELS)}"
+            )
+        known = list(SET_WORDS) + list(M.CAMS) + list(M.ATTENTION)
+        raise OptionError(
+            f"--methods {word}: unknown method {name!r}; known: "
+            f"{', '.join(known + list(M.GRADIENT))} (the last "
+            f"{len(M.GRADIENT)} also as name+{'/'.join(M.NOISE_TUNNELS)})"
+        )
+    allowed = method_options(name)
+    _check_opts("--methods", word, opts, allowed)
+
+
+def method_options(name: str) -> Optional[Set[str]]:
+    """Option names ``name`` accepts (None: any), read from the signatures of
+    the classes :func:`methods.build_method` calls."""
+    import captum.attr as CA
+
+    import captum_ssl.attr as A
+
+    base, _, nt = name.partition("+")
+    extra: Set[str] = set()
+    if base in M.CAMS:
+        fn = getattr(A, M.CAMS[base]).attribute
+    elif base in M.ATTENTION:
+        fn = getattr(A, M.ATTENTION[base]).attribute
+        if base == "raw_attention":
+            extra.add("layers")
+    else:
+        fn = getattr(CA, M.GRADIENT[base]).attribute
+        extra.add("reduce")
+        if nt:
+            nt_params = inspect.signature(CA.NoiseTunnel.attribute).parameters
+            extra |= {p for p in nt_params if p not in ("self", "inputs", "nt_type")}
+    names = _params(fn)
+    return None if names is None else (names | extra) - _FIXED - {"kwargs"}
+
+
+def check_metric(word: str) -> None:
+    """One ``--metrics`` word: a set word, or a known metric with options of
+    its function."""
+    if word in SET_WORDS:
+        return
+    name, opts = _parse("--metrics", word)
+    if name not in M.METRICS:
+        raise OptionError(
+            f"--metrics {word}: unknown metric {name!r}; known: "
+            f"{', '.join(list(SET_WORDS) + list(M.METRICS))}"
+        )
+    allowed = _params(M.metric_function(name))
+    if allowed is not None:
+        allowed = allowed - _METRIC_FIXED - {"return_curve"}
+    _check_opts("--metrics", word, opts, allowed)
+
+
+def _params(fn) -> Optional[Set[str]]:
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def _check_opts(
+    flag: str, word: str, opts: Dict[str, Any], allowed: Optional[Iterable[str]]
+) -> None:
+    if allowed is not None:
+        bad = sorted(k for k in opts if k not in allowed)
+        if bad:
+            raise OptionError(
+                f"{flag} {word}: unknown option {', '.join(bad)}; this one takes: "
+                f"{', '.join(sorted(allowed)) or 'no options'}"
+            )
+    for k in POSITIVE_INTS:
+        v = opts.get(k, 1)
+        if v is None and k in ("perturbations_per_eval", "internal_batch_size"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OptionError(f"{flag} {word}: {k} must be an integer >= 1 (got {v!r})")
+
+
+# ----------------------------------------------------------- output folder
+
+
+def check_out(out: Path) -> None:
+    """The output folder can be created and written, and a results store in it
+    can be read."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(
+            f"--out {out}: is a file, not a folder; pass a folder (created if absent)"
+        )
+    folder = out
+    while not folder.exists():  # the nearest existing parent gets the folder
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OptionError(f"--out {out}: {folder} is a file; pass another folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    except OSError as err:
+        raise OptionError(
+            f"--out {out}: cannot write in {folder} ({err.strerror}); pass a "
+            "writable folder with --out"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    from benchmarks.evaluation.pipeline import DB_NAME
+    from benchmarks.evaluation.store import StoreError, check_file
+
+    db = out / DB_NAME
+    if db.exists():
+        try:
+            check_file(db)
+        except StoreError as err:
+            raise OptionError(str(err)) from None

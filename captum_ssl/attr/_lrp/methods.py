@@ -1,0 +1,416 @@
+"""Relevance-propagation explanations for Vision Transformers (issue 9).
+
+All methods run the unchanged timm model once with the rules of
+:mod:`.rules` applied per call (:func:`.propagate.relevance_rules`), then one
+backward pass that carries relevance (and, for :class:`TransformerAttribution`,
+one that carries the ordinary gradient). Batches and per-sample targets need
+nothing special: every rule acts per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from captum._utils.common import _run_forward
+from captum._utils.typing import TargetType
+from captum.attr import Attribution
+from captum.log import log_usage
+from torch import Tensor
+
+from captum_ssl.attr._attention.capture import (
+    _model_of,
+    _single_calls,
+    attention_kind,
+    capture_attention,
+    resolve_layers,
+)
+from captum_ssl.attr._attention.methods import _to_map, embed
+from captum_ssl.attr._core import (
+    AttributionInputError,
+    TensorOrTuple,
+    check_target,
+    format_inputs,
+    input_hw,
+    per_sample_targets,
+    record_from_layer_only,
+)
+from captum_ssl.attr._layout import TokenLayout, layout_for
+from captum_ssl.attr._lrp.propagate import relevance_rules, unsupported_model
+from captum_ssl.attr._lrp.rules import AttnLRPRules, CheferRules, Rules, State
+
+ATS = ("patches", "pixels")
+
+
+def _target_index(out: Tensor, target: TargetType) -> Tensor:
+    """Per-sample class indices ``(B,)`` for a ``(B, classes)`` output."""
+    check_target(out, target)
+    if out.dim() != 2:
+        raise AttributionInputError(
+            f"LRP needs class scores of shape (B, classes); the model returns "
+            f"{tuple(out.shape)}."
+        )
+    n = out.shape[1]
+    idx = []
+    for t in per_sample_targets(target, out.shape[0]):
+        if isinstance(t, tuple):
+            if len(t) != 1:
+                raise AttributionInputError(
+                    "LRP targets are class indices: pass an int per sample."
+                )
+            t = t[0]
+        idx.append(int(t) % n)
+    return torch.tensor(idx, device=out.device)
+
+
+class _Pass:
+    """What one rule-applied forward (+ backward passes) gave."""
+
+    def __init__(self) -> None:
+        self.attentions: List[Tensor] = []
+        self.gradients: Optional[List[Tensor]] = None
+        self.relevances: List[Tensor] = []
+        self.kinds: List[str] = []
+        self.layout: Optional[TokenLayout] = None
+
+
+class _LRPAttribution(Attribution):
+    def __init__(
+        self, forward_func: Callable, layout: Optional[TokenLayout] = None
+    ) -> None:
+        super().__init__(forward_func)
+        self.layout = layout
+        why = unsupported_model(_model_of(forward_func))
+        if why is not None:
+            raise AttributionInputError(why)
+
+    def _propagate(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType,
+        additional_forward_args: Any,
+        rules: Rules,
+        *,
+        attention: bool = False,
+        gradients: bool = False,
+        to: Optional[str] = None,
+    ) -> _Pass:
+        """One forward pass with ``rules``; relevance (and gradients) of the
+        attention maps (``attention``) or of the patch tokens / pixels (``to``)."""
+        inputs = format_inputs(inputs)
+        model = _model_of(self.forward_func)
+        modules = resolve_layers(self.forward_func, None) if attention else []
+        state = State(mode="grad", need_grad=gradients)
+        res = _Pass()
+        patches: List[Tensor] = []
+        handle = None
+        if to == "patches":
+            handle = model.patch_embed.register_forward_hook(
+                lambda _m, _a, out: patches.append(out)
+            )
+        try:
+            with (
+                record_from_layer_only(self.forward_func),
+                relevance_rules(model, rules, state, embedding=to is not None),
+                capture_attention(modules) as store,
+                torch.enable_grad(),
+            ):
+                xs = tuple(
+                    x.detach().requires_grad_() if x.is_floating_point() else x
+                    for x in inputs
+                )
+                out = _run_forward(self.forward_func, xs, None, additional_forward_args)
+                idx = _target_index(out, target)
+                start = torch.zeros_like(out)
+                rows = torch.arange(out.shape[0], device=out.device)
+                start[rows, idx] = 1.0
+                if rules.start == "logit":
+                    start = start * out.detach()
+                attns = _single_calls(store, modules) if attention else []
+                if gradients:
+                    res.gradients = [
+                        g.detach()
+                        for g in torch.autograd.grad(
+                            out, attns, start, retain_graph=True
+                        )
+                    ]
+                state.mode = "rel"
+                if to == "patches":
+                    wrt: Sequence[Tensor] = patches[:1]
+                elif to == "pixels":
+                    wrt = xs[:1]
+                else:
+                    wrt = attns
+                res.relevances = [
+                    r.detach() for r in torch.autograd.grad(out, wrt, start)
+                ]
+        finally:
+            if handle is not None:
+                handle.remove()
+        res.attentions = [a.detach() for a in attns]
+        res.kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
+        hw = input_hw(inputs)
+        if attention:
+            lay = layout_for(self.forward_func, modules[-1], hw, self.layout)
+            res.layout = lay.resolve(torch.Size((1, attns[0].shape[-1], 1)))
+        elif to == "patches":
+            res.layout = layout_for(
+                self.forward_func, model.patch_embed, hw, self.layout
+            )
+        return res
+
+
+class TransformerAttribution(_LRPAttribution):
+    r"""Transformer attribution (Chefer, Gur & Wolf, "Transformer
+    Interpretability Beyond Attention Visualization", CVPR 2021).
+
+    For every attention layer :math:`b`, :math:`R^{A_b}` is the LRP relevance
+    of its attention map (the rules of :class:`~captum_ssl.attr._lrp.rules.
+    CheferRules`: :math:`\alpha\beta` with ``alpha`` for linear layers,
+    identity for LayerNorm / GELU / softmax, the halved matmul rule, the
+    normalised residual add; relevance starts as 1 at the target class) and
+    :math:`\nabla A_b` the gradient of the target score with respect to it:
+
+    .. math::
+        \bar A_b = I + \mathbb{E}_h\left[(\nabla A_b \odot R^{A_b})^+\right],
+        \qquad C = \bar A_L \cdots \bar A_{s+1} \bar A_s
+
+    (:math:`s` = ``start_layer``); the map is the class token's row of
+    :math:`C` over the patch tokens (all prefix tokens removed). This equals
+    the authors' ``generate_LRP(method="transformer_attribution")`` on the
+    same weights (tested to 1e-4), for any batch and per-sample targets.
+
+    Supported models: timm ViT, DeiT, DeiT distilled, MoCo v3 / DINO ViTs,
+    register tokens, CaiT (rolled over its class-attention layers). One
+    forward pass and two backward passes (gradients, relevance).
+
+    Args:
+        forward_func (Callable): the timm model (or a bound method of it).
+        layout (TokenLayout, optional): patch grid / prefix tokens override.
+
+    Examples::
+
+        >>> attr = TransformerAttribution(model)
+        >>> maps = attr.attribute(images, target=labels)  # (B, 1, 14, 14)
+        >>> maps = attr.attribute(images, target=labels, start_layer=4)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        start_layer: int = 0,
+        alpha: float = 1.0,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple of Tensor): image batch ``(B, 3, H, W)``.
+            target (int, tuple, Tensor, or list): class to explain, one for
+                        all or one per sample.
+            additional_forward_args (Any, optional): extra forward arguments.
+            start_layer (int, optional): first attention layer of the rollout
+                        (index into the token-attention layers). Default: 0
+            alpha (float, optional): :math:`\alpha` of the linear layers'
+                        :math:`\alpha\beta`-rule (:math:`\beta = \alpha - 1`).
+                        Default: 1.0
+
+        Returns:
+            Tensor: ``(B, 1, gh, gw)`` relevance maps.
+        """
+        res = self._propagate(
+            inputs,
+            target,
+            additional_forward_args,
+            CheferRules(alpha),
+            attention=True,
+            gradients=True,
+        )
+        n_layers = len(res.attentions)
+        if not -n_layers <= start_layer < n_layers:
+            raise AttributionInputError(
+                f"start_layer={start_layer} is out of range for {n_layers} "
+                "attention layers."
+            )
+        joint = None
+        for grad, rel, kind in list(
+            zip(res.gradients, res.relevances, res.kinds)  # type: ignore[arg-type]
+        )[start_layer:]:
+            cam = embed((grad * rel).clamp(min=0).mean(dim=1), kind, "zeros")
+            eye = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device)
+            mat = cam + eye
+            joint = mat if joint is None else mat @ joint
+        return _to_map(joint[:, 0, :], res.layout)  # type: ignore[index, arg-type]
+
+
+class PartialLRP(_LRPAttribution):
+    r"""Partial LRP (Voita et al., "Analyzing Multi-Head Self-Attention",
+    ACL 2019; the "partial LRP" baseline of Chefer et al., CVPR 2021): the LRP
+    relevance of the last attention map only,
+
+    .. math:: \mathbb{E}_h\left[(R^{A_L})^+\right]_{0,\,\text{patches}}
+
+    with the rules of :class:`TransformerAttribution` (relevance 1 at the
+    target class), the class token's row over the patch tokens.
+
+    Args:
+        forward_func (Callable): the timm model (or a bound method of it).
+        layout (TokenLayout, optional): patch grid / prefix tokens override.
+
+    Examples::
+
+        >>> maps = PartialLRP(model).attribute(images, target=labels)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        alpha: float = 1.0,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple of Tensor): image batch ``(B, 3, H, W)``.
+            target (int, tuple, Tensor, or list): class to explain.
+            additional_forward_args (Any, optional): extra forward arguments.
+            alpha (float, optional): :math:`\alpha` of the linear layers.
+                        Default: 1.0
+
+        Returns:
+            Tensor: ``(B, 1, gh, gw)`` relevance maps.
+        """
+        res = self._propagate(
+            inputs,
+            target,
+            additional_forward_args,
+            CheferRules(alpha),
+            attention=True,
+        )
+        rel = res.relevances[-1].clamp(min=0).mean(dim=1)  # (B, q, N)
+        return _to_map(rel[:, 0, :], res.layout)  # type: ignore[arg-type]
+
+
+class LRP(_LRPAttribution):
+    r"""Full LRP to the input pixels with the rules of Chefer et al. (CVPR
+    2021; their "LRP" baseline): :math:`\alpha\beta` for linear layers,
+    identity for LayerNorm / GELU / softmax, halved matmul rule, normalised
+    residual and position-embedding add, :math:`z^\mathcal{B}` on the patch
+    convolution (bounds: each image's minimum and maximum value), relevance 1
+    at the target class; summed over the colour channels.
+
+    Args:
+        forward_func (Callable): the timm model (or a bound method of it).
+        layout (TokenLayout, optional): unused (pixel maps); for symmetry.
+
+    Examples::
+
+        >>> maps = LRP(model).attribute(images, target=labels)  # (B, 1, H, W)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        alpha: float = 1.0,
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple of Tensor): image batch ``(B, 3, H, W)``.
+            target (int, tuple, Tensor, or list): class to explain.
+            additional_forward_args (Any, optional): extra forward arguments.
+            alpha (float, optional): :math:`\alpha` of the linear layers.
+                        Default: 1.0
+
+        Returns:
+            Tensor: ``(B, 1, H, W)`` pixel relevance.
+        """
+        res = self._propagate(
+            inputs,
+            target,
+            additional_forward_args,
+            CheferRules(alpha),
+            to="pixels",
+        )
+        return res.relevances[0].sum(dim=1, keepdim=True)
+
+
+class AttnLRP(_LRPAttribution):
+    r"""AttnLRP (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise
+    Relevance Propagation for Transformers", ICML 2024), with CP-LRP (Ali et
+    al., "XAI for Transformers: Better Explanations through Conservative
+    Propagation", ICML 2022) as an option.
+
+    Relevance starts as the target logit and is propagated with
+    (:class:`~captum_ssl.attr._lrp.rules.AttnLRPRules`):
+
+    * linear / convolution / residual add, epsilon rule:
+      :math:`R_{x_i} = \sum_j x_i w_{ji} R_j / (z_j + \epsilon\,\mathrm{sign}(z_j))`;
+    * LayerNorm: identity on :math:`1/\sigma`, epsilon rule on centring and
+      affine; GELU: identity;
+    * softmax: :math:`R_{x} = x \odot (R - s \sum_j R_j)`;
+    * ``Q K^T`` and ``A V``, uniform rule:
+      :math:`R_a = \tfrac12 a \odot (S b^\top)`,
+      :math:`R_b = \tfrac12 b \odot (a^\top S)`, :math:`S = R / z`;
+      CP-LRP (``cp=True``): ``A`` constant, :math:`R_V = V \odot (A^\top S)`.
+
+    Without biases (and with a zero class token and position embedding) the
+    relevance is conserved up to the softmax rule's remainder; see
+    ``docs/lrp.md`` for the measured deviation.
+
+    Args:
+        forward_func (Callable): the timm model (or a bound method of it).
+        layout (TokenLayout, optional): patch grid / prefix tokens override.
+
+    Examples::
+
+        >>> lrp = AttnLRP(model)
+        >>> maps = lrp.attribute(images, target=labels)  # (B, 1, 14, 14)
+        >>> pixels = lrp.attribute(images, target=labels, at="pixels", cp=True)
+    """
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        cp: bool = False,
+        epsilon: float = 1e-6,
+        at: str = "patches",
+    ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple of Tensor): image batch ``(B, 3, H, W)``.
+            target (int, tuple, Tensor, or list): class to explain.
+            additional_forward_args (Any, optional): extra forward arguments.
+            cp (bool, optional): CP-LRP: attention weights as constants.
+                        Default: False
+            epsilon (float, optional): stabiliser of the epsilon rule.
+                        Default: 1e-6
+            at (str, optional): ``"patches"``: relevance of the patch tokens
+                        (after the patch embedding) summed over channels,
+                        ``(B, 1, gh, gw)``; ``"pixels"``: relevance of the
+                        input pixels summed over channels, ``(B, 1, H, W)``.
+                        Default: ``"patches"``
+
+        Returns:
+            Tensor: the relevance map.
+        """
+        if at not in ATS:
+            raise AttributionInputError(f"at must be one of {ATS}, got {at!r}.")
+        res = self._propagate(
+            inputs,
+            target,
+            additional_forward_args,
+            AttnLRPRules(epsilon, cp),
+            to=at,
+        )
+        rel = res.relevances[0]
+        if at == "pixels":
+            return rel.sum(dim=1, keepdim=True)
+        return res.layout.to_grid(rel).sum(dim=1, keepdim=True)  # type: ignore[union-attr]

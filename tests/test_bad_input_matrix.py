@@ -1,0 +1,409 @@
+"""The bad-input matrix (issue 12): every method and every metric against
+every case, as tables.
+
+A new attribution method is checked against the whole matrix by adding one
+line to ``METHODS``; a new metric by adding one line to ``METRICS``.
+
+Cases, for every method:
+
+* train mode: one ``TrainModeWarning`` naming ``model.eval()``, the map of the
+  eval-mode model, BatchNorm running statistics unchanged and every module's
+  own mode restored;
+* NaN / Inf input: an error naming the samples; NaN logits: NaN maps and a
+  ``NonFiniteWarning`` (never a finite stand-in);
+* targets: int, negative int, list (with negative entries), 1-D tensor and
+  ``(B, 1)`` tensor give the same maps; bool and float are refused;
+* an unbatched ``(C, H, W)`` image, a layer given as a string and a
+  ``torch.compile``d model: errors naming the fix;
+* ``torch.inference_mode()``: the gradient-free methods work (same maps),
+  the gradient methods refuse with an error naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+import pytest
+import torch
+from conftest import make_tiny_vit
+from torch import nn
+
+from captum_ssl.attr import (
+    AttentionFlow,
+    AttentionRollout,
+    AttributionInputError,
+    GenericAttention,
+    GradientAttentionRollout,
+    LayerAblationCam,
+    LayerClassActivationMap,
+    LayerEigenCam,
+    LayerEigenGradCam,
+    LayerGradCam,
+    LayerGradCamElementWise,
+    LayerGradCamPlusPlus,
+    LayerHiResCam,
+    LayerLayerCam,
+    LayerScoreCam,
+    LayerXGradCam,
+    NonFiniteWarning,
+    RawAttention,
+    TrainModeWarning,
+)
+from captum_ssl.attr import __all__ as ATTR_EXPORTS
+from captum_ssl.metrics import (
+    MetricInputError,
+    average_drop,
+    average_increase,
+    class_probability,
+    deletion_auc,
+    explanation_consistency,
+    insertion_auc,
+    perturbation_auc,
+    randomization_sanity,
+    road,
+)
+
+
+class BNNet(nn.Module):
+    """A small CNN with BatchNorm and dropout: train mode changes its output
+    and its running statistics."""
+
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
+
+
+def bn_net() -> BNNet:
+    torch.manual_seed(0)
+    net = BNNet()
+    with torch.no_grad():  # non-trivial running statistics
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def vit() -> nn.Module:
+    return make_tiny_vit(depth=2, num_classes=5, drop_rate=0.3, attn_drop_rate=0.3)
+
+
+# ---------------------------------------------------------------- the table
+@dataclass
+class Method:
+    """One line of the matrix: how to build the method on its model."""
+
+    make: Callable[[nn.Module, Any], Any]  # (model, layer or layers) -> method
+    model: Callable[[], nn.Module]
+    layer: Callable[[nn.Module], Any]  # the default layer (or layers) of the model
+    needs_grad: bool = True
+    kwargs: Dict[str, Any] = None  # type: ignore[assignment]
+
+
+def cam(cls, needs_grad=True, **kwargs) -> Method:
+    return Method(cls, bn_net, lambda m: m.features[3], needs_grad, kwargs or {})
+
+
+def attention(cls, needs_grad=False, **kwargs) -> Method:
+    return Method(
+        lambda m, layers: cls(m, layers=layers),
+        vit,
+        lambda m: None,
+        needs_grad,
+        kwargs or {},
+    )
+
+
+METHODS = {
+    "LayerGradCam": cam(LayerGradCam),
+    "LayerGradCamPlusPlus": cam(LayerGradCamPlusPlus),
+    "LayerXGradCam": cam(LayerXGradCam),
+    "LayerHiResCam": cam(LayerHiResCam),
+    "LayerGradCamElementWise": cam(LayerGradCamElementWise),
+    "LayerLayerCam": cam(LayerLayerCam),
+    "LayerEigenCam": cam(LayerEigenCam, needs_grad=False),
+    "LayerEigenGradCam": cam(LayerEigenGradCam),
+    "LayerScoreCam": cam(LayerScoreCam, False, perturbations_per_eval=8),
+    "LayerAblationCam": cam(LayerAblationCam, False, perturbations_per_eval=8),
+    "LayerClassActivationMap": Method(
+        lambda m, layer: LayerClassActivationMap(m, layer, fc=m.fc),
+        bn_net,
+        lambda m: m.features[5],
+        False,
+        {},
+    ),
+    "RawAttention": attention(RawAttention),
+    "AttentionRollout": attention(AttentionRollout),
+    "GradientAttentionRollout": attention(GradientAttentionRollout, True),
+    "GenericAttention": attention(GenericAttention, True),
+    "AttentionFlow": attention(AttentionFlow),
+}
+
+NAMES = list(METHODS)
+
+
+def test_every_exported_method_is_in_the_matrix():
+    exported = {
+        n
+        for n in ATTR_EXPORTS
+        if isinstance(getattr(__import__("captum_ssl.attr").attr, n), type)
+        and hasattr(getattr(__import__("captum_ssl.attr").attr, n), "attribute")
+    }
+    assert exported <= set(METHODS), sorted(exported - set(METHODS))
+
+
+def build(name: str, model: nn.Module = None):
+    spec = METHODS[name]
+    model = spec.model() if model is None else model
+    return spec, model, spec.make(model, spec.layer(model))
+
+
+def run(spec: Method, method, x, target=(1, 4)) -> torch.Tensor:
+    if isinstance(target, tuple):
+        target = list(target)
+    return method.attribute(x, target=target, **spec.kwargs)
+
+
+def inputs(name: str) -> torch.Tensor:
+    torch.manual_seed(2)
+    size = 32 if METHODS[name].model is vit else 12
+    return torch.randn(2, 3, size, size)
+
+
+def no_warnings_of(kind, record) -> list:
+    return [w for w in record if issubclass(w.category, kind)]
+
+
+# ------------------------------------------------------------------ the cases
+@pytest.mark.parametrize("name", NAMES)
+def test_train_mode_runs_in_eval_once_and_changes_nothing(name):
+    spec, model, method = build(name)
+    x = inputs(name)
+    expected = run(spec, method, x)
+    model.train()
+    model.fc.eval() if hasattr(model, "fc") else model.head.eval()  # mixed modes
+    modes = {n: m.training for n, m in model.named_modules()}
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = run(spec, method, x)
+    train = no_warnings_of(TrainModeWarning, record)
+    assert len(train) == 1 and "model.eval()" in str(train[0].message)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), f"{k} changed during {name}"
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_input_is_an_error_naming_the_sample(name):
+    spec, model, method = build(name)
+    x = inputs(name)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(AttributionInputError, match=r"NaN or Inf.*\[1\]"):
+        run(spec, method, x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_logits_give_nan_maps_and_a_warning(name):
+    spec, model, method = build(name)
+    head = model.fc if hasattr(model, "fc") else model.head
+    with torch.no_grad():
+        head.bias[0] = float("nan")  # every sample's logits hold a NaN
+    with pytest.warns(NonFiniteWarning, match="NaN"):
+        maps = run(spec, method, inputs(name))
+    for m in maps if isinstance(maps, list) else [maps]:
+        assert torch.isnan(m).flatten(1).all(1).all(), name
+
+
+GOOD_TARGETS = {
+    "int": (4, 4),
+    "negative int": (-1, 4),
+    "list": ([1, 4], [1, 4]),
+    "list with a negative entry": ([1, -1], [1, 4]),
+    "1-D tensor": (torch.tensor([1, 4]), [1, 4]),
+    "negative 1-D tensor": (torch.tensor([-4, -1]), [1, 4]),
+    "(B, 1) tensor": (torch.tensor([[1], [4]]), [1, 4]),
+    "one-element tensor": (torch.tensor([4]), 4),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_accepted_target_form_gives_the_same_maps(name):
+    spec, model, method = build(name)
+    x = inputs(name)
+    for what, (target, same_as) in GOOD_TARGETS.items():
+        got = method.attribute(x, target=target, **spec.kwargs)
+        ref = method.attribute(x, target=same_as, **spec.kwargs)
+        torch.testing.assert_close(got, ref, msg=f"{name}: target {what}")
+
+
+BAD_TARGETS = {
+    "bool": True,
+    "float": 1.0,
+    "float tensor": torch.tensor([1.0, 4.0]),
+    "bool tensor": torch.tensor([True, False]),
+    "float in a list": [1, 4.0],
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_TARGETS))
+@pytest.mark.parametrize("name", NAMES)
+def test_bool_and_float_targets_are_refused(name, what):
+    spec, model, method = build(name)
+    with pytest.raises(AttributionInputError, match="not a class index"):
+        method.attribute(inputs(name), target=BAD_TARGETS[what], **spec.kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unbatched_image_names_unsqueeze(name):
+    spec, model, method = build(name)
+    with pytest.raises(AttributionInputError, match=r"unsqueeze\(0\)"):
+        method.attribute(inputs(name)[0], target=1, **spec.kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layer_given_as_a_string_names_the_module_to_pass(name):
+    spec = METHODS[name]
+    model = spec.model()
+    layer = "features.3" if spec.model is bn_net else "blocks.1.attn"
+    with pytest.raises(AttributionInputError, match=r"get_submodule|\.attn|module"):
+        spec.make(model, layer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_model_names_orig_mod(name):
+    spec = METHODS[name]
+    model = spec.model()
+    compiled = torch.compile(model)  # lazy: nothing is compiled unless it runs
+    with pytest.raises(AttributionInputError, match="_orig_mod"):
+        method = spec.make(compiled, spec.layer(model))
+        run(spec, method, inputs(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_mode(name):
+    spec, model, method = build(name)
+    x = inputs(name)
+    if spec.needs_grad:
+        with (
+            torch.inference_mode(),
+            pytest.raises(AttributionInputError, match="inference_mode"),
+        ):
+            run(spec, method, x)
+        return
+    expected = run(spec, method, x)
+    with torch.inference_mode():
+        got = run(spec, method, x)
+    torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------- metrics
+def _explain(model):
+    return LayerGradCam(model, model.features[3])
+
+
+METRICS = {
+    "deletion_auc": lambda m, x, a, t: deletion_auc(m, x, a, t, step=48),
+    "insertion_auc": lambda m, x, a, t: insertion_auc(m, x, a, t, step=48),
+    "perturbation_auc": lambda m, x, a, t: perturbation_auc(m, x, a, t),
+    "road": lambda m, x, a, t: road(m, x, a, t, percentages=(0.2, 0.6)),
+    "average_drop": lambda m, x, a, t: average_drop(m, x, a, t),
+    "average_increase": lambda m, x, a, t: average_increase(m, x, a, t),
+    "class_probability": lambda m, x, a, t: class_probability(m, x, a, t),
+    "explanation_consistency": lambda m, x, a, t: explanation_consistency(
+        m, x, _explain(m), t, attributions=a
+    ),
+    "randomization_sanity": lambda m, x, a, t: randomization_sanity(
+        m, x, _explain, t, layers=1
+    ),
+}
+#: metrics that take the maps (a NaN map must give a NaN value)
+TAKES_MAPS = [n for n in METRICS if n != "randomization_sanity"]
+
+
+def metric_case():
+    model = bn_net()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 12, 12)
+    maps = torch.rand(2, 1, 6, 6)
+    return model, x, maps
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_metric_train_mode_runs_in_eval_once_and_changes_nothing(name):
+    model, x, maps = metric_case()
+    expected = METRICS[name](model, x, maps, [1, 4])
+    model.train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = METRICS[name](model, x, maps, [1, 4])
+    assert len(no_warnings_of(TrainModeWarning, record)) == 1
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), f"{k} changed during {name}"
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", TAKES_MAPS)
+def test_metric_of_a_nan_map_is_nan_with_a_warning(name):
+    model, x, maps = metric_case()
+    maps[0] = float("nan")
+    with pytest.warns(NonFiniteWarning, match=r"image\(s\) \[0\]"):
+        values = METRICS[name](model, x, maps, [1, 4])
+    assert torch.isnan(values[0]) and torch.isfinite(values[1])
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_metric_nan_input_is_an_error(name):
+    model, x, maps = metric_case()
+    x[1, 0, 0, 0] = float("inf")
+    with pytest.raises(AttributionInputError, match=r"NaN or Inf.*\[1\]"):
+        METRICS[name](model, x, maps, [1, 4])
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_metric_target_rule(name):
+    model, x, maps = metric_case()
+    ref = METRICS[name](model, x, maps, [1, 4])
+    for target in ([1, -1], torch.tensor([[1], [4]]), torch.tensor([-4, -1])):
+        torch.testing.assert_close(METRICS[name](model, x, maps, target), ref)
+    for bad in (True, 1.0, torch.tensor([1.0, 4.0])):
+        with pytest.raises(AttributionInputError, match="not a class index"):
+            METRICS[name](model, x, maps, bad)
+
+
+def test_metric_nan_logits_give_nan_values_also_for_accuracy():
+    model, x, maps = metric_case()
+    with torch.no_grad():
+        model.fc.bias[0] = float("nan")
+    with pytest.warns(NonFiniteWarning):
+        values = perturbation_auc(model, x, maps, [1, 4], score="accuracy")
+    assert torch.isnan(values).all()
+    with pytest.warns(NonFiniteWarning):
+        assert torch.isnan(average_increase(model, x, maps, [1, 4])).all()
+
+
+def test_quantus_refuses_a_module_in_training_mode():
+    from captum_ssl.metrics import quantus_faithfulness
+
+    model, x, maps = metric_case()
+    model.features[1].train()  # one module only: the root is in eval mode
+    with pytest.raises(MetricInputError, match=r"model\.eval\(\)"):
+        quantus_faithfulness(model, x, maps, [1, 4], metrics=["PixelFlipping"])
