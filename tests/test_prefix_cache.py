@@ -112,7 +112,7 @@ def test_cached_equals_full_forward_passes(name, cls):
 def test_the_prefix_runs_a_fixed_number_of_times():
     """conv1 computes for the recording (which gives the activations too) and
     the proof's two full evaluations, never for the 3 x 256 ablations (hooks
-    would still fire on a replayed call, so the computation itself is counted)."""
+    would still fire on a replayed call, so the computation is counted)."""
     model, layer, _ = MODELS["resnet_inner"]
     calls = []
     conv1 = model.conv1

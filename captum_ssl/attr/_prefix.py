@@ -367,8 +367,8 @@ def layer_output_scores(
         return replay.chunk(b.to(device), lambda out: out)
 
     why: Optional[str] = None
-    with replay.installed():
-        try:
+    try:
+        with replay.installed():
             # proof 1: replaying the unperturbed batch gives every sample's score
             if not _agree(scores(1, batch, identity_ctx)[:, 0], base):
                 why = "replayed scores differ from the model's"
@@ -376,19 +376,19 @@ def layer_output_scores(
                 # proof 2: the first perturbed evaluations (one chunk of one
                 # sample, as in the main loop) equal full forward passes
                 with_cache = first(cached_ctx)
-        except _NotReplayable as err:
-            why = str(err)
-        except Exception as err:  # noqa: BLE001 - any replay failure: fall back
-            why = f"replay failed with {type(err).__name__}"
+    except _NotReplayable as err:
+        why = str(err)
+    except Exception as err:  # noqa: BLE001 - any replay failure: fall back
+        why = f"replay failed with {type(err).__name__}"
     if why is None and not _agree(with_cache, first(full_ctx)):
         why = "perturbed scores differ from full forward passes"
     if why is None:
-        with replay.installed():
-            try:
+        try:
+            with replay.installed():
                 return base, scores(
                     n_per_sample, perturbations_per_eval, cached_ctx, show_progress
                 )
-            except Exception as err:  # noqa: BLE001
-                why = f"replay failed with {type(err).__name__}"
+        except Exception as err:  # noqa: BLE001 - a failing chunk: fall back
+            why = f"replay failed with {type(err).__name__}"
     _warn_once(forward_func, layer, why)  # type: ignore[arg-type]
     return base, full()

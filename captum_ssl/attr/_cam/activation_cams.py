@@ -275,10 +275,16 @@ class LayerAblationCam(_LayerOutputPerturbation, _LayerPerturbationCam):
         channels = acts.shape[1]
 
         def ablate(out: Tensor, b: Tensor, k: Tensor) -> Tensor:
+            rows = torch.arange(len(k), device=out.device)
+            if out.dim() == 4 and layout.resolve(out.shape).fmt == "NCHW":
+                # a copy with one channel zeroed per row (cheaper than a product)
+                ablated = out.clone(memory_format=torch.contiguous_format)
+                ablated[rows, k.to(out.device)] = 0
+                return ablated
             keep = torch.ones(
                 len(k), channels, 1, 1, device=out.device, dtype=out.dtype
             )
-            keep[torch.arange(len(k)), k.to(out.device)] = 0
+            keep[rows, k.to(out.device)] = 0
             return layout.from_grid(layout.to_grid(out) * keep, like=out)
 
         base, ablated = self._output_scores(
