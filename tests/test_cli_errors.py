@@ -267,3 +267,19 @@ def test_store_marks_non_finite_values_and_tables_count_them(tmp_path, monkeypat
     assert cmp["n"] + cmp["nonfinite"] == len(rows)
     assert cmp["nonfinite"] >= row["nonfinite"]
     assert f"| {cmp['n']} ({cmp['nonfinite']} non-finite) |" in md
+
+
+def test_every_registered_method_name_passes_validation():
+    """Every name the registry knows (CAMs, the other CAMs, attention, LRP,
+    gradient methods and their NoiseTunnel variants) is accepted by the option
+    check, and the unknown-method error lists them all."""
+    from benchmarks.evaluation import methods as M
+    from benchmarks.evaluation.options import OptionError, check_method
+
+    for name in M.method_names():
+        check_method(name)
+    with pytest.raises(OptionError) as err:
+        check_method("no_such_method")
+    for name in M.method_names():
+        if "+" not in name:
+            assert name in str(err.value)

@@ -72,8 +72,12 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def _numbers(args: argparse.Namespace) -> None:
+    from benchmarks.evaluation.cli import QUICK_LIMIT
+
     hints = {
-        "limit": "leave --limit out for the default (8 images; all with --full)",
+        "limit": (
+            f"leave --limit out for the default ({QUICK_LIMIT} images; all with --full)"
+        ),
         "images": "leave --images out for the default",
         "batch_size": "e.g. --batch-size 8",
         "metric_batch_size": "e.g. --metric-batch-size 64",
@@ -188,11 +192,11 @@ def check_method(word: str) -> None:
                 f"--methods {word}: unknown NoiseTunnel variant {nt!r}; known: "
                 f"{', '.join(M.NOISE_TUNNELS)}"
             )
-        known = list(SET_WORDS) + list(M.CAMS) + list(M.ATTENTION)
+        known = list(SET_WORDS) + [n for n in M.method_names() if "+" not in n]
         raise OptionError(
             f"--methods {word}: unknown method {name!r}; known: "
-            f"{', '.join(known + list(M.GRADIENT))} (the last "
-            f"{len(M.GRADIENT)} also as name+{'/'.join(M.NOISE_TUNNELS)})"
+            f"{', '.join(known)} (the last {len(M.GRADIENT)} also as "
+            f"name+{'/'.join(M.NOISE_TUNNELS)})"
         )
     allowed = method_options(name)
     _check_opts("--methods", word, opts, allowed)
@@ -207,10 +211,12 @@ def method_options(name: str) -> Optional[Set[str]]:
 
     base, _, nt = name.partition("+")
     extra: Set[str] = set()
-    if base in M.CAMS:
-        fn = getattr(A, M.CAMS[base]).attribute
-    elif base in M.ATTENTION:
-        fn = getattr(A, M.ATTENTION[base]).attribute
+    ours = {**M.CAMS, **M.OTHER_CAMS, **M.ATTENTION, **M.LRP_METHODS}
+    if base in ours:
+        fn = getattr(A, ours[base]).attribute
+        # options build_method consumes itself (layers of RawAttention and
+        # RefineCAM, the CAM that RefineCAM / SESS wrap)
+        extra |= set(M.method_defaults(base)) - {"relu_attributions"}
         if base == "raw_attention":
             extra.add("layers")
     else:
