@@ -24,7 +24,7 @@ from captum.attr import NoiseTunnel
 from conftest import TinyCNN
 
 from captum_ssl.attr import LRP, AttnLRP, PartialLRP, TransformerAttribution
-from captum_ssl.attr._core import AttributionInputError
+from captum_ssl.attr._core import AttributionInputError, TrainModeWarning
 
 TARGETS = [1, 5, 3]
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
@@ -432,13 +432,14 @@ def test_errors_name_the_fix():
     with pytest.raises(AttributionInputError, match="XCiT.*Supported"):
         AttnLRP(xcit.eval())
     model = vit()
-    model.blocks[1].mlp.act = torch.nn.Hardswish()
+    model.blocks[1].mlp.act = torch.nn.Hardswish().eval()
     with pytest.raises(AttributionInputError, match="Hardswish.*blocks.1.mlp.act"):
         AttnLRP(model).attribute(images(), target=TARGETS)
     assert "forward" not in model.blocks[0].__dict__
     model = vit()
-    with pytest.raises(AttributionInputError, match="model.eval"):
+    with pytest.warns(TrainModeWarning, match=r"model\.eval\(\)"):
         PartialLRP(model.train()).attribute(images(), target=TARGETS)
+    assert model.training  # the mode is restored after the call
     with pytest.raises(AttributionInputError, match="at must be"):
         AttnLRP(model.eval()).attribute(images(), target=TARGETS, at="tokens")
 

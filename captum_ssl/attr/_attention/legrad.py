@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional
 
 import torch
-from captum._utils.common import _run_forward, _select_targets
+from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor, nn
@@ -21,9 +21,12 @@ from captum_ssl.attr._attention.methods import _AttentionAttribution, _to_map
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     checked_forward,
+    finish_maps,
     format_inputs,
     input_hw,
+    select_target,
 )
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
@@ -127,7 +130,7 @@ class LeGrad(_AttentionAttribution):
         Returns:
             Tensor: ``(B, 1, gh, gw)`` maps on the input's device.
         """
-        inputs = format_inputs(inputs)
+        inputs = format_inputs(inputs, True, self.forward_func)
         modules = self._modules()
         if any(attention_kind(m) == CHANNEL for m in modules):
             raise AttributionInputError(
@@ -143,7 +146,11 @@ class LeGrad(_AttentionAttribution):
         ]
         grads = []
         try:
-            with capture_attention(modules) as store, torch.enable_grad():
+            with (
+                attribution_call(self.forward_func) as record,
+                capture_attention(modules) as store,
+                torch.enable_grad(),
+            ):
                 x = tuple(
                     t.detach().requires_grad_() if t.is_floating_point() else t
                     for t in inputs
@@ -160,9 +167,7 @@ class LeGrad(_AttentionAttribution):
                             f"The attention module {type(m).__name__} (layer {i}) "
                             "must run exactly once per forward pass."
                         )
-                    score = _select_targets(
-                        self.score_projection(outputs[i][0]), target
-                    )
+                    score = select_target(self.score_projection(outputs[i][0]), target)
                     (g,) = torch.autograd.grad(
                         score.sum(), store[i][0], retain_graph=True
                     )
@@ -174,4 +179,4 @@ class LeGrad(_AttentionAttribution):
         lay = layout_for(self.forward_func, modules[-1], input_hw(inputs), self.layout)
         lay = lay.resolve(torch.Size((inputs[0].shape[0], n, 1)))
         rel = torch.stack([g.clamp(min=0).mean(dim=(1, 2)) for g in grads])
-        return _to_map(rel.mean(dim=0), lay)
+        return finish_maps((_to_map(rel.mean(dim=0), lay),), record)[0]

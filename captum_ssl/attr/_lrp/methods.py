@@ -29,7 +29,10 @@ from captum_ssl.attr._attention.methods import _to_map, embed
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     check_target,
+    checked_forward,
+    finish_maps,
     format_inputs,
     input_hw,
     per_sample_targets,
@@ -72,6 +75,12 @@ class _Pass:
         self.relevances: List[Tensor] = []
         self.kinds: List[str] = []
         self.layout: Optional[TokenLayout] = None
+        #: rows whose model output was not finite (see ``finish_maps``)
+        self.record: List[Tensor] = []
+
+    def done(self, maps: Tensor) -> Tensor:
+        """NaN maps where the model's output is not finite, with a warning."""
+        return finish_maps((maps,), self.record)[0]
 
 
 class _LRPAttribution(Attribution):
@@ -97,7 +106,7 @@ class _LRPAttribution(Attribution):
     ) -> _Pass:
         """One forward pass with ``rules``; relevance (and gradients) of the
         attention maps (``attention``) or of the patch tokens / pixels (``to``)."""
-        inputs = format_inputs(inputs)
+        inputs = format_inputs(inputs, True, self.forward_func)
         model = _model_of(self.forward_func)
         modules = resolve_layers(self.forward_func, None) if attention else []
         state = State(mode="grad", need_grad=gradients)
@@ -110,6 +119,7 @@ class _LRPAttribution(Attribution):
             )
         try:
             with (
+                attribution_call(self.forward_func) as record,
                 record_from_layer_only(self.forward_func),
                 relevance_rules(model, rules, state, embedding=to is not None),
                 capture_attention(modules) as store,
@@ -119,7 +129,12 @@ class _LRPAttribution(Attribution):
                     x.detach().requires_grad_() if x.is_floating_point() else x
                     for x in inputs
                 )
-                out = _run_forward(self.forward_func, xs, None, additional_forward_args)
+                out = _run_forward(
+                    checked_forward(self.forward_func, target),
+                    xs,
+                    None,
+                    additional_forward_args,
+                )
                 idx = _target_index(out, target)
                 start = torch.zeros_like(out)
                 rows = torch.arange(out.shape[0], device=out.device)
@@ -147,6 +162,7 @@ class _LRPAttribution(Attribution):
         finally:
             if handle is not None:
                 handle.remove()
+        res.record = record
         res.attentions = [a.detach() for a in attns]
         res.kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
         hw = input_hw(inputs)
@@ -241,7 +257,7 @@ class TransformerAttribution(_LRPAttribution):
             eye = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device)
             mat = cam + eye
             joint = mat if joint is None else mat @ joint
-        return _to_map(joint[:, 0, :], res.layout)  # type: ignore[index, arg-type]
+        return res.done(_to_map(joint[:, 0, :], res.layout))  # type: ignore[index, arg-type]
 
 
 class PartialLRP(_LRPAttribution):
@@ -290,7 +306,7 @@ class PartialLRP(_LRPAttribution):
             attention=True,
         )
         rel = res.relevances[-1].clamp(min=0).mean(dim=1)  # (B, q, N)
-        return _to_map(rel[:, 0, :], res.layout)  # type: ignore[arg-type]
+        return res.done(_to_map(rel[:, 0, :], res.layout))  # type: ignore[arg-type]
 
 
 class LRP(_LRPAttribution):
@@ -336,7 +352,7 @@ class LRP(_LRPAttribution):
             CheferRules(alpha),
             to="pixels",
         )
-        return res.relevances[0].sum(dim=1, keepdim=True)
+        return res.done(res.relevances[0].sum(dim=1, keepdim=True))
 
 
 class AttnLRP(_LRPAttribution):
@@ -412,5 +428,5 @@ class AttnLRP(_LRPAttribution):
         )
         rel = res.relevances[0]
         if at == "pixels":
-            return rel.sum(dim=1, keepdim=True)
-        return res.layout.to_grid(rel).sum(dim=1, keepdim=True)  # type: ignore[union-attr]
+            return res.done(rel.sum(dim=1, keepdim=True))
+        return res.done(res.layout.to_grid(rel).sum(dim=1, keepdim=True))  # type: ignore[union-attr]
