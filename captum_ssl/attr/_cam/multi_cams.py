@@ -139,8 +139,8 @@ class FullGrad(GradientAttribution):
         super().__init__(forward_func)
         model = root_module(forward_func)
         check_not_compiled(model)
-        if isinstance(layers, (str, nn.Module)):
-            layers = [layers]  # type: ignore[list-item]
+        if isinstance(layers, str):
+            check_layer(forward_func, layers)  # an error naming get_submodule
         for lay in layers or []:
             check_layer(forward_func, lay)
         if layers is None:
