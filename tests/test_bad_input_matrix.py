@@ -22,8 +22,9 @@ Cases, for every method:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator
 
 import pytest
 import torch
@@ -114,10 +115,34 @@ class Method:
     layer: Callable[[nn.Module], Any]  # the default layer (or layers) of the model
     needs_grad: bool = True
     kwargs: Dict[str, Any] = None  # type: ignore[assignment]
+    skip: Dict[str, str] = field(default_factory=dict)  # case -> why it does not apply
 
 
-def cam(cls, needs_grad=True, **kwargs) -> Method:
-    return Method(cls, bn_net, lambda m: m.features[3], needs_grad, kwargs or {})
+def cam(cls, needs_grad=True, seeded=False, **kwargs) -> Method:
+    kwargs = Seeded(**kwargs) if seeded else kwargs
+    return Method(cls, bn_net, lambda m: m.features[3], needs_grad, kwargs)
+
+
+class Seeded(Mapping):
+    """Options with a freshly seeded ``generator`` for every call, so that the
+    methods that draw random numbers give the same maps twice."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "generator":
+            return torch.Generator().manual_seed(0)
+        return self.kwargs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["generator", *self.kwargs])
+
+    def __len__(self) -> int:
+        return len(self.kwargs) + 1
+
+
+MODEL_FREE = "SobelCam ignores the model (and has no layer)"
 
 
 def attention(cls, needs_grad=False, **kwargs) -> Method:
@@ -133,7 +158,14 @@ def attention(cls, needs_grad=False, **kwargs) -> Method:
 def lrp(cls) -> Method:
     """An LRP method: it takes the model only (relevance flows through every
     layer), so there is no layer to give."""
-    return Method(lambda m, _layer: cls(m), vit, lambda m: None, True, {})
+    return Method(
+        lambda m, _layer: cls(m),
+        vit,
+        lambda m: None,
+        True,
+        {},
+        skip={"layer_string": "takes the model only: no layer argument"},
+    )
 
 
 METHODS = {
@@ -165,10 +197,38 @@ METHODS = {
     "LayerKPCACam": cam(A.LayerKPCACam, False),
     "LayerRefineCam": cam(A.LayerRefineCam),
     "LayerShapleyCam": cam(A.LayerShapleyCam),
-    "LayerISCam": cam(A.LayerISCam),
+    "LayerISCam": cam(A.LayerISCam, False, perturbations_per_eval=8),
     "LayerReciproCam": cam(A.LayerReciproCam, False),
-    "LayerSSCam": cam(A.LayerSSCam, False),
-    "LayerSmoothGradCamPlusPlus": cam(A.LayerSmoothGradCamPlusPlus),
+    "LayerSSCam": cam(A.LayerSSCam, False, True, perturbations_per_eval=8),
+    "LayerSmoothGradCamPlusPlus": cam(A.LayerSmoothGradCamPlusPlus, seeded=True),
+    "LayerRandomCam": cam(A.LayerRandomCam, False, True),
+    "DeepFeatureFactorization": Method(
+        A.DeepFeatureFactorization,
+        bn_net,
+        lambda m: m.features[5],
+        False,
+        Seeded(n_components=3),
+    ),
+    "FullGrad": Method(
+        lambda m, layers: A.FullGrad(m, layers=layers), bn_net, lambda m: None, True, {}
+    ),
+    "SESS": Method(
+        lambda m, layer: A.SESS(LayerGradCam(m, layer)),
+        bn_net,
+        lambda m: m.features[3],
+        True,
+        {"num_scales": 2},
+    ),
+    "SobelCam": Method(
+        lambda m, layer: A.SobelCam(m),
+        bn_net,
+        lambda m: None,
+        False,
+        {},
+        skip=dict.fromkeys(
+            ["train_mode", "nan_logits", "layer_string", "compiled"], MODEL_FREE
+        ),
+    ),
     "LeGrad": attention(A.LeGrad, True),
     "TransformerAttribution": lrp(A.TransformerAttribution),
     "LRP": lrp(A.LRP),
@@ -178,49 +238,26 @@ METHODS = {
 
 #: exported methods not yet in the table (merged after it was written): each
 #: needs its own line (a model, a layer, options) -- see the report of issue 12
-NOT_YET = {
-    "DeepFeatureFactorization", "FullGrad", "LayerRandomCam", "SESS", "SobelCam",
-}  # fmt: skip
+NOT_YET: set = set()
 
 #: (case, method) pairs that fail today: methods merged from other branches
 #: whose own ``attribute`` bypasses the shared machinery. Strict: a fix makes
 #: the test pass and the entry must then be removed.
-KNOWN_GAPS = {
-    "train_mode": {"LayerFinerCam", "LayerShapleyCam", "LayerReciproCam",
-                   "LayerSSCam", "LayerSmoothGradCamPlusPlus"},
-    "nan_logits": {"LayerKPCACam", "LayerShapleyCam", "LayerReciproCam",
-                   "LayerSmoothGradCamPlusPlus"},
-    "targets": {"LayerShapleyCam", "LayerSSCam", "LayerSmoothGradCamPlusPlus"},
-    "unbatched": {"LayerFinerCam", "LayerKPCACam", "LayerRefineCam",
-                  "LayerShapleyCam", "LayerReciproCam",
-                  "LayerSmoothGradCamPlusPlus"},
-    "inference_mode": {"LayerKPCACam", "LayerISCam", "LayerReciproCam",
-                       "LayerSSCam"},
-}  # fmt: skip
-
-
-#: (case, method) pairs that cannot apply, with the reason: skipped
-NOT_APPLICABLE = {
-    "string_layer": {
-        n: "takes the model only: no layer argument"
-        for n in ("TransformerAttribution", "LRP", "PartialLRP", "AttnLRP")
-    },
-}
+KNOWN_GAPS: Dict[str, set] = {}
 
 
 def names_for(case: str) -> list:
     gaps = KNOWN_GAPS.get(case, set())
-    skips = NOT_APPLICABLE.get(case, {})
     return [
-        pytest.param(
+        pytest.param(n, marks=pytest.mark.skip(reason=METHODS[n].skip[case]))
+        if case in METHODS[n].skip
+        else pytest.param(
             n,
             marks=pytest.mark.xfail(
                 strict=True, reason=f"{n} bypasses the shared machinery ({case})"
             ),
         )
         if n in gaps
-        else pytest.param(n, marks=pytest.mark.skip(reason=f"{n} {skips[n]}"))
-        if n in skips
         else n
         for n in METHODS
     ]
@@ -282,7 +319,7 @@ def test_train_mode_runs_in_eval_once_and_changes_nothing(name):
     torch.testing.assert_close(got, expected, equal_nan=True)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names_for("nan_input"))
 def test_nan_input_is_an_error_naming_the_sample(name):
     spec, model, method = build(name)
     x = inputs(name)
@@ -335,7 +372,7 @@ BAD_TARGETS = {
 
 
 @pytest.mark.parametrize("what", list(BAD_TARGETS))
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names_for("bad_targets"))
 def test_bool_and_float_targets_are_refused(name, what):
     spec, model, method = build(name)
     with pytest.raises(AttributionInputError, match="not a class index"):
@@ -349,7 +386,7 @@ def test_unbatched_image_names_unsqueeze(name):
         method.attribute(inputs(name)[0], target=1, **spec.kwargs)
 
 
-@pytest.mark.parametrize("name", names_for("string_layer"))
+@pytest.mark.parametrize("name", names_for("layer_string"))
 def test_layer_given_as_a_string_names_the_module_to_pass(name):
     spec = METHODS[name]
     model = spec.model()
@@ -358,7 +395,7 @@ def test_layer_given_as_a_string_names_the_module_to_pass(name):
         spec.make(model, layer)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", names_for("compiled"))
 def test_compiled_model_names_orig_mod(name):
     spec = METHODS[name]
     model = spec.model()

@@ -33,13 +33,15 @@ from captum_ssl.attr._cam.base import LayerGradCam, _finish, _LayerActivationCam
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     check_target,
-    checked_forward,
     format_inputs,
     layer_errors,
+    normalize_target,
     per_sample_targets,
     record_from_layer_only,
     resolve_layout,
+    selecting_forward,
 )
 from captum_ssl.attr._layout import TokenLayout, root_module
 
@@ -201,28 +203,32 @@ class LayerKPCACam(_LayerActivationCam):
         """
         if kernel not in KERNELS:
             raise AttributionInputError(f"kernel={kernel!r}: use one of {KERNELS}.")
-        inputs = format_inputs(inputs)
-        acts = self._activations(
-            inputs, additional_forward_args, attribute_to_layer_input, target
-        )
-        b, c, h, w = acts.shape
-        x = torch.nan_to_num(acts.reshape(b, c, h * w).transpose(1, 2).double())
-        x = x - x.mean(dim=1, keepdim=True)
-        k = _kernel_matrix(x, kernel, gamma, degree, coef0)
-        k = (
-            k
-            - k.mean(dim=1, keepdim=True)
-            - k.mean(dim=2, keepdim=True)
-            + k.mean(dim=(1, 2), keepdim=True)
-        )
-        evals, evecs = torch.linalg.eigh(k)
-        proj = evecs[..., -1] * evals[:, -1:].clamp(min=0).sqrt()  # (B, N)
-        ref = acts.mean(dim=1).reshape(b, h * w).double()
-        ref = ref - ref.mean(dim=1, keepdim=True)
-        sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        cam = (proj * sign).reshape(b, 1, h, w).to(acts.dtype)
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+        inputs = format_inputs(inputs, False, self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts = self._activations(
+                inputs, additional_forward_args, attribute_to_layer_input, target
+            )
+            b, c, h, w = acts.shape
+            x = acts.reshape(b, c, h * w).transpose(1, 2).double()
+            bad = ~torch.isfinite(x).flatten(1).all(1)  # solved apart, then NaN
+            x = x.masked_fill(bad.view(b, 1, 1), 0.0)
+            x = x - x.mean(dim=1, keepdim=True)
+            k = _kernel_matrix(x, kernel, gamma, degree, coef0)
+            k = (
+                k
+                - k.mean(dim=1, keepdim=True)
+                - k.mean(dim=2, keepdim=True)
+                + k.mean(dim=(1, 2), keepdim=True)
+            )
+            evals, evecs = torch.linalg.eigh(k)
+            proj = evecs[..., -1] * evals[:, -1:].clamp(min=0).sqrt()  # (B, N)
+            ref = acts.mean(dim=1).reshape(b, h * w).double()
+            ref = ref - ref.mean(dim=1, keepdim=True)
+            sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
+            sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+            cam = (proj * sign).masked_fill(bad.view(b, 1), float("nan"))
+            cam = cam.reshape(b, 1, h, w).to(acts.dtype)
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------- Random-CAM
@@ -379,7 +385,23 @@ class LayerShapleyCam(LayerGradCam):
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Tensor:
-        inputs = format_inputs(inputs)
+        inputs = format_inputs(inputs, forward_func=self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            cam = self._shapley_cam(
+                inputs, target, additional_forward_args, attribute_to_layer_input
+            )
+            if attr_dim_summation:
+                cam = cam.sum(dim=1, keepdim=True)
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+
+    def _shapley_cam(
+        self,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+    ) -> Tensor:
+        """The weighted activations ``w_k A^k`` ``(B, C, h, w)``."""
         layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
         store: List[Tensor] = []
         handle = _layer_leaf(self.layer, attribute_to_layer_input, store)
@@ -391,9 +413,9 @@ class LayerShapleyCam(LayerGradCam):
                 torch.enable_grad(),
             ):
                 out = _run_forward(
-                    checked_forward(self.forward_func, target),
+                    selecting_forward(self.forward_func, target),
                     inputs,
-                    target,
+                    None,
                     additional_forward_args,
                 )
         finally:
@@ -416,10 +438,7 @@ class LayerShapleyCam(LayerGradCam):
         grad = grad.detach()
         hvp = torch.zeros_like(grad) if hvp is None else hvp.detach()
         a, g, h = (layout.to_grid(t) for t in (act.detach(), grad, hvp))
-        weights = (g - 0.5 * h).mean(dim=(2, 3), keepdim=True)
-        weighted = weights * a
-        cam = weighted.sum(dim=1, keepdim=True) if attr_dim_summation else weighted
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+        return (g - 0.5 * h).mean(dim=(2, 3), keepdim=True) * a
 
 
 # ------------------------------------------------------------------- Finer-CAM
@@ -537,7 +556,7 @@ class LayerFinerCam(LayerGradCam):
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
         """
-        inputs = format_inputs(inputs)
+        inputs = format_inputs(inputs, forward_func=self.forward_func)
         if target is None:
             raise AttributionInputError(
                 "LayerFinerCam needs target=<class index> (one, or one per sample)."
@@ -557,15 +576,16 @@ class LayerFinerCam(LayerGradCam):
             return finer_score(out, tgt, comparison_categories, alpha)
 
         base = self.base_method(finer_forward, self.layer, self.device_ids, layout)
-        return base.attribute(
-            inputs,
-            target=None,
-            additional_forward_args=additional_forward_args,
-            attribute_to_layer_input=attribute_to_layer_input,
-            relu_attributions=relu_attributions,
-            attr_dim_summation=attr_dim_summation,
-            grad_kwargs=grad_kwargs,
-        )
+        with attribution_call(self.forward_func):  # the model's mode, the record
+            return base.attribute(
+                inputs,
+                target=None,
+                additional_forward_args=additional_forward_args,
+                attribute_to_layer_input=attribute_to_layer_input,
+                relu_attributions=relu_attributions,
+                attr_dim_summation=attr_dim_summation,
+                grad_kwargs=grad_kwargs,
+            )
 
 
 # ------------------------------------------------------------------- Sobel-CAM
@@ -615,7 +635,8 @@ class SobelCam(Attribution):
         Returns:
             Tensor: ``(B, 1, H, W)`` edge maps on the input's device.
         """
-        x = format_inputs(inputs)[0]
+        x = format_inputs(inputs, False, self.forward_func)[0]
+        normalize_target(target)  # ignored, but held to the one target rule
         if x.dim() != 4 or min(x.shape[-2:]) < 2:
             raise AttributionInputError(
                 "SobelCam needs an image batch (B, C, H, W) with H, W >= 2; got "

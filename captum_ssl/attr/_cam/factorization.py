@@ -15,6 +15,7 @@ from captum_ssl.attr._cam.base import _finish, _LayerActivationCam
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     format_inputs,
     per_sample_targets,
 )
@@ -205,7 +206,7 @@ class DeepFeatureFactorization(_LayerActivationCam):
         """
         if n_components < 1:
             raise AttributionInputError("n_components must be >= 1.")
-        inputs = format_inputs(inputs)
+        inputs = format_inputs(inputs, False, self.forward_func)
         acts = self._activations(
             inputs, additional_forward_args, attribute_to_layer_input
         )
@@ -252,27 +253,28 @@ class DeepFeatureFactorization(_LayerActivationCam):
                 "DeepFeatureFactorization.attribute needs target=<class index> "
                 "(one, or one per sample); factorize() returns all concepts."
             )
-        fact = self.factorize(
-            inputs,
-            n_components,
-            additional_forward_args,
-            attribute_to_layer_input,
-            generator=generator,
-        )
-        if fact.scores is None:
-            raise AttributionInputError(
-                "No classifier matches the layer's channels: pass classifier=<a "
-                "callable (k, C) -> (k, num_classes)> to label the concepts."
+        with attribution_call(self.forward_func) as record:
+            fact = self.factorize(
+                inputs,
+                n_components,
+                additional_forward_args,
+                attribute_to_layer_input,
+                generator=generator,
             )
-        batch = fact.maps.shape[0]
-        classes = torch.as_tensor(
-            [
-                int(t[0] if isinstance(t, tuple) else t)
-                for t in per_sample_targets(target, batch)
-            ],
-            device=fact.scores.device,
-        )
-        prob = torch.softmax(fact.scores, dim=1)  # (k, classes)
-        best = prob[:, classes].argmax(dim=0).to(fact.maps.device)  # (B,)
-        cam = fact.maps[torch.arange(batch, device=best.device), best][:, None]
-        return _finish((cam,), relu_attributions, False)  # type: ignore[return-value]
+            if fact.scores is None:
+                raise AttributionInputError(
+                    "No classifier matches the layer's channels: pass classifier=<a "
+                    "callable (k, C) -> (k, num_classes)> to label the concepts."
+                )
+            batch = fact.maps.shape[0]
+            classes = torch.as_tensor(
+                [
+                    int(t[0] if isinstance(t, tuple) else t)
+                    for t in per_sample_targets(target, batch)
+                ],
+                device=fact.scores.device,
+            )
+            prob = torch.softmax(fact.scores, dim=1)  # (k, classes)
+            best = prob[:, classes].argmax(dim=0).to(fact.maps.device)  # (B,)
+            cam = fact.maps[torch.arange(batch, device=best.device), best][:, None]
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]

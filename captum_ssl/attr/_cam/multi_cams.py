@@ -17,17 +17,23 @@ from captum.attr import Attribution, GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ssl.attr._cam.base import _finish
 from captum_ssl.attr._cam.gradient_cams import LayerGradCamPlusPlus
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
-    checked_forward,
+    attribution_call,
+    check_layer,
+    check_not_compiled,
+    eval_mode,
+    finish_maps,
     format_inputs,
     input_hw,
     layer_errors,
     per_sample_targets,
     record_from_layer_only,
     rows,
+    selecting_forward,
     stack_targets,
     target_scores,
 )
@@ -35,8 +41,10 @@ from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 from captum_ssl.viz._maps import normalize, upsample
 
 
-def _image_batch(inputs: TensorOrTuple, who: str) -> Tuple[Tensor, ...]:
-    inputs = format_inputs(inputs)
+def _image_batch(
+    inputs: TensorOrTuple, who: str, forward_func: Callable, needs_grad: bool = True
+) -> Tuple[Tensor, ...]:
+    inputs = format_inputs(inputs, needs_grad, forward_func)
     if inputs[0].dim() != 4:
         raise AttributionInputError(
             f"{who} returns maps at the image's resolution and needs an image "
@@ -129,8 +137,13 @@ class FullGrad(GradientAttribution):
         layout: Optional[TokenLayout] = None,
     ) -> None:
         super().__init__(forward_func)
+        model = root_module(forward_func)
+        check_not_compiled(model)
+        if isinstance(layers, str):
+            check_layer(forward_func, layers)  # an error naming get_submodule
+        for lay in layers or []:
+            check_layer(forward_func, lay)
         if layers is None:
-            model = root_module(forward_func)
             if model is None:
                 raise AttributionInputError(
                     "FullGrad finds the bias layers on the model: pass the model "
@@ -158,7 +171,17 @@ class FullGrad(GradientAttribution):
         Returns:
             Tensor: ``(B, 1, H, W)`` maps on the input's device.
         """
-        inputs = _image_batch(inputs, "FullGrad")
+        inputs = _image_batch(inputs, "FullGrad", self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            total = self._full_gradient(inputs, target, additional_forward_args)
+            return _finish((total,), False, False, record)  # type: ignore[return-value]
+
+    def _full_gradient(
+        self,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+    ) -> Tensor:
         x = inputs[0].detach().requires_grad_()
         hw = input_hw(inputs)
         captured: List[Tuple[nn.Module, Tensor]] = []
@@ -177,9 +200,9 @@ class FullGrad(GradientAttribution):
             with layer_errors(self.layers[0] if self.layers else nn.Identity()):
                 with record_from_layer_only(self.forward_func), torch.enable_grad():
                     out = _run_forward(
-                        checked_forward(self.forward_func, target),
+                        selecting_forward(self.forward_func, target),
                         (x,) + tuple(inputs[1:]),
-                        target,
+                        None,
                         additional_forward_args,
                     )
                     grads = torch.autograd.grad(
@@ -274,18 +297,19 @@ class LayerRefineCam(LayerAttribution):
         Returns:
             Tensor: ``(B, 1, H, W)`` maps in ``[0, 1]`` on the input's device.
         """
-        inputs = _image_batch(inputs, "LayerRefineCam")
+        inputs = _image_batch(inputs, "LayerRefineCam", self.forward_func)
         hw = input_hw(inputs)
         out: Optional[Tensor] = None
-        for cam in self.base_cams:
-            m = cam.attribute(
-                inputs,
-                target=target,
-                additional_forward_args=additional_forward_args,
-                **kwargs,
-            )
-            heat = _heatmap(m, hw)
-            out = heat if out is None else out * heat
+        with attribution_call(self.forward_func):  # one mode switch, one record
+            for cam in self.base_cams:
+                m = cam.attribute(
+                    inputs,
+                    target=target,
+                    additional_forward_args=additional_forward_args,
+                    **kwargs,
+                )
+                heat = _heatmap(m, hw)
+                out = heat if out is None else out * heat
         return out  # type: ignore[return-value]
 
 
@@ -428,7 +452,7 @@ class SESS(Attribution):
             )
         if num_scales < 1 or batch_size < 1:
             raise AttributionInputError("num_scales and batch_size must be >= 1.")
-        inputs = _image_batch(inputs, "SESS")
+        inputs = _image_batch(inputs, "SESS", self.forward_func, needs_grad=False)
         x = inputs[0].detach()
         batch, (h, w) = x.shape[0], x.shape[-2:]
         window = int(window_size) if window_size is not None else min(h, w)
@@ -443,26 +467,28 @@ class SESS(Attribution):
             )
         targets = per_sample_targets(target, batch)
         maps = []
-        for b in range(batch):
-            maps.append(
-                self._one_image(
-                    inputs,
-                    b,
-                    targets[b],
-                    additional_forward_args,
-                    scales,
-                    window,
-                    step,
-                    pre_filter_ratio,
-                    theta,
-                    pool,
-                    use_softmax_scores,
-                    batch_size,
-                    kwargs,
-                )  # fmt: skip
-            )
+        with eval_mode(self.forward_func):
+            for b in range(batch):
+                maps.append(
+                    self._one_image(
+                        inputs,
+                        b,
+                        targets[b],
+                        additional_forward_args,
+                        scales,
+                        window,
+                        step,
+                        pre_filter_ratio,
+                        theta,
+                        pool,
+                        use_softmax_scores,
+                        batch_size,
+                        kwargs,
+                    )  # fmt: skip
+                )
         out = torch.stack(maps)[:, None]
-        return _gaussian_blur_reflect(out) if smooth else out
+        out = _gaussian_blur_reflect(out) if smooth else out
+        return finish_maps((out,), [])[0]
 
     def _one_image(
         self,
@@ -517,6 +543,8 @@ class SESS(Attribution):
                 for idx in _chunks(range(len(where)), batch_size)
             ]
         ).clamp(min=0)
+        if not bool(torch.isfinite(scores).all()):  # NaN, never a stand-in
+            return x.new_full((h, w), float("nan"))
         order = torch.argsort(scores, stable=True)[int(len(where) * pre_filter_ratio) :]
         best = scores[order[-1]]
         weights = scores / best if best > 0 else torch.ones_like(scores)

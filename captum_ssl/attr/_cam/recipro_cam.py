@@ -12,9 +12,14 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ssl.attr._cam.base import _LayerActivationCam
+from captum_ssl.attr._cam.base import _finish, _LayerActivationCam
 from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
-from captum_ssl.attr._core import TensorOrTuple, format_inputs, resolve_layout
+from captum_ssl.attr._core import (
+    TensorOrTuple,
+    attribution_call,
+    format_inputs,
+    resolve_layout,
+)
 from captum_ssl.attr._layout import TokenLayout
 
 #: the paper's 3 x 3 Gaussian kernel around each position
@@ -114,25 +119,27 @@ class LayerReciproCam(
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
         """
-        inputs = format_inputs(inputs)
-        acts = self._activations(inputs, additional_forward_args, False, target)
-        layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
-        h, w = acts.shape[-2:]
+        inputs = format_inputs(inputs, False, self.forward_func)
+        with attribution_call(self.forward_func) as record:
+            acts = self._activations(inputs, additional_forward_args, False, target)
+            layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
+            h, w = acts.shape[-2:]
 
-        def mask(out: Tensor, b: Tensor, p: Tensor) -> Tensor:
-            m = spatial_masks(p.to(out.device), h, w, self.gaussian).to(out.dtype)
-            return layout.from_grid(layout.to_grid(out) * m, like=out)
+            def mask(out: Tensor, b: Tensor, p: Tensor) -> Tensor:
+                m = spatial_masks(p.to(out.device), h, w, self.gaussian).to(out.dtype)
+                return layout.from_grid(layout.to_grid(out) * m, like=out)
 
-        _, scores = self._output_scores(
-            inputs,
-            target,
-            additional_forward_args,
-            h * w,
-            mask,
-            perturbations_per_eval,
-            show_progress,
-            "Recipro-CAM",
-            output_transform=(lambda o: torch.softmax(o, dim=-1)) if softmax else None,
-        )
-        cam = scores.reshape(-1, 1, h, w)
-        return torch.relu(cam) if relu_attributions else cam
+            softmax_of = (lambda o: torch.softmax(o, dim=-1)) if softmax else None
+            _, scores = self._output_scores(
+                inputs,
+                target,
+                additional_forward_args,
+                h * w,
+                mask,
+                perturbations_per_eval,
+                show_progress,
+                "Recipro-CAM",
+                output_transform=softmax_of,
+            )
+            cam = scores.reshape(-1, 1, h, w)
+            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]

@@ -22,6 +22,7 @@ from captum_ssl.attr._cam.base import LayerGradCam, _finish
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
+    attribution_call,
     chunked_scores,
     format_inputs,
     layer_activations,
@@ -348,50 +349,55 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
         Returns:
             Tensor: ``(B, 1, h, w)`` maps on the input's device.
         """
-        inputs = format_inputs(inputs)
+        inputs = format_inputs(inputs, forward_func=self.forward_func)
         if len(inputs) != 1:
             raise AttributionInputError(
                 "LayerSmoothGradCamPlusPlus adds noise to one input tensor; got "
                 f"{len(inputs)}."
             )
-        x, n = inputs[0], self.num_samples
-        _check_samples(n, noise, (n, *x.shape))
-        common = dict(
-            layout=self.layout,
-            device_ids=self.device_ids,
-            attribute_to_layer_input=attribute_to_layer_input,
-        )
-        acts = layer_activations(
-            self.forward_func, self.layer, inputs, additional_forward_args, **common
-        )
-        powers = None
-        for i in range(n):
-            if noise is not None:
-                delta = noise[i].to(x.device, x.dtype).expand_as(x)
-            else:
-                dev = generator.device if generator is not None else x.device
-                delta = self.std * torch.randn(
-                    x.shape, generator=generator, device=dev, dtype=x.dtype
-                ).to(x.device)
-            _, grads = layer_activations_and_gradients(
-                self.forward_func,
-                self.layer,
-                (x + delta,),
-                target,
-                additional_forward_args,
-                grad_kwargs=grad_kwargs,
-                **common,
+        with attribution_call(self.forward_func) as record:
+            x, n = inputs[0], self.num_samples
+            _check_samples(n, noise, (n, *x.shape))
+            common = dict(
+                layout=self.layout,
+                device_ids=self.device_ids,
+                attribute_to_layer_input=attribute_to_layer_input,
             )
-            step = [torch.stack([g, g * g, g * g * g]) for g in grads]
-            powers = step if powers is None else [p + s for p, s in zip(powers, step)]
-        cams = []
-        for a, p in zip(acts, powers):  # type: ignore[arg-type]
-            d1, d2, d3 = p / n
-            sum_acts = a.sum(dim=(2, 3), keepdim=True)
-            alpha = d2 / (2 * d2 + sum_acts * d3 + self.eps)
-            w = (alpha * torch.relu(d1)).sum(dim=(2, 3), keepdim=True)
-            weighted = w * a
-            cams.append(
-                weighted.sum(dim=1, keepdim=True) if attr_dim_summation else weighted
+            acts = layer_activations(
+                self.forward_func, self.layer, inputs, additional_forward_args, **common
             )
-        return _finish(tuple(cams), relu_attributions, len(cams) > 1)
+            powers = None
+            for i in range(n):
+                if noise is not None:
+                    delta = noise[i].to(x.device, x.dtype).expand_as(x)
+                else:
+                    dev = generator.device if generator is not None else x.device
+                    delta = self.std * torch.randn(
+                        x.shape, generator=generator, device=dev, dtype=x.dtype
+                    ).to(x.device)
+                _, grads = layer_activations_and_gradients(
+                    self.forward_func,
+                    self.layer,
+                    (x + delta,),
+                    target,
+                    additional_forward_args,
+                    grad_kwargs=grad_kwargs,
+                    **common,
+                )
+                step = [torch.stack([g, g * g, g * g * g]) for g in grads]
+                powers = (
+                    step if powers is None else [p + s for p, s in zip(powers, step)]
+                )
+            cams = []
+            for a, p in zip(acts, powers):  # type: ignore[arg-type]
+                d1, d2, d3 = p / n
+                sum_acts = a.sum(dim=(2, 3), keepdim=True)
+                alpha = d2 / (2 * d2 + sum_acts * d3 + self.eps)
+                w = (alpha * torch.relu(d1)).sum(dim=(2, 3), keepdim=True)
+                weighted = w * a
+                cams.append(
+                    weighted.sum(dim=1, keepdim=True)
+                    if attr_dim_summation
+                    else weighted
+                )
+            return _finish(tuple(cams), relu_attributions, len(cams) > 1, record)
