@@ -113,7 +113,15 @@ class RoarStore:
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)
-        con.execute("PRAGMA journal_mode=WAL")
+        for attempt in range(50):  # another rank may be switching the mode
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 49:
+                    con.close()
+                    raise
+                time.sleep(0.1)
         return con
 
     def put(self, key: str, run: Tuple[str, str, float, int], acc: float) -> None:
@@ -357,6 +365,9 @@ def roar_kar(
                     "test": explain_all(explainer, base, test_data),
                 }
                 save_atomic(maps, path)
+        # rank 0 creates the store (switching SQLite to WAL needs an exclusive
+        # lock that concurrent first openings would fight over)
+        RoarStore(out / "results.sqlite")
     _barrier()
 
     # 2./3. the runs not yet in the store, split over the ranks
