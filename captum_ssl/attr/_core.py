@@ -731,7 +731,9 @@ def chunked_scores(
     that chunk's forward pass (for example a layer-output hook). Returns a
     ``(B, n_per_sample)`` tensor on the input's device.
     """
-    total = inputs[0].shape[0] * n_per_sample
+    batch = inputs[0].shape[0]
+    device = inputs[0].device
+    total = batch * n_per_sample
     if perturbations_per_eval is None:
         perturbations_per_eval = auto_perturbations_per_eval(inputs, total)
     if isinstance(perturbations_per_eval, bool) or perturbations_per_eval < 1:
@@ -739,28 +741,6 @@ def chunked_scores(
             "perturbations_per_eval must be an integer >= 1, or None for an "
             f"automatic chunk size; got {perturbations_per_eval!r}."
         )
-    with eval_mode(forward_func):
-        return _chunked_scores(
-            forward_func, inputs, target, additional_forward_args, n_per_sample,
-            make_batch, perturbations_per_eval, show_progress, desc, context,
-        )  # fmt: skip
-
-
-def _chunked_scores(
-    forward_func: Callable,
-    inputs: Tuple[Tensor, ...],
-    target: TargetType,
-    additional_forward_args: Any,
-    n_per_sample: int,
-    make_batch: Callable[[Tensor, Tensor], Tuple[Tensor, ...]],
-    perturbations_per_eval: int,
-    show_progress: bool,
-    desc: str,
-    context: Optional[Callable[[Tensor, Tensor], Any]],
-) -> Tensor:
-    batch = inputs[0].shape[0]
-    device = inputs[0].device
-    total = batch * n_per_sample
     targets = per_sample_targets(target, batch)
     scores = torch.empty(total, device=device)
     starts = range(0, total, perturbations_per_eval)
@@ -768,15 +748,17 @@ def _chunked_scores(
         from captum._utils.progress import progress
 
         starts = progress(starts, desc=desc, total=len(starts))
-    for start in starts:
-        idx = torch.arange(start, min(start + perturbations_per_eval, total))
-        b_idx, j_idx = idx // n_per_sample, idx % n_per_sample
-        batch_inputs = make_batch(b_idx, j_idx)
-        sub_target = stack_targets([targets[int(b)] for b in b_idx])
-        args = rows(additional_forward_args, b_idx.to(device), batch)
-        ctx = context(b_idx, j_idx) if context is not None else contextlib.nullcontext()
-        with ctx:
-            scores[start : start + len(idx)] = target_scores(
-                forward_func, batch_inputs, sub_target, args
-            )
+    # one eval-mode switch (and at most one warning) for the whole loop
+    with eval_mode(forward_func):
+        for start in starts:
+            idx = torch.arange(start, min(start + perturbations_per_eval, total))
+            b_idx, j_idx = idx // n_per_sample, idx % n_per_sample
+            batch_inputs = make_batch(b_idx, j_idx)
+            sub_target = stack_targets([targets[int(b)] for b in b_idx])
+            args = rows(additional_forward_args, b_idx.to(device), batch)
+            ctx = context(b_idx, j_idx) if context else contextlib.nullcontext()
+            with ctx:
+                scores[start : start + len(idx)] = target_scores(
+                    forward_func, batch_inputs, sub_target, args
+                )
     return scores.reshape(batch, n_per_sample)
