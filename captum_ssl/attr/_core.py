@@ -23,6 +23,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 nan = float("nan")
@@ -416,10 +417,11 @@ def stack_targets(targets: List[Any]) -> TargetType:
 def checked_forward(forward_func: Callable, target: TargetType) -> Callable:
     """``forward_func`` that validates ``target`` against its output (for one
     forward pass of the whole explained batch: rows whose output is not
-    finite are recorded for :func:`finish_maps`)."""
+    finite are recorded for :func:`finish_maps`). A Hugging Face
+    ``ModelOutput`` is read as a tensor (:func:`~captum_ssl._outputs.model_output`)."""
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if isinstance(out, Tensor):
             check_target(out, target)
             _record_bad_rows(out)  # a full-batch forward: see finish_maps
@@ -444,11 +446,13 @@ def selecting_forward(
     ``batch_rows``, the output rows are those of the explained batch, and the
     rows whose output is not finite are recorded for :func:`finish_maps`.
     With ``select=False`` (gradient-free methods without a target) the output
-    is returned whole.
+    is returned whole. A Hugging Face ``ModelOutput`` is read as a tensor
+    first (:func:`~captum_ssl._outputs.model_output`: a classifier's
+    ``logits``, a backbone's ``pooler_output`` or class token).
     """
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if not isinstance(out, Tensor):
             return out
         if batch_rows:

@@ -35,6 +35,7 @@ from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._core import (
     AttributionInputError,
     check_not_compiled,
@@ -250,7 +251,7 @@ def attention_forward(
     record: List[Tensor] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if isinstance(out, Tensor) and out.dim() > 0 and out.is_floating_point():
             record.append(~torch.isfinite(out.reshape(out.shape[0], -1)).all(1))
         return out

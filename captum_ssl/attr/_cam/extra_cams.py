@@ -29,6 +29,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._cam.base import LayerGradCam, _finish, _LayerActivationCam
 from captum_ssl.attr._core import (
     AttributionInputError,
@@ -570,7 +571,7 @@ class LayerFinerCam(LayerGradCam):
         forward_func = self.forward_func
 
         def finer_forward(*args: Any) -> Tensor:
-            out = forward_func(*args)
+            out = model_output(forward_func(*args))
             check_target(out, target)
             tgt = torch.as_tensor(classes, device=out.device) % out.shape[1]
             return finer_score(out, tgt, comparison_categories, alpha)
