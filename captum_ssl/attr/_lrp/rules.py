@@ -32,7 +32,8 @@ Rule = Callable[..., Tuple[Optional[Tensor], ...]]
 class State:
     """Shared by all rule applications of one call."""
 
-    mode: str = "rel"  # "rel": relevance backward; "grad": true gradients
+    mode: str = "rel"  # "rel": relevance backward; "grad": true gradients;
+    # "plain": no rule at all, the operations run as they are (attention capture)
     need_grad: bool = False  # build the true graph (for a "grad" backward)
 
 
@@ -56,6 +57,8 @@ def apply_rule(
     state: State, rule: Rule, fn: Callable[..., Tensor], *xs: Tensor
 ) -> Tensor:
     """``fn(*xs)`` whose backward is ``rule`` in relevance mode."""
+    if state.mode == "plain":
+        return fn(*xs)
     with torch.set_grad_enabled(state.need_grad and torch.is_grad_enabled()):
         y = fn(*xs)
     if not torch.is_grad_enabled():
@@ -97,6 +100,14 @@ class Rules:
 
     def norm(self, r: Tensor, y: Tensor, x: Tensor, module) -> Tensor:
         raise NotImplementedError
+
+    def linear_map(
+        self, r: Tensor, y: Tensor, x: Tensor, vjp: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        r"""A fixed linear map ``y = A x`` given by its vector-Jacobian product
+        ``vjp(s) = A^T s`` (EVA's rotary embedding): the z-rule
+        :math:`R_x = x \odot A^\top (R / y)` (epsilon-stabilised)."""
+        return x * vjp(eps_div(r, y, getattr(self, "eps", 1e-9)))
 
     def elementwise(self, r: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """Activations, constant and learned scales: the identity rule."""
