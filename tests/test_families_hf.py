@@ -175,3 +175,353 @@ def test_headless_refusal_names_the_layer_to_replace():
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match=r"`model\[3\] = torch.nn.Identity\(\)`"):
         headless(model)
+
+
+# ------------------------------------------------- the ViT methods on HF ViTs
+def _methods():
+    from captum_ssl import attr
+
+    names = [
+        "RawAttention",
+        "AttentionRollout",
+        "GradientAttentionRollout",
+        "GenericAttention",
+        "AttentionFlow",
+        "LeGrad",
+        "TransformerAttribution",
+        "LRP",
+        "PartialLRP",
+        "AttnLRP",
+    ]
+    return {n: getattr(attr, n) for n in names}
+
+
+METHODS = list(_methods())
+
+
+def timm_to_hf_vit(timm_vit: nn.Module, num_labels: int) -> nn.Module:
+    """Hugging Face ViTForImageClassification with ``timm_vit``'s weights (the
+    converter: timm's fused qkv split into q_proj / k_proj / v_proj)."""
+    c = timm_vit.embed_dim
+    cfg = transformers.ViTConfig(
+        image_size=timm_vit.patch_embed.img_size[0],
+        patch_size=timm_vit.patch_embed.patch_size[0],
+        hidden_size=c,
+        num_hidden_layers=len(timm_vit.blocks),
+        num_attention_heads=timm_vit.blocks[0].attn.num_heads,
+        intermediate_size=timm_vit.blocks[0].mlp.fc1.out_features,
+        layer_norm_eps=timm_vit.norm.eps,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    hf = transformers.ViTForImageClassification(cfg).eval()
+    sd = timm_vit.state_dict()
+    out = {
+        "vit.embeddings.cls_token": sd["cls_token"],
+        "vit.embeddings.position_embeddings": sd["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": sd[
+            "patch_embed.proj.weight"
+        ],
+        "vit.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "vit.layernorm.weight": sd["norm.weight"],
+        "vit.layernorm.bias": sd["norm.bias"],
+        "classifier.weight": sd["head.weight"],
+        "classifier.bias": sd["head.bias"],
+    }
+    pairs = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    for i in range(len(timm_vit.blocks)):
+        for t, h in pairs.items():
+            for p in ("weight", "bias"):
+                out[f"vit.layers.{i}.{h}.{p}"] = sd[f"blocks.{i}.{t}.{p}"]
+        for p in ("weight", "bias"):
+            q, k, v = sd[f"blocks.{i}.attn.qkv.{p}"].split(c)
+            for name, t in zip("qkv", (q, k, v)):
+                out[f"vit.layers.{i}.attention.{name}_proj.{p}"] = t
+    hf.load_state_dict(out)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """The same random weights in timm's ViT and in HF's ViT (float64: the
+    comparison is about the arithmetic, not float32 rounding)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    tv = timm.models.vision_transformer.VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        num_classes=5,
+        qkv_bias=True,
+    ).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for p in tv.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf = timm_to_hf_vit(tv, 5)
+    return tv.double(), hf.double()
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_timm_and_hf_vit_with_the_same_weights_give_the_same_map(twins, name):
+    tv, hf = twins
+    x = torch.randn(
+        3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(hf(x)), tv(x))
+    method = _methods()[name]
+    target = [0, 3, 4]
+    want = method(tv).attribute(x, target=target)
+    got = method(hf).attribute(x, target=target)
+    assert got.shape == want.shape and got.shape[0] == 3
+    assert want.abs().max() > 0
+    err = (got - want).abs().max() / want.abs().max()
+    assert err <= 1e-4, f"{name}: relative difference {float(err):.2e}"
+
+
+def _configs():
+    small = dict(SMALL, layer_norm_eps=1e-6)
+    return {
+        "dinov2_registers": lambda impl: transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(
+                image_size=28,
+                patch_size=14,
+                num_register_tokens=2,
+                use_swiglu_ffn=True,
+                attn_implementation=impl,
+                **small,
+            )
+        ),
+        "deit_teacher": lambda impl: transformers.DeiTForImageClassificationWithTeacher(
+            transformers.DeiTConfig(
+                image_size=32,
+                patch_size=8,
+                num_labels=4,
+                attn_implementation=impl,
+                **small,
+            )
+        ),
+        "clip_vision": lambda impl: transformers.CLIPVisionModel(
+            transformers.CLIPVisionConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_act="quick_gelu",
+                attn_implementation=impl,
+                **{k: v for k, v in small.items() if "dropout" not in k},
+            )
+        ),
+    }
+
+
+def _build(name: str, impl: str = "eager") -> nn.Module:
+    torch.manual_seed(0)
+    return _configs()[name](impl).eval()
+
+
+SIZES = {"dinov2_registers": 56, "deit_teacher": 32, "clip_vision": 32}
+PREFIX = {"dinov2_registers": 3, "deit_teacher": 2, "clip_vision": 1}
+
+
+def _explained(model: nn.Module, size: int) -> nn.Module:
+    """Classifiers as they are; backbones behind EmbeddingSimilarity."""
+    if "Classification" in type(model).__name__:
+        return model
+    refs = reference_embeddings(model, torch.randn(2, 3, size, size))
+    return EmbeddingSimilarity(model, refs)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_raw_attention_equals_probabilities_recomputed_from_q_and_k(name):
+    from captum_ssl.attr import RawAttention
+
+    model = _build(name)
+    size, k = SIZES[name], PREFIX[name]
+    x = torch.randn(2, 3, size, size)
+    layers = [
+        m for n, m in model.named_modules() if type(m).__name__.endswith("Attention")
+    ]
+    inputs = []
+    handle = layers[-1].register_forward_pre_hook(
+        lambda _m, args, kw: inputs.append(
+            kw.get("hidden_states", args[0] if args else None)
+        ),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    h = inputs[0]
+    attn = layers[-1]
+    heads = attn.config.num_attention_heads
+    q = attn.q_proj(h).unflatten(-1, (heads, -1)).transpose(1, 2)
+    kk = attn.k_proj(h).unflatten(-1, (heads, -1)).transpose(1, 2)
+    probs = (q @ kk.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    g = size // attn.config.patch_size
+    want = probs.mean(1)[:, 0, k:].reshape(2, 1, g, g)
+    got = RawAttention(_explained(model, size), layers=-1).attribute(x, target=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _snapshot(model: nn.Module):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dicts = {  # instance attributes, an installed `forward` included
+        n: {
+            k: v
+            for k, v in vars(m).items()
+            if k not in ("_parameters", "_buffers", "_modules")
+        }
+        for n, m in model.named_modules()
+    }
+    hooks = [
+        (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for n, m in model.named_modules()
+    ]
+    flags = {
+        n: (c._attn_implementation, c.output_attentions, c.return_dict)
+        for n, c in ((n, getattr(m, "config", None)) for n, m in model.named_modules())
+        if c is not None
+    }
+    return state, dicts, hooks, flags
+
+
+def _assert_same(before, after):
+    (s0, d0, h0, f0), (s1, d1, h1, f1) = before, after
+    assert s0.keys() == s1.keys()
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert d0.keys() == d1.keys()
+    for n in d0:
+        assert d0[n].keys() == d1[n].keys(), n
+        for k in d0[n]:
+            assert d0[n][k] is d1[n][k] or d0[n][k] == d1[n][k], (n, k)
+    assert h0 == h1 and f0 == f1
+
+
+@pytest.mark.parametrize("name", ["dinov2_registers", "deit_teacher"])
+def test_eager_and_sdpa_give_the_same_maps_and_the_model_is_left_as_it_was(name):
+    size = SIZES[name]
+    x = torch.randn(2, 3, size, size)
+    eager, sdpa = _build(name, "eager"), _build(name, "sdpa")
+    assert sdpa.config._attn_implementation == "sdpa"
+    models = {"eager": _explained(eager, size)}
+    models["sdpa"] = (
+        EmbeddingSimilarity(sdpa, models["eager"].references)
+        if (isinstance(models["eager"], EmbeddingSimilarity))
+        else sdpa
+    )
+    before = _snapshot(sdpa)
+    methods = _methods()
+    for mname in (
+        "RawAttention",
+        "GenericAttention",
+        "AttnLRP",
+        "TransformerAttribution",
+    ):
+        got = methods[mname](models["sdpa"]).attribute(x, target=[1, 0])
+        want = methods[mname](models["eager"]).attribute(x, target=[1, 0])
+        assert got.shape == (
+            2,
+            1,
+            size // sdpa.config.patch_size,
+            size // sdpa.config.patch_size,
+        )
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    _assert_same(before, _snapshot(sdpa))
+    # also after an error inside the call (a target out of range)
+    with pytest.raises(ValueError, match="out of range"):
+        methods["AttnLRP"](models["sdpa"]).attribute(x, target=99)
+    _assert_same(before, _snapshot(sdpa))
+
+
+def test_every_method_on_a_dinov2_classifier_batched_per_sample_targets():
+    """DINOv2's head reads class token and mean patch token; each sample's map
+    equals its map explained alone."""
+    torch.manual_seed(0)
+    model = transformers.Dinov2ForImageClassification(
+        transformers.Dinov2Config(image_size=28, patch_size=14, num_labels=4, **SMALL)
+    ).eval()
+    x = torch.randn(2, 3, 42, 42)  # 3 x 3 patches: position embeddings interpolated
+    for name, method in _methods().items():
+        if name == "LRP":  # relevance to pixels: the native size only
+            continue
+        both = method(model).attribute(x, target=[3, 1])
+        one = method(model).attribute(x[1:], target=1)
+        assert both.shape == (2, 1, 3, 3), name
+        torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_clip_classifier_that_never_reads_the_class_token_is_refused():
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            **{k: v for k, v in SMALL.items() if "dropout" not in k},
+        ),
+        text_config=dict(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        num_labels=3,
+    )
+    model = transformers.CLIPForImageClassification(cfg).eval()
+    from captum_ssl.attr import LeGrad, RawAttention
+
+    with pytest.raises(ValueError, match="never reads the class token.*LeGrad"):
+        RawAttention(model).attribute(torch.randn(1, 3, 32, 32), target=0)
+    assert LeGrad(model).attribute(torch.randn(1, 3, 32, 32), target=0).shape == (
+        1,
+        1,
+        4,
+        4,
+    )
+
+
+def test_vit_mae_is_refused_and_its_weights_explain_in_vit_model():
+    from captum_ssl.attr import RawAttention
+
+    torch.manual_seed(0)
+    mae = transformers.ViTMAEModel(
+        transformers.ViTMAEConfig(image_size=32, patch_size=8, **SMALL)
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    refs = torch.randn(2, 32)
+    with pytest.raises(ValueError, match="ViTModel.*load_state_dict"):
+        RawAttention(EmbeddingSimilarity(mae, refs)).attribute(x, target=0)
+    # the fix the message names: all patches, in order, same weights
+    vit = transformers.ViTModel(
+        transformers.ViTConfig(**mae.config.to_dict()), add_pooling_layer=False
+    ).eval()
+    missing = vit.load_state_dict(mae.state_dict(), strict=False)
+    assert not missing.missing_keys
+    maps = RawAttention(EmbeddingSimilarity(vit, refs)).attribute(x, target=0)
+    assert maps.shape == (2, 1, 4, 4)
+
+
+def test_messages_name_layers_that_exist_in_the_hf_model():
+    clf = vit_classifier()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"model\.vit\.layers\[-1\]\.layernorm_before"):
+        LayerGradCam(clf, "vit.layers.1").attribute(x, target=0)
+    hint = r"model\.backbone\.encoder\.layer\[-1\]\.norm1"
+    backbone = dinov2()
+    wrapped = EmbeddingSimilarity(backbone, torch.randn(1, 32))
+    never_runs = transformers.Dinov2Model(backbone.config).encoder.layer[0].norm1
+    with pytest.raises(ValueError, match=hint):
+        LayerGradCam(wrapped, never_runs).attribute(torch.randn(1, 3, 56, 56), target=0)
+    # each hint is a real layer of the model
+    assert clf.vit.layers[-1].layernorm_before is not None
+    assert wrapped.backbone.encoder.layer[-1].norm1 is not None

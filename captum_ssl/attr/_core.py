@@ -224,18 +224,40 @@ def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
             )
 
 
+def layer_hint(forward_func: Callable) -> str:
+    """A layer of the user's own model for error messages: for a Vision
+    Transformer the norm before the last block's attention, named by its
+    family adapter as it appears in the model (``model.blocks[-1].norm1``,
+    ``model.vit.layers[-1].layernorm_before``, ``model.encoder.layers[-1].ln_1``
+    ...; through a wrapper such as EmbeddingSimilarity with the wrapper's
+    path); else the usual CNN and timm examples."""
+    from captum_ssl.attr._families import find_adapter
+
+    root = root_module(forward_func)
+    adapter = None if root is None else find_adapter(root)
+    if adapter is None:
+        return "`model.layer4` (a ResNet) or `model.blocks[-1].norm1` (a timm ViT)"
+    hint = adapter.norm_layer_hint()
+    if hint.startswith("model") and adapter.model is not root:
+        from captum_ssl.models._layers import layer_expression
+
+        path = next(n for n, m in root.named_modules() if m is adapter.model)
+        hint = layer_expression(path) + hint[len("model") :]
+    return f"`{hint}`" if hint.startswith("model") else hint
+
+
 def check_layer(forward_func: Callable, layer: Any) -> None:
     """Refuse a layer that is not a module, and a ``torch.compile``d model."""
     model = root_module(forward_func)
     if isinstance(layer, str):
         raise AttributionInputError(
             f"layer must be the module itself, not the string {layer!r}: pass "
-            f"`model.get_submodule({layer!r})` (or e.g. `model.layer4`)."
+            f"`model.get_submodule({layer!r})` (or e.g. {layer_hint(forward_func)})."
         )
     if not isinstance(layer, nn.Module):
         raise AttributionInputError(
             f"layer must be an nn.Module of the model, got {type(layer).__name__}: "
-            "pass e.g. `model.layer4` or `model.blocks[-1].norm1`."
+            f"pass e.g. {layer_hint(forward_func)}."
         )
     check_not_compiled(model)
 
@@ -493,8 +515,11 @@ def rows(value: Any, index: Tensor, batch: int) -> Any:
 
 # --------------------------------------------------------------- layer access
 @contextlib.contextmanager
-def layer_errors(layer: nn.Module) -> Iterator[None]:
-    """Turn Captum's and autograd's generic failures into errors naming the fix."""
+def layer_errors(
+    layer: nn.Module, forward_func: Optional[Callable] = None
+) -> Iterator[None]:
+    """Turn Captum's and autograd's generic failures into errors naming the fix
+    (and a layer of ``forward_func``'s model)."""
     try:
         yield
     except AssertionError as err:
@@ -502,8 +527,8 @@ def layer_errors(layer: nn.Module) -> Iterator[None]:
             raise AttributionInputError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
                 "Pass a submodule that the model's forward actually calls (for "
-                "example `model.layer4` or `model.blocks[-1].norm1`; print(model) "
-                "lists them), and the same model instance as forward_func."
+                f"example {layer_hint(forward_func)}; print(model) lists them), and "
+                "the same model instance as forward_func."
             ) from err
         raise
     except RuntimeError as err:
@@ -612,7 +637,7 @@ def layer_activations_and_gradients(
         else record_from_layer_only(forward_func)
     )
     mode = contextlib.nullcontext() if create_graph else eval_mode(forward_func)
-    with layer_errors(layer), record, mode:
+    with layer_errors(layer, forward_func), record, mode:
         grads, acts = compute_layer_gradients_and_eval(
             selecting_forward(forward_func, target),
             layer,
@@ -629,7 +654,7 @@ def layer_activations_and_gradients(
             f"All gradients at the layer {layer.__class__.__name__} are zero for "
             "this target, so gradient-based maps are empty. With a class-token "
             "head the last block's patch tokens do not reach the output: use an "
-            "earlier layer such as `blocks[-1].norm1`.",
+            f"earlier layer such as {layer_hint(forward_func)}.",
             stacklevel=3,
         )
     if create_graph:
@@ -653,7 +678,7 @@ def layer_activations(
     A ``target`` other than ``None`` is checked against the model's output."""
     lay = resolve_layout(forward_func, layer, inputs, layout)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
-    with layer_errors(layer), torch.no_grad(), eval_mode(forward_func):
+    with layer_errors(layer, forward_func), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(
             selecting_forward(forward_func, target, select=target is not None),
             inputs,

@@ -408,7 +408,7 @@ class LayerShapleyCam(LayerGradCam):
         handle = _layer_leaf(self.layer, attribute_to_layer_input, store)
         try:
             with (
-                layer_errors(self.layer),
+                layer_errors(self.layer, self.forward_func),
                 record_from_layer_only(self.forward_func),
                 unfused_attention(self.forward_func),
                 torch.enable_grad(),
@@ -428,7 +428,7 @@ class LayerShapleyCam(LayerGradCam):
                 "exactly once (the model's own instance, not a shared module)."
             )
         act = store[0]
-        with layer_errors(self.layer), torch.enable_grad():
+        with layer_errors(self.layer, self.forward_func), torch.enable_grad():
             (grad,) = torch.autograd.grad(out.sum(), act, create_graph=True)
             if grad.requires_grad:
                 (hvp,) = torch.autograd.grad(

@@ -198,7 +198,9 @@ class FullGrad(GradientAttribution):
             layer.register_forward_hook(hook_for(layer)) for layer in self.layers
         ]
         try:
-            with layer_errors(self.layers[0] if self.layers else nn.Identity()):
+            with layer_errors(
+                self.layers[0] if self.layers else nn.Identity(), self.forward_func
+            ):
                 with record_from_layer_only(self.forward_func), torch.enable_grad():
                     out = _run_forward(
                         selecting_forward(self.forward_func, target),

@@ -1,7 +1,10 @@
 """Family adapters: the only code that knows a ViT implementation (see
 :mod:`.base`). Importing this package registers every family."""
 
-from captum_ssl.attr._families import timm_vit  # noqa: F401  (registers)
+from captum_ssl.attr._families import (
+    hf_vit,  # noqa: F401  (registers)
+    timm_vit,  # noqa: F401  (registers)
+)
 from captum_ssl.attr._families.base import (
     CHANNEL,
     CLASS,

@@ -63,20 +63,26 @@ _CLASSES: Dict[type, AttentionImpl] = {}
 
 
 def register_attention(loader: Callable[[], Optional[type]], impl: AttentionImpl):
-    """Register an attention class (returned by ``loader``, ``None`` if its
-    package is not installed) with its implementation."""
+    """Register an attention class (returned by ``loader``; it raises
+    ImportError if its package is not installed, and may return ``None`` while
+    the package is not imported yet, to be asked again) with its
+    implementation."""
     _IMPLS.append((loader, impl))
 
 
 def _impls() -> Dict[type, AttentionImpl]:
+    waiting = []
     while _IMPLS:
         loader, impl = _IMPLS.pop(0)
         try:
             cls = loader()
         except ImportError:
-            cls = None
+            continue  # the package is not installed
         if cls is not None:
             _CLASSES[cls] = impl
+        else:  # a package that is not imported yet: asked again next time
+            waiting.append((loader, impl))
+    _IMPLS.extend(waiting)
     return _CLASSES
 
 

@@ -299,10 +299,12 @@ def conv_forward(P: Propagator, proj: nn.Conv2d) -> Callable:
 
 def position_forward(P: Propagator, pos: Tensor, prefix: int) -> Callable:
     """Forward of the module right after the position-embedding add (its
-    input is ``tokens + pos``): the add is redone with the constant rule."""
+    input is ``tokens + pos``): the add is redone with the constant rule.
+    ``pos`` may be a function returning the embedding of the current call
+    (one interpolated for the input's size)."""
 
     def forward(x: Tensor) -> Tensor:
-        b = pos
+        b = pos() if callable(pos) else pos
         if b.shape[-2] != x.shape[1] and b.shape[-2] + prefix == x.shape[1]:
             b = F.pad(b, (0, 0, prefix, 0))
         if b.shape[-2:] != x.shape[1:]:

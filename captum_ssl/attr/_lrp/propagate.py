@@ -113,12 +113,7 @@ class Propagator:
         if isinstance(m, self._scale):
             return self.scale(x, m.gamma)
         if isinstance(m, ACTIVATIONS):
-            return apply_rule(
-                st,
-                lambda rr, y, xx: (r.elementwise(rr, y, xx),),  # type: ignore[union-attr]
-                lambda xx: type(m).forward(m, xx),
-                x,
-            )
+            return self.elementwise(lambda xx: type(m).forward(m, xx), x)
         self.check_leaf(m, type(m).__name__)
         raise AssertionError("unreachable")
 
@@ -129,6 +124,16 @@ class Propagator:
         return x
 
     # ------------------------------------------------------------ operations
+    def elementwise(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``fn(x)`` for an elementwise nonlinearity (an activation module or
+        function of any family), with the elementwise rule."""
+        return apply_rule(
+            self.state,
+            lambda rr, y, xx: (self.rules.elementwise(rr, y, xx),),  # type: ignore[union-attr]
+            fn,
+            x,
+        )
+
     def linear(self, x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
         """``F.linear(x, w, b)`` (the bias absorbs its share of relevance)."""
         return apply_rule(
