@@ -1,9 +1,12 @@
 """Family adapters: the only code that knows a ViT implementation (see
 :mod:`.base`). Importing this package registers every family."""
 
-from captum_ssl.attr._families import (
-    hf_vit,  # noqa: F401  (registers)
-    timm_vit,  # noqa: F401  (registers)
+from captum_ssl.attr._families import (  # noqa: F401  (registers the families)
+    hf_vit,
+    timm_beit,
+    timm_eva,
+    timm_vit,
+    torch_mha,
 )
 from captum_ssl.attr._families.base import (
     CHANNEL,

@@ -124,16 +124,6 @@ class Propagator:
         return x
 
     # ------------------------------------------------------------ operations
-    def elementwise(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """``fn(x)`` for an elementwise nonlinearity (an activation module or
-        function of any family), with the elementwise rule."""
-        return apply_rule(
-            self.state,
-            lambda rr, y, xx: (self.rules.elementwise(rr, y, xx),),  # type: ignore[union-attr]
-            fn,
-            x,
-        )
-
     def linear(self, x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
         """``F.linear(x, w, b)`` (the bias absorbs its share of relevance)."""
         return apply_rule(
@@ -179,6 +169,16 @@ class Propagator:
 
         return apply_rule(self.state, rule, torch.mul, a, b)
 
+    def elementwise(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``fn(x)`` for an elementwise activation that is not a module of
+        :data:`ACTIVATIONS` (e.g. open_clip's QuickGELU): the identity rule."""
+        return apply_rule(
+            self.state,
+            lambda rr, y, xx: (self.rules.elementwise(rr, y, xx),),  # type: ignore[union-attr]
+            fn,
+            x,
+        )
+
     def linear_map(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``fn(x)`` for a fixed linear map ``fn`` (a rotary embedding)."""
 
@@ -203,12 +203,14 @@ class Propagator:
         *,
         scale: Optional[float] = None,
         bias: Optional[Tensor] = None,
+        keep: Optional[List[Tensor]] = None,
     ) -> Tensor:
         """``softmax(q k^T * scale + bias) v`` of attention module ``m``
         (``scale`` defaults to ``m.scale``; ``bias`` is a constant such as a
         relative position bias); talking-heads projections (``proj_l``,
         ``proj_w``) when ``m`` has them. The probabilities are recorded when
-        ``m`` is watched, then pass through ``m.attn_drop`` when it has one."""
+        ``m`` is watched (and appended to ``keep`` when given), then pass
+        through ``m.attn_drop`` when it has one."""
         r, st = self.rules, self.state
         q = self.scale(q, m.scale if scale is None else scale)
         dots = self.matmul(q, k.transpose(-2, -1))
@@ -225,6 +227,8 @@ class Propagator:
         if hasattr(m, "proj_w"):
             attn = self.leaf(m.proj_w, attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         self.record(m, attn)
+        if keep is not None:
+            keep.append(attn)
         drop = getattr(m, "attn_drop", None)
         if isinstance(drop, nn.Module):
             attn = drop(attn)
