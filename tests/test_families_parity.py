@@ -8,7 +8,9 @@ map on each implementation (float64, relative tolerance 1e-4): the family
 adapters, not the methods, know the implementations.
 
 :data:`IMPLEMENTATIONS` is a config list: another implementation (Hugging
-Face ViT, ...) is one more entry ``(name, timm kwargs, converter)``.
+Face ViT, ...) is one more entry ``(name, timm kwargs, converter)``; Hugging
+Face's ``ViTForImageClassification`` is one (passed as it is: its
+``ImageClassifierOutput`` is read by its logits).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import timm
 import torch
 from torch import nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr import (
     LRP,
     AttentionFlow,
@@ -154,6 +157,50 @@ def to_open_clip(ref: nn.Module) -> nn.Module:
     return _copy(oc, out)
 
 
+def to_huggingface(ref: nn.Module) -> nn.Module:
+    """timm ViT -> Hugging Face ``ViTForImageClassification``: timm's fused
+    ``qkv`` split into ``q_proj`` / ``k_proj`` / ``v_proj``."""
+    transformers = pytest.importorskip("transformers")
+    s = ref.state_dict()
+    out = {
+        "vit.embeddings.cls_token": s["cls_token"],
+        "vit.embeddings.position_embeddings": s["pos_embed"],
+        "vit.embeddings.patch_embeddings.projection.weight": s[
+            "patch_embed.proj.weight"
+        ],
+        "vit.embeddings.patch_embeddings.projection.bias": s["patch_embed.proj.bias"],
+        "vit.layernorm.weight": s["norm.weight"],
+        "vit.layernorm.bias": s["norm.bias"],
+        "classifier.weight": s["head.weight"],
+        "classifier.bias": s["head.bias"],
+    }
+    for i in range(DEPTH):
+        a, b = f"blocks.{i}.", f"vit.layers.{i}."
+        for src, dst in [
+            ("norm1", "layernorm_before"),
+            ("norm2", "layernorm_after"),
+            ("attn.proj", "attention.o_proj"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ]:
+            for p in ("weight", "bias"):
+                out[f"{b}{dst}.{p}"] = s[f"{a}{src}.{p}"]
+        for p in ("weight", "bias"):
+            for name, t in zip("qkv", s[f"{a}attn.qkv.{p}"].split(WIDTH)):
+                out[f"{b}attention.{name}_proj.{p}"] = t
+    config = transformers.ViTConfig(
+        image_size=SIZE,
+        patch_size=PATCH,
+        hidden_size=WIDTH,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * WIDTH,
+        layer_norm_eps=1e-6,
+        num_labels=CLASSES,
+    )
+    return _copy(transformers.ViTForImageClassification(config), out)
+
+
 def open_clip_reference() -> nn.Module:
     ref = timm_reference(pre_norm=True)  # CLIP layout: no patch bias
     assert ref.patch_embed.proj.bias is None
@@ -166,6 +213,7 @@ def open_clip_reference() -> nn.Module:
 IMPLEMENTATIONS: List[Tuple[str, Callable[[], nn.Module], Callable]] = [
     ("torchvision", timm_reference, to_torchvision),
     ("open_clip", open_clip_reference, to_open_clip),
+    ("huggingface", timm_reference, to_huggingface),
 ]
 
 METHODS = [
@@ -206,7 +254,8 @@ def pair(request):
     other = convert(ref)
     x = images()
     with torch.no_grad():  # the converted model computes the same function
-        torch.testing.assert_close(other(x), ref(x), rtol=1e-9, atol=1e-9)
+        out = model_output(other(x))  # Hugging Face: the logits
+        torch.testing.assert_close(out, ref(x), rtol=1e-9, atol=1e-9)
     return ref, other, x
 
 
