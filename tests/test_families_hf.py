@@ -388,10 +388,12 @@ def test_clip_classifier_that_never_reads_the_class_token_is_refused():
         num_labels=3,
     )
     model = transformers.CLIPForImageClassification(cfg).eval()
-    from captum_ssl.attr import LeGrad, RawAttention
+    from captum_ssl.attr import LeGrad, RawAttention, TransformerAttribution
 
     with pytest.raises(ValueError, match="never reads the class token.*LeGrad"):
         RawAttention(model).attribute(torch.randn(1, 3, 32, 32), target=0)
+    with pytest.raises(ValueError, match="averages the patch tokens.*LeGrad"):
+        TransformerAttribution(model)
     assert LeGrad(model).attribute(torch.randn(1, 3, 32, 32), target=0).shape == (
         1,
         1,

@@ -261,11 +261,9 @@ def head_forward(P: Propagator, model: nn.Module, base: str, reads: str) -> Call
             a = P.leaf(model.cls_classifier, seq[:, 0])
             d = P.leaf(model.distillation_classifier, seq[:, 1])
             logits = P.add(P.scale(a, 0.5), P.scale(d, 0.5))
-        elif reads == "cls+mean":
+        else:  # DINOv2: class token and mean patch token
             cat = torch.cat([seq[:, 0], mean(seq[:, 1 + registers :])], dim=1)
             logits = P.leaf(model.classifier, cat)
-        else:
-            logits = P.leaf(model.classifier, mean(seq[:, 1:]))
         return ImageClassifierOutput(logits=logits)
 
     return forward
@@ -348,10 +346,7 @@ class HFViTAdapter(FamilyAdapter):
 
     def class_token_unread(self) -> Optional[str]:
         if self.reads == "mean":
-            return (
-                f"{type(self.model).__name__} averages the patch tokens and never "
-                "reads the class token"
-            )
+            return f"{type(self.model).__name__} averages the patch tokens"
         return None
 
     def score_projection(self) -> Callable[[Tensor], Tensor]:
@@ -378,7 +373,15 @@ class HFViTAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------- LRP
     def lrp_unsupported(self) -> Optional[str]:
-        return MAE_REFUSAL if self.family.module == "vit_mae" else None
+        if self.family.module == "vit_mae":
+            return MAE_REFUSAL
+        why = self.class_token_unread()
+        if why is not None:
+            return (
+                f"{why}; LRP supports heads that read the class token (ViT, DeiT, "
+                "DINOv2 classifiers, backbones). Use LeGrad or the CAMs."
+            )
+        return None
 
     def plan(self, P: Propagator, embedding: bool) -> Plan:
         fam, plan = self.family, []
