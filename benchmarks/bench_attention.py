@@ -14,7 +14,8 @@ from functools import cache
 import torch
 
 import captum_ssl.attr._attention as AT
-from benchmarks._measure import best_times, default_device
+from benchmarks._measure import RatioSuite, best_times, default_device
+from captum_ssl._outputs import model_output
 
 MODEL = "deit_small_patch16_224"
 BATCH = int(os.environ.get("BENCH_ATTN_BATCH", "8"))
@@ -40,7 +41,8 @@ def deit_small(device: str, sharpen: float = 1.0) -> torch.nn.Module:
 def _forward_backward(model: torch.nn.Module, x: torch.Tensor, target: list):
     def run() -> None:
         xx = x.detach().requires_grad_()
-        out = model(xx)[torch.arange(len(target)), torch.tensor(target)]
+        logits = model_output(model(xx))  # Hugging Face: the logits
+        out = logits[torch.arange(len(target)), torch.tensor(target)]
         torch.autograd.grad(out.sum(), xx)
 
     return run
@@ -132,6 +134,70 @@ class AttentionCost:
         return t["unfused"] / t["baseline"]
 
     track_unfused_baseline_ratio.unit = "x baseline"
+
+
+#: other implementations timed like DeiT-S (issue 18): Hugging Face DINOv2-S/14
+#: (its default sdpa attention) and torchvision's ViT-B/16, random weights
+FAMILIES = ["hf-dinov2-s14", "torchvision-vit-b16"]
+
+
+@cache
+def family_model(name: str, device: str) -> torch.nn.Module:
+    """A 1000-class ViT of another implementation, random weights, 224 px."""
+    torch.manual_seed(0)
+    if name == "hf-dinov2-s14":
+        from transformers import Dinov2Config, Dinov2ForImageClassification
+
+        config = Dinov2Config(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            patch_size=14,
+            image_size=224,
+            num_labels=1000,
+        )
+        model = Dinov2ForImageClassification(config)
+    else:
+        import torchvision
+
+        model = torchvision.models.vit_b_16()
+    return model.eval().to(device)
+
+
+class FamilyAttentionCost(RatioSuite):
+    """The attention methods on Hugging Face DINOv2-S/14 and torchvision
+    ViT-B/16 (random weights, 224 px, batch 8), relative to the same baseline
+    as :class:`AttentionCost`: RawAttention (last layer) and AttentionRollout
+    against one forward pass under ``torch.no_grad`` (target <= 1.1x),
+    GenericAttention against forward + backward (target <= 1.2x). Each
+    model runs its default attention kernel (sdpa for both) in the baseline;
+    the methods compute attention explicitly (the adapters' forwards).
+    """
+
+    group = "timing"
+    params = [FAMILIES, CLASS_AGNOSTIC + ["GenericAttention"], [BATCH]]
+    param_names = ["model", "method", "batch"]
+    note = "HF DINOv2-S/14, torchvision ViT-B/16, random weights, 224 px"
+    timeout = 900
+    repeat = REPEAT
+
+    def setup(self, model: str, method: str, batch: int) -> None:
+        self.device = default_device()
+        net = family_model(model, str(self.device))
+        x = torch.randn(batch, 3, 224, 224, device=self.device)
+        target = [i % 1000 for i in range(batch)]
+        explainer = getattr(AT, method)(net)
+        if method in GRADIENT:
+            run = lambda: explainer.attribute(x, target=target)  # noqa: E731
+            base = _forward_backward(net, x, target)
+        else:
+            run = lambda: explainer.attribute(x)  # noqa: E731
+
+            def base() -> None:
+                with torch.no_grad():
+                    net(x)
+
+        self.fns = {"method": run, "baseline": base}
 
 
 class AttentionFlowCost:
