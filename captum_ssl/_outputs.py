@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 #: the fields read, in this order (see :func:`model_output`)
 FIELDS = ("logits", "pooler_output", "last_hidden_state")
@@ -81,3 +81,22 @@ def tensor_forward(forward_func: Callable) -> Callable:
     if hasattr(forward_func, "device_ids"):
         forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
     return forward
+
+
+class TensorOutput(nn.Module):
+    """``model`` whose forward returns :func:`model_output` of its output, for
+    code outside this package that calls a model and expects a tensor (e.g.
+    Quantus's metrics). It follows the wrapped model's train / eval mode.
+
+    Examples::
+
+        >>> scores = TensorOutput(hf_classifier)(images)  # (B, classes) logits
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return model_output(self.model(*args, **kwargs))

@@ -435,3 +435,16 @@ def test_messages_name_layers_that_exist_in_the_hf_model():
     # each hint is a real layer of the model
     assert clf.vit.layers[-1].layernorm_before is not None
     assert wrapped.backbone.encoder.layer[-1].norm1 is not None
+
+
+def test_quantus_metric_on_an_hf_classifier_equals_its_logits():
+    pytest.importorskip("quantus")
+    from captum_ssl.metrics import quantus_faithfulness
+
+    clf = vit_classifier()
+    logits = Field(clf, lambda o: o.logits)
+    x, maps = torch.randn(2, 3, 32, 32), torch.rand(2, 1, 4, 4)
+    kw = dict(metrics=["PixelFlipping"], steps=4)
+    got = quantus_faithfulness(clf, x, maps, [0, 3], **kw)["PixelFlipping"]
+    want = quantus_faithfulness(logits, x, maps, [0, 3], **kw)["PixelFlipping"]
+    torch.testing.assert_close(got, want)
