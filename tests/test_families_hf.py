@@ -432,6 +432,8 @@ def test_messages_name_layers_that_exist_in_the_hf_model():
     never_runs = transformers.Dinov2Model(backbone.config).encoder.layer[0].norm1
     with pytest.raises(ValueError, match=hint):
         LayerGradCam(wrapped, never_runs).attribute(torch.randn(1, 3, 56, 56), target=0)
+    with pytest.raises(ValueError, match=r"In this model: `model\.vit\.layers\[-1\]"):
+        LayerGradCam(clf, clf.classifier).attribute(x, target=0)  # (B, classes)
     # each hint is a real layer of the model
     assert clf.vit.layers[-1].layernorm_before is not None
     assert wrapped.backbone.encoder.layer[-1].norm1 is not None

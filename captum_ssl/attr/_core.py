@@ -584,7 +584,11 @@ def resolve_layout(
     return layout_for(forward_func, layer, input_hw(inputs), layout)
 
 
-def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
+def _grid_tuple(
+    layout: TokenLayout,
+    batch: Optional[int] = None,
+    forward_func: Optional[Callable] = None,
+) -> Callable:
     def to_grids(tensors: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         for t in tensors:
             if batch is not None and t.dim() > 0 and t.shape[0] != batch:
@@ -595,7 +599,14 @@ def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
                     "Explain the block or its norm instead, e.g. "
                     "`layers[-1].blocks[-1].norm1`."
                 )
-        return tuple(layout.to_grid(t) for t in tensors)
+        try:
+            return tuple(layout.to_grid(t) for t in tensors)
+        except ValueError as err:
+            if forward_func is None or "Unsupported layer output" not in str(err):
+                raise
+            raise AttributionInputError(
+                f"{err} In this model: {layer_hint(forward_func)}."
+            ) from err
 
     return to_grids
 
@@ -646,7 +657,7 @@ def layer_activations_and_gradients(
             additional_forward_args,
             device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
-            output_fn=_grid_tuple(lay, batch),
+            output_fn=_grid_tuple(lay, batch, forward_func),
             grad_kwargs=grad_kwargs,
         )
     if not create_graph and all(bool((g == 0).all()) for g in grads):
@@ -687,7 +698,8 @@ def layer_activations(
             device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-    return _grid_tuple(lay, None if device_ids else inputs[0].shape[0])(acts)
+    batch = None if device_ids else inputs[0].shape[0]
+    return _grid_tuple(lay, batch, forward_func)(acts)
 
 
 @contextlib.contextmanager
