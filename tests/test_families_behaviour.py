@@ -335,3 +335,33 @@ def test_open_clip_average_pooling_refused():
         RawAttention(oc.eval()).attribute(images(2, 32))
     with pytest.raises(AttributionInputError, match="LRP supports class-token"):
         AttnLRP(oc)
+
+
+def test_attnlrp_at_dynamic_input_sizes():
+    """At another input size (timm ``dynamic_img_size``: the position
+    embedding is resampled in the forward pass) AttnLRP at the patch tokens
+    and at the pixels equals AttnLRP on the same weights built for that size,
+    with the resampled embedding stored (the native-size path)."""
+    from timm.layers import resample_abs_pos_embed
+
+    kw = dict(patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=5)
+    torch.manual_seed(0)
+    dyn = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, dynamic_img_size=True, **kw
+    )
+    dyn = jitter(dyn)
+    fixed = timm.create_model("vit_tiny_patch16_224", img_size=48, **kw).eval()
+    state = dict(dyn.state_dict())
+    state["pos_embed"] = resample_abs_pos_embed(
+        state["pos_embed"], new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1
+    )
+    fixed.load_state_dict(state)
+    x = images(2, 48)
+    for at in ("patches", "pixels"):
+        got = AttnLRP(dyn).attribute(x, target=[0, 3], at=at)
+        want = AttnLRP(fixed).attribute(x, target=[0, 3], at=at)
+        assert got.shape[-2:] == ((6, 6) if at == "patches" else (48, 48))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    eva = eva02(dynamic_img_size=True)  # RoPE on the 6 x 6 grid
+    maps = AttnLRP(eva).attribute(images(2, 42), target=[0, 3])
+    assert maps.shape == (2, 1, 6, 6) and torch.isfinite(maps).all()

@@ -10,7 +10,7 @@ Attention modules: ``timm.layers.Attention`` (``model.blocks[i].attn``),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -268,23 +268,6 @@ def pooling_unread(model: nn.Module) -> Optional[str]:
     return None
 
 
-def embedding_plan(
-    P: Propagator, model: nn.Module, proj: Any, pos: Any, pos_drop: Any, prefix: int
-) -> Plan:
-    """Rules below the first block: the position-embedding add (installed on
-    ``pos_drop``, which receives the embedded tokens) and the patch
-    convolution ``proj`` (relevance down to the patch tokens and pixels)."""
-    if type(proj) is not nn.Conv2d:
-        raise AttributionInputError(
-            f"No LRP rule for the patch embedding {type(proj).__name__}: relevance "
-            "to the input needs a Conv2d patch projection."
-        )
-    plan: Plan = [(proj, conv_forward(P, proj))]
-    if pos is not None and pos_drop is not None:
-        plan.append((pos_drop, position_forward(P, pos, prefix)))
-    return plan
-
-
 def conv_forward(P: Propagator, proj: nn.Conv2d) -> Callable:
     def forward(x: Tensor) -> Tensor:
         return apply_rule(
@@ -297,22 +280,31 @@ def conv_forward(P: Propagator, proj: nn.Conv2d) -> Callable:
     return forward
 
 
-def position_forward(P: Propagator, pos: Tensor, prefix: int) -> Callable:
+def position_forward(
+    P: Propagator, pos: Tensor, prefix: int, patches: List[Tensor]
+) -> Callable:
     """Forward of the module right after the position-embedding add (its
-    input is ``tokens + pos``): the add is redone with the constant rule."""
+    input is ``tokens + pos``): the add is redone with the constant rule.
+
+    At the native input size the stored embedding is the constant; at other
+    sizes (a resampled embedding, timm ``dynamic_img_size``) it is what was
+    added to the patch tokens (``patches``: the patch embedding's output of
+    this call), so relevance reaches the patch tokens at any size."""
 
     def forward(x: Tensor) -> Tensor:
         b = pos
         if b.shape[-2] != x.shape[1] and b.shape[-2] + prefix == x.shape[1]:
             b = F.pad(b, (0, 0, prefix, 0))
-        if b.shape[-2:] != x.shape[1:]:
+        if b.shape[-2:] == x.shape[1:]:
+            return P.add_const(x - b, b)
+        if not patches:
             raise AttributionInputError(
-                "Relevance to the input needs the position embedding as stored "
-                f"({tuple(pos.shape)}); this input gives {tuple(x.shape)} tokens "
-                "(a resampled embedding). Use at='patches' or the model's native "
-                "input size."
+                "The patch embedding did not run before the position embedding."
             )
-        return P.add_const(x - b, b)
+        p = patches[-1].reshape(x.shape[0], -1, x.shape[-1])
+        k = x.shape[1] - p.shape[1]
+        a = torch.cat([x[:, :k], p], dim=1)  # prefix rows keep all relevance
+        return P.add_const(a, (x - a).detach())
 
     return forward
 
@@ -426,18 +418,31 @@ class TimmViTAdapter(TimmAdapter):
 
 
 def timm_embedding_plan(P: Propagator, model: nn.Module) -> Plan:
+    """Rules below the first block: the patch convolution (relevance down to
+    the pixels), the patch embedding's norm, and the position-embedding add
+    (installed on ``pos_drop``, which receives the embedded tokens)."""
     embed = model.patch_embed
-    plan: Plan = []
-    norm = getattr(embed, "norm", nn.Identity())
-    plan_leaf(P, plan, norm, "patch_embed.norm")
-    return plan + embedding_plan(
-        P,
-        model,
-        getattr(embed, "proj", None),
-        getattr(model, "pos_embed", None),
-        getattr(model, "pos_drop", None),
-        getattr(model, "num_prefix_tokens", 0),
-    )
+    proj = getattr(embed, "proj", None)
+    if type(proj) is not nn.Conv2d:
+        raise AttributionInputError(
+            f"No LRP rule for the patch embedding {type(proj).__name__}: relevance "
+            "to the input needs a Conv2d patch projection."
+        )
+    plan: Plan = [(proj, conv_forward(P, proj))]
+    plan_leaf(P, plan, getattr(embed, "norm", nn.Identity()), "patch_embed.norm")
+    pos, drop = getattr(model, "pos_embed", None), getattr(model, "pos_drop", None)
+    if pos is not None and drop is not None:
+        seen: List[Tensor] = []
+
+        def embed_forward(x: Tensor) -> Tensor:
+            out = type(embed).forward(embed, x)
+            seen.append(out)
+            return out
+
+        plan.append((embed, embed_forward))
+        k = getattr(model, "num_prefix_tokens", 0)
+        plan.append((drop, position_forward(P, pos, k, seen)))
+    return plan
 
 
 @register
