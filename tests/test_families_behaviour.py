@@ -9,7 +9,17 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch import Tensor, nn
+from families_models import (
+    FAMILIES,
+    beit,
+    eva02,
+    images,
+    jitter,
+    open_clip_vit,
+    timm_vit,
+    torchvision_vit,
+)
+from torch import nn
 
 from captum_ssl.attr import (
     LRP,
@@ -39,77 +49,6 @@ ALL = (
     LRP,
     AttnLRP,
 )
-
-
-def jitter(model: nn.Module) -> nn.Module:
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(0.2 * torch.randn_like(p))
-            if "qkv.weight" in name or "in_proj_weight" in name:
-                p.mul_(4.0)
-    return model.eval()
-
-
-def torchvision_vit() -> nn.Module:
-    from torchvision.models import VisionTransformer
-
-    torch.manual_seed(0)
-    return jitter(VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=5))
-
-
-def open_clip_vit() -> nn.Module:
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    return jitter(VisionTransformer(32, 8, 16, 2, 2, 2.0, output_dim=5))
-
-
-def eva02(**kw) -> nn.Module:
-    torch.manual_seed(0)
-    kw = {"global_pool": "token", **kw}
-    return jitter(
-        timm.create_model(
-            "eva02_tiny_patch14_224",
-            img_size=28,
-            patch_size=7,
-            embed_dim=16,
-            depth=2,
-            num_heads=2,
-            num_classes=5,
-            **kw,
-        )
-    )
-
-
-def beit(**kw) -> nn.Module:
-    torch.manual_seed(0)
-    kw = {"global_pool": "token", **kw}
-    return jitter(
-        timm.create_model(
-            "beit_base_patch16_224",
-            img_size=32,
-            patch_size=8,
-            embed_dim=16,
-            depth=2,
-            num_heads=2,
-            num_classes=5,
-            **kw,
-        )
-    )
-
-
-FAMILIES = [
-    ("torchvision", torchvision_vit, 32),
-    ("open_clip", open_clip_vit, 32),
-    ("eva02", eva02, 28),
-    ("beit", beit, 32),
-]
-
-
-def images(n: int, size: int) -> Tensor:
-    torch.manual_seed(2)
-    return torch.randn(n, 3, size, size)
 
 
 def snapshot(model: nn.Module):
@@ -294,16 +233,7 @@ def test_xcit_channel_attention_refused_for_lrp():
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: timm.create_model(
-            "vit_tiny_patch16_224",
-            img_size=32,
-            patch_size=8,
-            embed_dim=16,
-            depth=2,
-            num_heads=2,
-            num_classes=5,
-            global_pool="avg",
-        ).eval(),
+        lambda: timm_vit(global_pool="avg"),
         lambda: eva02(global_pool="avg"),
         lambda: beit(global_pool="avg"),
     ],
@@ -327,12 +257,9 @@ def test_head_that_ignores_the_class_token_is_refused(build):
 
 
 def test_open_clip_average_pooling_refused():
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    oc = VisionTransformer(32, 8, 16, 2, 2, 2.0, output_dim=5, pool_type="avg")
+    oc = open_clip_vit(pool_type="avg")
     with pytest.raises(AttributionInputError, match="pool_type='avg'.*never reads"):
-        RawAttention(oc.eval()).attribute(images(2, 32))
+        RawAttention(oc).attribute(images(2, 32))
     with pytest.raises(AttributionInputError, match="LRP supports class-token"):
         AttnLRP(oc)
 

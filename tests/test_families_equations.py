@@ -9,30 +9,19 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
+from families_models import beit, eva02, open_clip_vit, torchvision_vit
+from families_models import images as _images
 from torch import Tensor, nn
 
 from captum_ssl.attr import RawAttention
 from captum_ssl.attr._attention.capture import attention_forward, capture_attention
 
-SIZE, PATCH, WIDTH, HEADS = 32, 8, 16, 2
+SIZE, PATCH = 32, 8
 
 
 def images(n: int = 2, size: int = SIZE) -> Tensor:
-    torch.manual_seed(2)
-    return torch.randn(n, 3, size, size)
-
-
-def jitter(model: nn.Module) -> nn.Module:
-    """Non-trivial biases, tables and tokens; sharper attention."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(0.2 * torch.randn_like(p))
-            if "qkv.weight" in name or "in_proj_weight" in name:
-                p.mul_(4.0)
-    return model.eval()
+    return _images(n, size)
 
 
 def inputs_of(model: nn.Module, modules, x: Tensor):
@@ -91,11 +80,7 @@ def mha_probs(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
 
 
 def test_torchvision_attention_from_in_proj():
-    from torchvision.models import VisionTransformer
-
-    torch.manual_seed(0)
-    tv = VisionTransformer(SIZE, PATCH, 2, HEADS, WIDTH, 2 * WIDTH, num_classes=5)
-    tv = jitter(tv)
+    tv = torchvision_vit()
     mods = [blk.self_attention for blk in tv.encoder.layers]
     x = images()
     want = [mha_probs(m, a[0]) for m, (a, _) in zip(mods, inputs_of(tv, mods, x))]
@@ -103,11 +88,7 @@ def test_torchvision_attention_from_in_proj():
 
 
 def test_open_clip_attention_from_in_proj():
-    from open_clip.transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    oc = VisionTransformer(SIZE, PATCH, WIDTH, 2, HEADS, 2.0, output_dim=5)
-    oc = jitter(oc)
+    oc = open_clip_vit()
     mods = [blk.attn for blk in oc.transformer.resblocks]
     x = images()
     want = [mha_probs(m, a[0]) for m, (a, _) in zip(mods, inputs_of(oc, mods, x))]
@@ -126,19 +107,7 @@ def rope_rotate(t: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("size", [28, 42], ids=["native", "dynamic"])
 def test_eva02_attention_with_rotary_embedding(size):
-    torch.manual_seed(0)
-    eva = timm.create_model(
-        "eva02_tiny_patch14_224",
-        img_size=28,
-        patch_size=7,
-        embed_dim=WIDTH,
-        depth=2,
-        num_heads=HEADS,
-        num_classes=5,
-        global_pool="token",
-        dynamic_img_size=True,
-    )
-    eva = jitter(eva)
+    eva = eva02(dynamic_img_size=True)
     mods = [blk.attn for blk in eva.blocks]
     x = images(size=size)
     want = []
@@ -180,22 +149,11 @@ def beit_bias(table: Tensor, wh: int, ww: int) -> Tensor:
 
 
 def test_beit_attention_with_relative_position_bias():
-    torch.manual_seed(0)
-    beit = timm.create_model(
-        "beit_base_patch16_224",
-        img_size=SIZE,
-        patch_size=PATCH,
-        embed_dim=WIDTH,
-        depth=2,
-        num_heads=HEADS,
-        num_classes=5,
-        global_pool="token",
-    )
-    beit = jitter(beit)
-    mods = [blk.attn for blk in beit.blocks]
+    model = beit()
+    mods = [blk.attn for blk in model.blocks]
     x = images()
     want = []
-    for m, (a, _) in zip(mods, inputs_of(beit, mods, x)):
+    for m, (a, _) in zip(mods, inputs_of(model, mods, x)):
         c = a[0].shape[-1]
         w, h = m.qkv.weight, m.num_heads
         q = heads(a[0] @ w[:c].T + m.q_bias, h)
@@ -204,4 +162,4 @@ def test_beit_attention_with_relative_position_bias():
         want.append(
             softmax_scores(q, k, beit_bias(m.relative_position_bias_table, g, g))
         )
-    check(beit, mods, want, x)
+    check(model, mods, want, x)

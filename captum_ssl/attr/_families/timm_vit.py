@@ -10,7 +10,7 @@ Attention modules: ``timm.layers.Attention`` (``model.blocks[i].attn``),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -184,12 +184,43 @@ def _cait_class_block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def expect(m: nn.Module, cls: type, where: str) -> None:
-    if type(m) is not cls:
-        raise AttributionInputError(
-            f"No LRP rule for {type(m).__name__} at `{where}` (expected "
-            f"{cls.__module__}.{cls.__name__})."
-        )
+def plan_model(
+    P: Propagator,
+    model: nn.Module,
+    stacks: Sequence[Tuple[str, Dict[type, Any], Dict[type, Any], Tuple, Tuple]],
+    top: Sequence[str],
+    embedding: bool,
+) -> Plan:
+    """The plan of a timm-style model: for each ``(attribute, {block class:
+    block forward}, {attention class: attention forward}, block leaves,
+    attention leaves)`` stack of blocks, every block's attention, MLP and
+    block forward; then the model-level leaves ``top`` and, with
+    ``embedding``, the rules below the first block."""
+    plan: Plan = []
+    for attr, block_fwds, attn_fwds, block_leaves, attn_leaves in stacks:
+        for i, blk in enumerate(getattr(model, attr)):
+            where = f"{attr}.{i}"
+            for m, fwds, w in (
+                (blk, block_fwds, where),
+                (blk.attn, attn_fwds, where + ".attn"),
+            ):
+                if type(m) not in fwds:
+                    names = ", ".join(c.__name__ for c in fwds)
+                    raise AttributionInputError(
+                        f"No LRP rule for {type(m).__name__} at `{w}` (rules "
+                        f"exist for {names})."
+                    )
+            check_leaves(P, blk, block_leaves, where)
+            check_leaves(P, blk.attn, attn_leaves, where + ".attn")
+            plan.append((blk.attn, attn_fwds[type(blk.attn)](P, blk.attn)))
+            plan_mlp(P, plan, blk.mlp, where + ".mlp")
+            plan.append((blk, block_fwds[type(blk)](P, blk)))
+    for name in top:
+        if getattr(model, name, None) is not None:
+            plan_leaf(P, plan, getattr(model, name), name)
+    if embedding:
+        plan.extend(timm_embedding_plan(P, model))
+    return plan
 
 
 def plan_mlp(P: Propagator, plan: Plan, m: nn.Module, where: str) -> None:
@@ -386,30 +417,22 @@ class TimmViTAdapter(TimmAdapter):
         from timm.layers import Attention
         from timm.models import vision_transformer as vit
 
-        model, plan = self.model, []
-        for i, blk in enumerate(model.blocks):
-            where = f"blocks.{i}"
-            expect(blk, vit.Block, where)
-            names = ("norm1", "ls1", "drop_path1", "norm2", "ls2", "drop_path2")
-            check_leaves(P, blk, names, where)
-            expect(blk.attn, Attention, where + ".attn")
-            if getattr(blk.attn, "gate", None) is not None:
-                raise AttributionInputError(
-                    f"No LRP rule for the gated attention at `{where}.attn`."
+        return plan_model(
+            P,
+            self.model,
+            [
+                (
+                    "blocks",
+                    {vit.Block: block_forward},
+                    {Attention: attention_forward},
+                    ("norm1", "ls1", "drop_path1", "norm2", "ls2", "drop_path2"),
+                    ("qkv", "q_norm", "k_norm", "norm", "proj"),
                 )
-            names = ("qkv", "q_norm", "k_norm", "norm", "proj")
-            check_leaves(P, blk.attn, names, where)
-            plan.append((blk.attn, attention_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, block_forward(P, blk)))
-        for name in ("norm_pre", "norm", "fc_norm", "head", "head_drop", "patch_drop"):
-            plan_leaf(P, plan, getattr(model, name), name)
-        dist = getattr(model, "head_dist", None)
-        if dist is not None:
-            plan_leaf(P, plan, dist, "head_dist")
-        if embedding:
-            plan.extend(timm_embedding_plan(P, model))
-        return plan
+            ],
+            ("norm_pre", "norm", "fc_norm", "head", "head_drop", "patch_drop")
+            + ("head_dist",),
+            embedding,
+        )
 
     def hooks(self, P: Propagator) -> list:
         if getattr(self.model, "head_dist", None) is None:
@@ -458,31 +481,29 @@ class CaitAdapter(TimmAdapter):
     def plan(self, P: Propagator, embedding: bool) -> Plan:
         from timm.models import cait
 
-        model, plan = self.model, []
-        for i, blk in enumerate(model.blocks):
-            where = f"blocks.{i}"
-            expect(blk, cait.LayerScaleBlock, where)
-            expect(blk.attn, cait.TalkingHeadAttn, where + ".attn")
-            check_leaves(P, blk, ("norm1", "norm2", "drop_path"), where)
-            names = ("qkv", "proj_l", "proj_w", "proj")
-            check_leaves(P, blk.attn, names, where + ".attn")
-            plan.append((blk.attn, talking_heads_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, _cait_block_forward(P, blk)))
-        for i, blk in enumerate(model.blocks_token_only):
-            where = f"blocks_token_only.{i}"
-            expect(blk, cait.LayerScaleBlockClassAttn, where)
-            expect(blk.attn, cait.ClassAttn, where + ".attn")
-            check_leaves(P, blk, ("norm1", "norm2", "drop_path"), where)
-            check_leaves(P, blk.attn, ("q", "k", "v", "proj"), where + ".attn")
-            plan.append((blk.attn, class_attention_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, _cait_class_block_forward(P, blk)))
-        for name in ("norm", "head", "head_drop"):
-            plan_leaf(P, plan, getattr(model, name), name)
-        if embedding:
-            plan.extend(timm_embedding_plan(P, model))
-        return plan
+        leaves = ("norm1", "norm2", "drop_path")
+        return plan_model(
+            P,
+            self.model,
+            [
+                (
+                    "blocks",
+                    {cait.LayerScaleBlock: _cait_block_forward},
+                    {cait.TalkingHeadAttn: talking_heads_forward},
+                    leaves,
+                    ("qkv", "proj_l", "proj_w", "proj"),
+                ),
+                (
+                    "blocks_token_only",
+                    {cait.LayerScaleBlockClassAttn: _cait_class_block_forward},
+                    {cait.ClassAttn: class_attention_forward},
+                    leaves,
+                    ("q", "k", "v", "proj"),
+                ),
+            ],
+            ("norm", "head", "head_drop"),
+            embedding,
+        )
 
 
 @register
