@@ -20,6 +20,7 @@ is one file: an :func:`attention_impl` registration per attention class and a
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
@@ -212,6 +213,14 @@ class FamilyAdapter:
     def hooks(self, P: Propagator) -> list:
         """Hook handles to add for one LRP call (removed afterwards)."""
         return []
+
+
+def loaded_class(module: str, name: str) -> Optional[type]:
+    """Class ``name`` of ``module`` if that module is imported already (a
+    model of an optional package can only exist once its package is; this
+    never imports open_clip or torchvision just to look)."""
+    mod = sys.modules.get(module)
+    return None if mod is None else getattr(mod, name, None)
 
 
 _ADAPTERS: List[Type[FamilyAdapter]] = []

@@ -33,7 +33,7 @@ from captum_ssl.attr._families.base import (
     register,
     register_attention,
 )
-from captum_ssl.attr._families.timm_vit import embedding_plan, position_forward
+from captum_ssl.attr._families.timm_vit import conv_forward, position_forward
 from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
 
@@ -417,8 +417,8 @@ class HFViTAdapter(FamilyAdapter):
         fam, base = self.family, self.base
         proj = _get(base, fam.proj)
         after = _get(base, fam.after_pos)
-        plan = embedding_plan(P, base, proj, None, None, 0)
-        add = position_forward(P, self._positions, 0)
+        plan: Plan = [(proj, conv_forward(P, proj))]
+        add = position_forward(P, self._positions, 0, [])  # always this call's
         if isinstance(after, nn.LayerNorm):  # CLIP: the add, then its norm
             plan.append((after, lambda x: P.leaf(after, add(x))))
         else:

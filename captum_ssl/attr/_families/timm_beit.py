@@ -20,14 +20,8 @@ from captum_ssl.attr._families.base import (
     register,
     register_attention,
 )
-from captum_ssl.attr._families.timm_vit import (
-    TimmAdapter,
-    check_leaves,
-    expect,
-    plan_mlp,
-    timm_embedding_plan,
-)
-from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
+from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model
+from captum_ssl.attr._lrp.propagate import Plan, Propagator
 
 
 def beit_attention_forward(P: Propagator, m: nn.Module) -> Callable:
@@ -90,19 +84,18 @@ class BeitAdapter(TimmAdapter):
     def plan(self, P: Propagator, embedding: bool) -> Plan:
         from timm.models import beit
 
-        model, plan = self.model, []
-        for i, blk in enumerate(model.blocks):
-            where = f"blocks.{i}"
-            expect(blk, beit.Block, where)
-            expect(blk.attn, beit.Attention, where + ".attn")
-            names = ("norm1", "drop_path1", "norm2", "drop_path2")
-            check_leaves(P, blk, names, where)
-            check_leaves(P, blk.attn, ("proj", "proj_drop"), where + ".attn")
-            plan.append((blk.attn, beit_attention_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, beit_block_forward(P, blk)))
-        for name in ("norm", "fc_norm", "head_drop", "head"):
-            plan_leaf(P, plan, getattr(model, name), name)
-        if embedding:
-            plan.extend(timm_embedding_plan(P, model))
-        return plan
+        return plan_model(
+            P,
+            self.model,
+            [
+                (
+                    "blocks",
+                    {beit.Block: beit_block_forward},
+                    {beit.Attention: beit_attention_forward},
+                    ("norm1", "drop_path1", "norm2", "drop_path2"),
+                    ("proj", "proj_drop"),
+                )
+            ],
+            ("norm", "fc_norm", "head_drop", "head"),
+            embedding,
+        )

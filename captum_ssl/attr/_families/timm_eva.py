@@ -14,21 +14,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from captum_ssl.attr._core import AttributionInputError
 from captum_ssl.attr._families.base import (
     SELF,
     AttentionImpl,
     register,
     register_attention,
 )
-from captum_ssl.attr._families.timm_vit import (
-    TimmAdapter,
-    check_leaves,
-    expect,
-    plan_mlp,
-    timm_embedding_plan,
-)
-from captum_ssl.attr._lrp.propagate import Plan, Propagator, no_mask, plan_leaf
+from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model
+from captum_ssl.attr._lrp.propagate import Plan, Propagator, no_mask
 
 
 def rotate(t: Tensor, rope: Tensor, prefix: int, half: bool) -> Tensor:
@@ -145,28 +138,21 @@ class EvaAdapter(TimmAdapter):
     def plan(self, P: Propagator, embedding: bool) -> Plan:
         from timm.models import eva
 
-        model, plan = self.model, []
-        for i, blk in enumerate(model.blocks):
-            where = f"blocks.{i}"
-            if type(blk) is eva.EvaBlock:
-                fwd = eva_block_forward(P, blk)
-            elif type(blk) is eva.EvaBlockPostNorm:
-                fwd = eva_post_norm_block_forward(P, blk)
-            else:
-                raise AttributionInputError(
-                    f"No LRP rule for {type(blk).__name__} at `{where}` (EvaBlock "
-                    "and EvaBlockPostNorm have rules)."
+        return plan_model(
+            P,
+            self.model,
+            [
+                (
+                    "blocks",
+                    {
+                        eva.EvaBlock: eva_block_forward,
+                        eva.EvaBlockPostNorm: eva_post_norm_block_forward,
+                    },
+                    {eva.EvaAttention: eva_attention_forward},
+                    ("norm1", "drop_path1", "norm2", "drop_path2"),
+                    ("q_norm", "k_norm", "norm", "proj", "proj_drop"),
                 )
-            expect(blk.attn, eva.EvaAttention, where + ".attn")
-            names = ("norm1", "drop_path1", "norm2", "drop_path2")
-            check_leaves(P, blk, names, where)
-            names = ("q_norm", "k_norm", "norm", "proj", "proj_drop")
-            check_leaves(P, blk.attn, names, where + ".attn")
-            plan.append((blk.attn, eva_attention_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, fwd))
-        for name in ("norm_pre", "norm", "fc_norm", "head_drop", "head"):
-            plan_leaf(P, plan, getattr(model, name), name)
-        if embedding:
-            plan.extend(timm_embedding_plan(P, model))
-        return plan
+            ],
+            ("norm_pre", "norm", "fc_norm", "head_drop", "head"),
+            embedding,
+        )

@@ -10,7 +10,7 @@ Attention modules: ``timm.layers.Attention`` (``model.blocks[i].attn``),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -184,12 +184,43 @@ def _cait_class_block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def expect(m: nn.Module, cls: type, where: str) -> None:
-    if type(m) is not cls:
-        raise AttributionInputError(
-            f"No LRP rule for {type(m).__name__} at `{where}` (expected "
-            f"{cls.__module__}.{cls.__name__})."
-        )
+def plan_model(
+    P: Propagator,
+    model: nn.Module,
+    stacks: Sequence[Tuple[str, Dict[type, Any], Dict[type, Any], Tuple, Tuple]],
+    top: Sequence[str],
+    embedding: bool,
+) -> Plan:
+    """The plan of a timm-style model: for each ``(attribute, {block class:
+    block forward}, {attention class: attention forward}, block leaves,
+    attention leaves)`` stack of blocks, every block's attention, MLP and
+    block forward; then the model-level leaves ``top`` and, with
+    ``embedding``, the rules below the first block."""
+    plan: Plan = []
+    for attr, block_fwds, attn_fwds, block_leaves, attn_leaves in stacks:
+        for i, blk in enumerate(getattr(model, attr)):
+            where = f"{attr}.{i}"
+            for m, fwds, w in (
+                (blk, block_fwds, where),
+                (blk.attn, attn_fwds, where + ".attn"),
+            ):
+                if type(m) not in fwds:
+                    names = ", ".join(c.__name__ for c in fwds)
+                    raise AttributionInputError(
+                        f"No LRP rule for {type(m).__name__} at `{w}` (rules "
+                        f"exist for {names})."
+                    )
+            check_leaves(P, blk, block_leaves, where)
+            check_leaves(P, blk.attn, attn_leaves, where + ".attn")
+            plan.append((blk.attn, attn_fwds[type(blk.attn)](P, blk.attn)))
+            plan_mlp(P, plan, blk.mlp, where + ".mlp")
+            plan.append((blk, block_fwds[type(blk)](P, blk)))
+    for name in top:
+        if getattr(model, name, None) is not None:
+            plan_leaf(P, plan, getattr(model, name), name)
+    if embedding:
+        plan.extend(timm_embedding_plan(P, model))
+    return plan
 
 
 def plan_mlp(P: Propagator, plan: Plan, m: nn.Module, where: str) -> None:
@@ -268,23 +299,6 @@ def pooling_unread(model: nn.Module) -> Optional[str]:
     return None
 
 
-def embedding_plan(
-    P: Propagator, model: nn.Module, proj: Any, pos: Any, pos_drop: Any, prefix: int
-) -> Plan:
-    """Rules below the first block: the position-embedding add (installed on
-    ``pos_drop``, which receives the embedded tokens) and the patch
-    convolution ``proj`` (relevance down to the patch tokens and pixels)."""
-    if type(proj) is not nn.Conv2d:
-        raise AttributionInputError(
-            f"No LRP rule for the patch embedding {type(proj).__name__}: relevance "
-            "to the input needs a Conv2d patch projection."
-        )
-    plan: Plan = [(proj, conv_forward(P, proj))]
-    if pos is not None and pos_drop is not None:
-        plan.append((pos_drop, position_forward(P, pos, prefix)))
-    return plan
-
-
 def conv_forward(P: Propagator, proj: nn.Conv2d) -> Callable:
     def forward(x: Tensor) -> Tensor:
         return apply_rule(
@@ -297,24 +311,36 @@ def conv_forward(P: Propagator, proj: nn.Conv2d) -> Callable:
     return forward
 
 
-def position_forward(P: Propagator, pos: Tensor, prefix: int) -> Callable:
+def position_forward(
+    P: Propagator,
+    pos: Union[Tensor, Callable[[], Tensor]],
+    prefix: int,
+    patches: List[Tensor],
+) -> Callable:
     """Forward of the module right after the position-embedding add (its
     input is ``tokens + pos``): the add is redone with the constant rule.
-    ``pos`` may be a function returning the embedding of the current call
-    (one interpolated for the input's size)."""
+
+    At the native input size the stored embedding is the constant; at other
+    sizes (a resampled embedding, timm ``dynamic_img_size``) it is what was
+    added to the patch tokens (``patches``: the patch embedding's output of
+    this call), so relevance reaches the patch tokens at any size. ``pos``
+    may also be a function returning the embedding this call added (Hugging
+    Face models interpolate it with their own ``interpolate_pos_encoding``)."""
 
     def forward(x: Tensor) -> Tensor:
         b = pos() if callable(pos) else pos
         if b.shape[-2] != x.shape[1] and b.shape[-2] + prefix == x.shape[1]:
             b = F.pad(b, (0, 0, prefix, 0))
-        if b.shape[-2:] != x.shape[1:]:
+        if b.shape[-2:] == x.shape[1:]:
+            return P.add_const(x - b, b)
+        if not patches:
             raise AttributionInputError(
-                "Relevance to the input needs the position embedding as stored "
-                f"({tuple(pos.shape)}); this input gives {tuple(x.shape)} tokens "
-                "(a resampled embedding). Use at='patches' or the model's native "
-                "input size."
+                "The patch embedding did not run before the position embedding."
             )
-        return P.add_const(x - b, b)
+        p = patches[-1].reshape(x.shape[0], -1, x.shape[-1])
+        k = x.shape[1] - p.shape[1]
+        a = torch.cat([x[:, :k], p], dim=1)  # prefix rows keep all relevance
+        return P.add_const(a, (x - a).detach())
 
     return forward
 
@@ -396,30 +422,22 @@ class TimmViTAdapter(TimmAdapter):
         from timm.layers import Attention
         from timm.models import vision_transformer as vit
 
-        model, plan = self.model, []
-        for i, blk in enumerate(model.blocks):
-            where = f"blocks.{i}"
-            expect(blk, vit.Block, where)
-            names = ("norm1", "ls1", "drop_path1", "norm2", "ls2", "drop_path2")
-            check_leaves(P, blk, names, where)
-            expect(blk.attn, Attention, where + ".attn")
-            if getattr(blk.attn, "gate", None) is not None:
-                raise AttributionInputError(
-                    f"No LRP rule for the gated attention at `{where}.attn`."
+        return plan_model(
+            P,
+            self.model,
+            [
+                (
+                    "blocks",
+                    {vit.Block: block_forward},
+                    {Attention: attention_forward},
+                    ("norm1", "ls1", "drop_path1", "norm2", "ls2", "drop_path2"),
+                    ("qkv", "q_norm", "k_norm", "norm", "proj"),
                 )
-            names = ("qkv", "q_norm", "k_norm", "norm", "proj")
-            check_leaves(P, blk.attn, names, where)
-            plan.append((blk.attn, attention_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, block_forward(P, blk)))
-        for name in ("norm_pre", "norm", "fc_norm", "head", "head_drop", "patch_drop"):
-            plan_leaf(P, plan, getattr(model, name), name)
-        dist = getattr(model, "head_dist", None)
-        if dist is not None:
-            plan_leaf(P, plan, dist, "head_dist")
-        if embedding:
-            plan.extend(timm_embedding_plan(P, model))
-        return plan
+            ],
+            ("norm_pre", "norm", "fc_norm", "head", "head_drop", "patch_drop")
+            + ("head_dist",),
+            embedding,
+        )
 
     def hooks(self, P: Propagator) -> list:
         if getattr(self.model, "head_dist", None) is None:
@@ -428,18 +446,31 @@ class TimmViTAdapter(TimmAdapter):
 
 
 def timm_embedding_plan(P: Propagator, model: nn.Module) -> Plan:
+    """Rules below the first block: the patch convolution (relevance down to
+    the pixels), the patch embedding's norm, and the position-embedding add
+    (installed on ``pos_drop``, which receives the embedded tokens)."""
     embed = model.patch_embed
-    plan: Plan = []
-    norm = getattr(embed, "norm", nn.Identity())
-    plan_leaf(P, plan, norm, "patch_embed.norm")
-    return plan + embedding_plan(
-        P,
-        model,
-        getattr(embed, "proj", None),
-        getattr(model, "pos_embed", None),
-        getattr(model, "pos_drop", None),
-        getattr(model, "num_prefix_tokens", 0),
-    )
+    proj = getattr(embed, "proj", None)
+    if type(proj) is not nn.Conv2d:
+        raise AttributionInputError(
+            f"No LRP rule for the patch embedding {type(proj).__name__}: relevance "
+            "to the input needs a Conv2d patch projection."
+        )
+    plan: Plan = [(proj, conv_forward(P, proj))]
+    plan_leaf(P, plan, getattr(embed, "norm", nn.Identity()), "patch_embed.norm")
+    pos, drop = getattr(model, "pos_embed", None), getattr(model, "pos_drop", None)
+    if pos is not None and drop is not None:
+        seen: List[Tensor] = []
+
+        def embed_forward(x: Tensor) -> Tensor:
+            out = type(embed).forward(embed, x)
+            seen.append(out)
+            return out
+
+        plan.append((embed, embed_forward))
+        k = getattr(model, "num_prefix_tokens", 0)
+        plan.append((drop, position_forward(P, pos, k, seen)))
+    return plan
 
 
 @register
@@ -455,31 +486,29 @@ class CaitAdapter(TimmAdapter):
     def plan(self, P: Propagator, embedding: bool) -> Plan:
         from timm.models import cait
 
-        model, plan = self.model, []
-        for i, blk in enumerate(model.blocks):
-            where = f"blocks.{i}"
-            expect(blk, cait.LayerScaleBlock, where)
-            expect(blk.attn, cait.TalkingHeadAttn, where + ".attn")
-            check_leaves(P, blk, ("norm1", "norm2", "drop_path"), where)
-            names = ("qkv", "proj_l", "proj_w", "proj")
-            check_leaves(P, blk.attn, names, where + ".attn")
-            plan.append((blk.attn, talking_heads_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, _cait_block_forward(P, blk)))
-        for i, blk in enumerate(model.blocks_token_only):
-            where = f"blocks_token_only.{i}"
-            expect(blk, cait.LayerScaleBlockClassAttn, where)
-            expect(blk.attn, cait.ClassAttn, where + ".attn")
-            check_leaves(P, blk, ("norm1", "norm2", "drop_path"), where)
-            check_leaves(P, blk.attn, ("q", "k", "v", "proj"), where + ".attn")
-            plan.append((blk.attn, class_attention_forward(P, blk.attn)))
-            plan_mlp(P, plan, blk.mlp, where + ".mlp")
-            plan.append((blk, _cait_class_block_forward(P, blk)))
-        for name in ("norm", "head", "head_drop"):
-            plan_leaf(P, plan, getattr(model, name), name)
-        if embedding:
-            plan.extend(timm_embedding_plan(P, model))
-        return plan
+        leaves = ("norm1", "norm2", "drop_path")
+        return plan_model(
+            P,
+            self.model,
+            [
+                (
+                    "blocks",
+                    {cait.LayerScaleBlock: _cait_block_forward},
+                    {cait.TalkingHeadAttn: talking_heads_forward},
+                    leaves,
+                    ("qkv", "proj_l", "proj_w", "proj"),
+                ),
+                (
+                    "blocks_token_only",
+                    {cait.LayerScaleBlockClassAttn: _cait_class_block_forward},
+                    {cait.ClassAttn: class_attention_forward},
+                    leaves,
+                    ("q", "k", "v", "proj"),
+                ),
+            ],
+            ("norm", "head", "head_drop"),
+            embedding,
+        )
 
 
 @register

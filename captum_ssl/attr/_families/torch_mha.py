@@ -22,6 +22,7 @@ from captum_ssl.attr._families.base import (
     SELF,
     AttentionImpl,
     FamilyAdapter,
+    loaded_class,
     register,
     register_attention,
 )
@@ -142,11 +143,8 @@ class TorchvisionViTAdapter(FamilyAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        try:
-            from torchvision.models import VisionTransformer
-        except ImportError:
-            return False
-        return isinstance(model, VisionTransformer)
+        cls = loaded_class("torchvision.models.vision_transformer", "VisionTransformer")
+        return cls is not None and isinstance(model, cls)
 
     def layout(self, input_hw) -> Optional[TokenLayout]:
         p = self.model.patch_size
@@ -242,11 +240,8 @@ class OpenClipViTAdapter(FamilyAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        try:
-            from open_clip.transformer import VisionTransformer
-        except ImportError:
-            return False
-        return isinstance(model, VisionTransformer)
+        cls = loaded_class("open_clip.transformer", "VisionTransformer")
+        return cls is not None and isinstance(model, cls)
 
     def layout(self, input_hw) -> Optional[TokenLayout]:
         ph, pw = self.model.patch_size

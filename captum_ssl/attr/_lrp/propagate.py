@@ -128,7 +128,7 @@ class Propagator:
         """``F.linear(x, w, b)`` (the bias absorbs its share of relevance)."""
         return apply_rule(
             self.state,
-            lambda rr, y, xx: (self.rules.linear(rr, y, xx, w),),  # type: ignore[union-attr]
+            lambda rr, y, xx: (self.rules.linear(rr, y, xx, w, b),),  # type: ignore[union-attr]
             lambda xx: F.linear(xx, w, b),
             x,
         )
