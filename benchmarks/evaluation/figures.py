@@ -217,9 +217,15 @@ def stored_curves(
     return out
 
 
-def curve_figure(title: str, curves: Dict[str, np.ndarray], order: Sequence[str] = ()):
+def curve_figure(
+    title: str,
+    curves: Dict[str, np.ndarray],
+    order: Sequence[str] = (),
+    moved: str = "deleted",
+    score: str = "probability",
+):
     """Mean curve per method with its 95% CI band (Student t over images);
-    x: fraction of pixels moved."""
+    x: fraction of pixels ``moved`` (deleted / inserted), y: the ``score``."""
     from benchmarks.evaluation.tables import mean_ci
 
     plt = _plt()
@@ -236,8 +242,8 @@ def curve_figure(title: str, curves: Dict[str, np.ndarray], order: Sequence[str]
         (line,) = ax.plot(xs, mean, label=f"{method} (n={c.shape[0]})")
         ax.fill_between(xs, mean - half, mean + half, alpha=0.2,
                         color=line.get_color(), linewidth=0)  # fmt: skip
-    ax.set_xlabel("fraction of pixels moved (most relevant first)", fontsize=9)
-    ax.set_ylabel("class probability", fontsize=9)
+    ax.set_xlabel(f"fraction of pixels {moved} (most relevant first)", fontsize=9)
+    ax.set_ylabel(f"class {score}", fontsize=9)
     ax.set_title(f"{title}: mean and 95% CI band over images", fontsize=10)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
@@ -246,15 +252,18 @@ def curve_figure(title: str, curves: Dict[str, np.ndarray], order: Sequence[str]
 
 
 def curve_charts(
-    curves: Dict[Tuple[str, str], Dict[str, np.ndarray]],
-    folder: Path,
-    order: Sequence[str] = (),
+    curves: Dict[Tuple[str, str], Dict[str, np.ndarray]], folder: Path, plan
 ) -> List[Path]:
     """One curve figure per (model, deletion / insertion metric); PNG + SVG."""
     folder.mkdir(parents=True, exist_ok=True)
     paths: List[Path] = []
     for (model, metric), per_method in curves.items():
-        fig = curve_figure(f"{model}, {metric}", per_method, order)
+        name, opts = plan.metrics[metric]
+        moved = "inserted" if name == "insertion" else "deleted"
+        fig = curve_figure(
+            f"{model}, {metric}", per_method, list(plan.methods), moved,
+            str(opts.get("score", "probability")),
+        )  # fmt: skip
         name = f"curve_{safe_name(model)}_{safe_name(metric)}.png"
         paths += save_figure(fig, folder / name)
     return paths

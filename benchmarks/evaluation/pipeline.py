@@ -654,7 +654,7 @@ def report(cfg: EvalConfig, plan: Plan, notes: List[str] = ()) -> Dict[str, Path
             grids = figures.overlay_grids(sections, fig_dir, cfg.figure_images)
             bars = figures.bar_charts(tabs, fig_dir, order)
             curves = figures.curve_charts(
-                figures.stored_curves(store, plan), fig_dir, order
+                figures.stored_curves(store, plan), fig_dir, plan
             )
             charts = [p for p in bars + curves if p.suffix == ".png"]
             for i, p in enumerate(grids + bars + curves):

@@ -228,7 +228,7 @@ def render(report: Report, cmap: str = "jet") -> str:
     """The page as a string."""
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
+        '<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">',
         f"<title>{_e(report.title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(report.title)}</h1>",
         "<nav>"
