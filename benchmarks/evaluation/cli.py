@@ -113,6 +113,7 @@ def config_from_args(args: argparse.Namespace):
         device=args.device,
         saliency=args.saliency,
         figures=not args.no_figures,
+        command=getattr(args, "command", None),
     )
     return cfg, notes
 

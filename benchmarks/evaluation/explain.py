@@ -12,7 +12,6 @@ settings), and each model's top classes are printed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -91,7 +90,7 @@ def explain_files(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     settings = [
-        ("command", "python -m benchmarks.run " + " ".join(sys.argv[1:])),
+        ("command", f"python -m benchmarks.run {getattr(args, 'command', '')}"),
         ("models", ", ".join(s.name for s in specs)),
         ("methods", ", ".join(labels)),
         ("target", "each model's top class"),

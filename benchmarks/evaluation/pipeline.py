@@ -66,6 +66,8 @@ class EvalConfig:
                     every key, so timings of different settings never mix.
         unreadable (list[str]): messages of the photos skipped as unreadable
                     during the run (filled by the caller, listed in the report).
+        command (str, optional): the command line's arguments, shown in
+                    ``report.html``'s settings.
     """
 
     models: List[M.ModelSpec]
@@ -86,6 +88,7 @@ class EvalConfig:
     fail_after: Optional[int] = None
     threads: Optional[int] = None
     unreadable: List[str] = field(default_factory=list)
+    command: Optional[str] = None
     _committed: int = field(default=0, repr=False)
 
 

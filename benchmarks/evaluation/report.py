@@ -386,15 +386,17 @@ def run_tables(tabs: Dict[str, Any]) -> List[Table]:
 
 def run_settings(cfg, plan) -> List[Tuple[str, str]]:
     """The settings of a main-job run, as (name, value) rows."""
+    import shlex
     import sys
 
     v, rt = plan.version, plan.runtime
+    argv = cfg.command if cfg.command is not None else shlex.join(sys.argv[1:])
     models = [
         f"{s.name} ({s.architecture}, {s.training}, {s.weights} weights)"
         for s in plan.model_specs
     ]
     return [
-        ("command", "python -m benchmarks.run " + " ".join(sys.argv[1:])),
+        ("command", f"python -m benchmarks.run {argv}"),
         ("models", "; ".join(models)),
         ("methods", ", ".join(plan.methods)),
         ("metrics", ", ".join(plan.metrics)),

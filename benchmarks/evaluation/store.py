@@ -318,7 +318,7 @@ class ResultStore:
         """``{key, image, curve}`` rows (``curve``: float32 array)."""
         sql = "SELECT key, image, points, data FROM curves"
         return [
-            dict(key=k, image=img, curve=np.frombuffer(blob, dtype=np.float32))
+            dict(key=k, image=img, curve=np.frombuffer(blob, np.float32).copy())
             for k, img, n, blob in self._select(sql, keys)
         ]
 
