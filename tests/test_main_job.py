@@ -110,6 +110,11 @@ def test_explain_writes_one_figure_and_prints_top_classes(tmp_path, capsys):
     assert fig.is_file() and fig.with_suffix(".svg").is_file()
     with Image.open(fig) as im:  # image + 2 methods, >= 160 px each
         assert im.size[0] >= 3 * 160
+    # the same page as the main job's report, for this photo
+    page = (tmp_path / "explain" / f"{path.stem}.html").read_text()
+    for method in ("gradcam", "eigencam"):
+        assert f'alt="{method} on efficientnet_lite0"' in page
+    assert "top classes" in page and page.count("<img") == 3
     (tmp_path / "broken.jpg").write_text("not an image")
     with pytest.raises(SystemExit, match="cannot read .*broken.jpg"):
         main(["--explain", str(tmp_path / "broken.jpg"), "--out", str(tmp_path)])

@@ -230,9 +230,7 @@ def curve_figure(
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=DPI, layout="constrained")
-    methods = [m for m in order if m in curves] + [
-        m for m in curves if m not in order
-    ]
+    methods = [m for m in order if m in curves] + [m for m in curves if m not in order]
     for method in methods:
         c = curves[method]
         xs = np.linspace(0.0, 1.0, c.shape[1])
@@ -283,7 +281,9 @@ def bar_charts(
     ]
 
 
-def bar_figures(tables: Dict[str, Any], order: Sequence[str] = ()) -> List[Tuple[str, Any]]:
+def bar_figures(
+    tables: Dict[str, Any], order: Sequence[str] = ()
+) -> List[Tuple[str, Any]]:
     """``(metric, Figure)`` per metric of the accuracy table (see
     :func:`bar_charts`)."""
     plt = _plt()

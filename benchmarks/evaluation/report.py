@@ -108,13 +108,14 @@ th[aria-sort=ascending]::after{content:" \\25B2"}
 th[aria-sort=descending]::after{content:" \\25BC"}
 .note{color:#555;max-width:70em}
 .grid td{border:none;padding:2px;text-align:center;font-size:12px}
-.grid img{display:block;width:%dpx;height:auto;border:3px solid transparent}
+.grid img{display:block;width:THUMBpx;height:auto;border:3px solid transparent}
 .grid .wrong img{border-color:#c00000}.grid .wrong .cap{color:#c00000}
 .cbar{display:flex;align-items:center;gap:6px;font-size:12px;margin:.5em 0}
 .cbar div{width:240px;height:12px}
-.charts{display:flex;flex-wrap:wrap;gap:1em}.charts img{max-width:min(48%%,760px);height:auto}
+.charts{display:flex;flex-wrap:wrap;gap:1em}
+.charts img{max-width:min(48%,760px);height:auto}
 nav a{margin-right:1em}
-""" % THUMB
+""".replace("THUMB", str(THUMB))
 
 # sorts a table by the clicked column: numbers by value (data-v), text by text
 JS = """
@@ -187,9 +188,7 @@ def _overlays(section: OverlaySection, cmap: str) -> str:
     from captum_ssl.viz import blend, prediction_text
     from captum_ssl.viz._plot import _image_np
 
-    head = "<tr><th>image</th>" + "".join(
-        f"<th>{_e(m)}</th>" for m in section.methods
-    )
+    head = "<tr><th>image</th>" + "".join(f"<th>{_e(m)}</th>" for m in section.methods)
     out = [f"<h3>{_e(section.title)}</h3>", '<table class="grid">', head + "</tr>"]
     wrong_n = 0
     for row in section.rows:
@@ -401,12 +400,18 @@ def run_settings(cfg, plan) -> List[Tuple[str, str]]:
         ("methods", ", ".join(plan.methods)),
         ("metrics", ", ".join(plan.metrics)),
         ("images", plan.source.describe()),
-        ("batch sizes", f"{cfg.batch_size} images, {cfg.metric_batch_size} "
-                        "perturbed images per metric pass"),  # fmt: skip
+        (
+            "batch sizes",
+            f"{cfg.batch_size} images, {cfg.metric_batch_size} "
+            "perturbed images per metric pass",
+        ),  # fmt: skip
         ("device", f"{rt.get('device')}, {rt.get('threads')} CPU threads"),
-        ("code", f"captum_ssl {v.get('version')} (sources {v.get('source_sha256')}"
-                 + (f", commit {v['commit']}" if v.get("commit") else "")
-                 + f"), torch {v.get('torch')}"),  # fmt: skip
+        (
+            "code",
+            f"captum_ssl {v.get('version')} (sources {v.get('source_sha256')}"
+            + (f", commit {v['commit']}" if v.get("commit") else "")
+            + f"), torch {v.get('torch')}",
+        ),  # fmt: skip
         ("store", str(cfg.out / "results.sqlite")),
     ]
 

@@ -260,7 +260,9 @@ class ResultStore:
         """Store one perturbation curve per image (``(B, points)``, float32)
         under the key of the metric's result."""
         arr = np.asarray(curves, dtype=np.float32)
-        data = [(key, img, arr.shape[1], arr[i].tobytes()) for i, img in enumerate(images)]
+        data = [
+            (key, img, arr.shape[1], arr[i].tobytes()) for i, img in enumerate(images)
+        ]
         self._retry(
             lambda c: c.executemany(
                 "INSERT OR IGNORE INTO curves VALUES (?,?,?,?)", data

@@ -289,7 +289,9 @@ def grid_figure(
         ("true_classes", true_classes),
     ):
         if seq is not None and len(seq) != n:
-            raise ValueError(f"grid_figure: {what} has {len(seq)} entries for {n} images")
+            raise ValueError(
+                f"grid_figure: {what} has {len(seq)} entries for {n} images"
+            )
     fig, axes = plt.subplots(
         n, m, figsize=(cell * m + (1.0 if colorbar else 0.2),
                        cell * n + 0.5 + (0.3 if title else 0.0)),
