@@ -17,6 +17,7 @@ import os
 import select
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -46,7 +47,7 @@ def chromium(install: bool = True) -> Tuple[Optional[str], str]:
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
         try:
             done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=900
+                cmd, env=env, capture_output=True, text=True, timeout=600
             )
         except (OSError, subprocess.TimeoutExpired) as err:
             return None, f"installing Chromium failed: {' '.join(cmd)}: {err}"
@@ -72,6 +73,7 @@ class Browser:
     """
 
     def __init__(self, exe: str, width: int = 1280, height: int = 1600) -> None:
+        self._log = tempfile.TemporaryFile()  # Chromium's own messages
         to_chrome_r, self._w = os.pipe()
         self._r, from_chrome_w = os.pipe()
 
@@ -85,23 +87,28 @@ class Browser:
             [
                 exe, "--headless", "--no-sandbox", "--disable-gpu",
                 "--remote-debugging-pipe", "--no-first-run",
+                "--disable-dev-shm-usage",
                 "--disable-extensions", f"--window-size={width},{height}",
                 "about:blank",
             ],
             preexec_fn=child, close_fds=False, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=self._log,
         )  # fmt: skip
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buf = b""
         self._id = 0
         self.events: List[Dict[str, Any]] = []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call(
-            "Target.attachToTarget", targetId=target, flatten=True
-        )["sessionId"]
-        for domain in ("Runtime", "Log", "Page"):
-            self.call(f"{domain}.enable", session=True)
+        try:
+            target = self.call("Target.createTarget", url="about:blank")
+            self.session = self.call(
+                "Target.attachToTarget", targetId=target["targetId"], flatten=True
+            )["sessionId"]
+            for domain in ("Runtime", "Log", "Page"):
+                self.call(f"{domain}.enable", session=True)
+        except BaseException:
+            self.close()  # never leave a browser behind
+            raise
 
     # ------------------------------------------------------------ protocol
     def _read(self, timeout: float) -> Dict[str, Any]:
@@ -112,7 +119,12 @@ class Browser:
                 raise TimeoutError("Chromium did not answer in time")
             chunk = os.read(self._r, 1 << 20)
             if not chunk:
-                raise RuntimeError("Chromium closed the DevTools pipe")
+                self._log.seek(0)
+                tail = self._log.read().decode(errors="replace").splitlines()[-5:]
+                raise RuntimeError(
+                    "Chromium closed the DevTools pipe (it exited); its last "
+                    "messages:\n" + "\n".join(tail)
+                )
             self._buf += chunk
         msg, self._buf = self._buf.split(b"\0", 1)
         return json.loads(msg)
@@ -216,6 +228,7 @@ class Browser:
                 os.close(fd)
             except OSError:
                 pass
+        self._log.close()
 
     def __enter__(self) -> Browser:
         return self

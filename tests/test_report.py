@@ -110,6 +110,15 @@ def test_stored_curves_are_the_deletion_values(run):
         assert values[k] == pytest.approx(np.trapezoid(c, dx=1 / (len(c) - 1)))
 
 
+def test_browser_skips_with_a_reason_where_it_cannot_be_installed(monkeypatch):
+    from tests import browser
+
+    monkeypatch.setattr(browser.shutil, "which", lambda name: None)
+    monkeypatch.setattr(browser.os, "geteuid", lambda: 1000)
+    exe, why = browser.chromium()
+    assert exe is None and "needs root and apt-get" in why and "chromium" in why
+
+
 def test_report_in_headless_chromium(run):
     from tests.browser import Browser, chromium
 
