@@ -47,17 +47,23 @@ def save_figure(fig, path: Path, dpi: int = DPI) -> List[Path]:
     return [path, svg]
 
 
-def save_saliency(folder: Path, batch, idx: Sequence[int], maps: torch.Tensor) -> None:
-    """One overlay PNG per image (the thesis's ``--saliency``)."""
+def save_saliency(
+    folder: Path, batch, idx: Sequence[int], maps: torch.Tensor, title: str = ""
+) -> None:
+    """One overlay PNG per image (the thesis's ``--saliency``), drawn by
+    ``captum_ssl.viz.overlay``: the method as title, the image's name, the
+    colour bar; 150 dpi."""
     from captum_ssl.viz import overlay
 
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
     for k, i in enumerate(idx):
-        fig, ax = plt.subplots(figsize=(3, 3))
-        overlay(batch.raw[i], maps[k].detach().float().cpu(), ax=ax)
-        fig.savefig(folder / f"{safe_name(batch.names[i])}.png", dpi=80)
-        plt.close(fig)
+        ax = overlay(
+            batch.raw[i], maps[k].detach().float().cpu(), title=title or None,
+            label=batch.names[i],
+        )  # fmt: skip
+        ax.figure.savefig(folder / f"{safe_name(batch.names[i])}.png")
+        plt.close(ax.figure)
 
 
 def vit_layer_figure(model, batch, spec, folder: Path, device) -> Path:

@@ -586,7 +586,7 @@ def _method_batch(
         from benchmarks.evaluation.figures import safe_name, save_saliency
 
         folder = cfg.out / "saliency" / safe_name(spec.name) / safe_name(mlabel)
-        save_saliency(folder, batch, idx, maps)
+        save_saliency(folder, batch, idx, maps, mlabel)
     total = seconds
     for xlabel, (xname, xopts) in plan.metrics.items():
         todo = [j for j, n in enumerate(names) if n not in done[xlabel]]

@@ -215,10 +215,13 @@ def _overlays(section: OverlaySection, cmap: str) -> str:
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     n = len(section.rows)
+    if any(r.true_classes for r in section.rows):
+        marked = f"{wrong_n} wrong predictions (framed in red, with the true class)"
+    else:
+        marked = "true class unknown (each prediction is the model's top class)"
     out.insert(
         1,
-        f'<p class="note">{n} images; {wrong_n} wrong predictions (framed in '
-        "red, with the true class); under each map its native size.</p>",
+        f'<p class="note">{n} image(s); {marked}; under each map its native size.</p>',
     )
     return "\n".join(out)
 
