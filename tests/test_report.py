@@ -165,3 +165,31 @@ def test_report_in_headless_chromium(run):
     with Image.open(shot) as im:
         assert im.size[0] >= 800 and im.size[1] > 2000
     shutil.copy(run / "report.html", ARTIFACTS / "report.html")
+
+
+def test_store_migrates_old_maps_and_keeps_tiny_values(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)  # a maps table as written before the scale
+    conn.execute(
+        "CREATE TABLE maps (key TEXT NOT NULL, image TEXT NOT NULL, model TEXT "
+        "NOT NULL, method TEXT NOT NULL, height INTEGER NOT NULL, width INTEGER "
+        "NOT NULL, data BLOB NOT NULL, PRIMARY KEY (key, image))"
+    )
+    old = np.arange(6, dtype=np.float16).reshape(2, 3)
+    conn.execute(
+        "INSERT INTO maps VALUES (?,?,?,?,?,?,?)",
+        ("k", "img", "m", "gradcam", 2, 3, old.tobytes()),
+    )
+    conn.commit()
+    conn.close()
+    with ResultStore(path) as store:
+        (row,) = store.maps(["k"])
+        np.testing.assert_array_equal(row["map"], old.astype(np.float32))
+        # gradients far below float16's range keep their shape
+        tiny = np.array([[[1e-9, 3e-9], [0.0, -2e-9]]])
+        assert not np.float16(1e-9)  # what plain float16 would store
+        store.add_maps("t", "m", "saliency", ["img"], tiny)
+        (row,) = store.maps(["t"])
+        np.testing.assert_allclose(row["map"], tiny[0], rtol=1e-3)
