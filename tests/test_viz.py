@@ -72,6 +72,10 @@ def test_blend_is_the_weighted_sum_of_image_and_coloured_heatmap():
     # an input-resolution RGB attribution is summed over its channels
     attr = torch.rand(3, 16, 16)
     np.testing.assert_allclose(blend(image, attr), blend(image, attr.sum(0)))
+    # a map that requires grad (straight from an attribution) or a numpy map
+    grad_map = cam[0].clone().requires_grad_()
+    np.testing.assert_allclose(blend(image, grad_map, "viridis", 0.4), rgb)
+    np.testing.assert_allclose(blend(image, cam[0].numpy(), "viridis", 0.4), rgb)
 
 
 def test_prediction_text_marks_wrong_predictions():

@@ -51,9 +51,10 @@ def _image_np(image: Tensor) -> np.ndarray:
 def _heat(attribution, hw: Tuple[int, int]) -> np.ndarray:
     import torch
 
-    a = torch.as_tensor(np.asarray(attribution, dtype=np.float32))
-    if isinstance(attribution, Tensor):
+    if isinstance(attribution, Tensor):  # also on a GPU or requiring grad
         a = attribution.detach().float().cpu()
+    else:
+        a = torch.as_tensor(np.asarray(attribution, dtype=np.float32))
     if a.dim() == 4 and a.shape[0] == 1 and a.shape[1] > 1:
         a = a.sum(1, keepdim=True)  # (1, C, H, W) input-resolution attribution
     elif a.dim() == 3 and a.shape[0] > 1:
