@@ -44,6 +44,7 @@ SHARED_HEAD = (
 VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 CAIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 XCIT = dict(img_size=32, embed_dim=64, depth=2, num_heads=2)
+DINOV2 = dict(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=2)
 SWIN = dict(
     img_size=64,
     window_size=2,
@@ -115,6 +116,43 @@ def _effnet_official(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return dict(zip(names, state.values()))
 
 
+def _backbone_state(m: nn.Module) -> Dict[str, torch.Tensor]:
+    """The timm backbone's tensors of a ``TokenLinearProbe``, in timm naming."""
+    return dict(m.backbone.state_dict())
+
+
+def _dinov2_official(m: nn.Module) -> Dict[str, Any]:
+    """facebookresearch/dinov2 files: the backbone (``mask_token``, and with
+    registers ``register_tokens`` plus a class-token position that timm folds
+    into its class token) and the linear head as a plain ``{weight, bias}``."""
+    state = _backbone_state(m)
+    dim = state["cls_token"].shape[-1]
+    state["mask_token"] = torch.zeros(1, dim)
+    if "reg_token" in state:
+        state["register_tokens"] = state.pop("reg_token")
+        # official cls + official cls position == timm's cls token, bit for bit
+        cls_pos, cls = torch.randn(1, 1, dim), torch.randn(1, 1, dim)
+        m.backbone.cls_token.data = cls + cls_pos
+        state["cls_token"] = cls
+        state["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], dim=1)
+    return {
+        "backbone": state,
+        "head": {"weight": m.head.weight, "bias": m.head.bias},
+    }
+
+
+def _dino_vit_official(m: nn.Module) -> Dict[str, Any]:
+    """DINO ViT files: the teacher backbone in timm naming, the linear weights."""
+    return {
+        "backbone": _backbone_state(m),
+        "head": _dino_head(m.head.weight, m.head.bias),
+    }
+
+
+def _entry_build(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    return lambda: zoo.entry(name).build(**kw)
+
+
 def _torchvision_resnet() -> nn.Module:
     import torchvision
 
@@ -175,6 +213,48 @@ CASES: Dict[str, Tuple[Callable, Dict[str, Any], int, Callable]] = {
             }
         },
     ),
+    "deit_small": (
+        _timm("deit_small_patch16_224", **VIT),
+        VIT,
+        32,
+        lambda m: {"weights": {"model": m.state_dict()}},
+    ),
+    "moco_v3_vit_small": (
+        _entry_build("moco_v3_vit_small", **VIT),
+        VIT,
+        32,
+        lambda m: {
+            "weights": {
+                "epoch": 90,
+                "arch": "vit_small",
+                "state_dict": _prefixed(m.state_dict(), "module."),
+            }
+        },
+    ),
+    "dino_vit_small": (
+        _entry_build("dino_vit_small", **dict(VIT, depth=4)),
+        dict(VIT, depth=4),
+        32,
+        _dino_vit_official,
+    ),
+    "dino_vit_base": (
+        _entry_build("dino_vit_base", **VIT),
+        VIT,
+        32,
+        _dino_vit_official,
+    ),
+    "dinov2_vit_small": (
+        _entry_build("dinov2_vit_small", **DINOV2),
+        DINOV2,
+        28,
+        _dinov2_official,
+    ),
+    "dinov2_vit_small_reg": (
+        _entry_build("dinov2_vit_small_reg", **DINOV2),
+        DINOV2,
+        28,
+        _dinov2_official,
+    ),
     "cait_s24": (
         _timm("cait_s24_224", **CAIT),
         CAIT,
@@ -209,6 +289,14 @@ CASES: Dict[str, Tuple[Callable, Dict[str, Any], int, Callable]] = {
         lambda m: {"weights": _effnet_official(m.state_dict())},
     ),
 }
+
+
+#: class (and register) tokens in the output of the entry's CAM layer
+PREFIX_TOKENS = {
+    "deit_base": 1, "moco_v3_deit_base": 1, "deit_small": 1,
+    "moco_v3_vit_small": 1, "dino_vit_small": 1, "dino_vit_base": 1,
+    "dinov2_vit_small": 1, "dinov2_vit_small_reg": 5,
+}  # fmt: skip
 
 
 def _randomize_norms(model: nn.Module) -> None:
@@ -268,8 +356,8 @@ def test_official_layout_reproduces_source_outputs(name: str, tmp_path: Path) ->
         handle.remove()
     layout = layout_for(model, layer, (size, size), TokenLayout(**e.cam_layout))
     grid = layout.resolve(seen[0].shape).to_grid(seen[0])
-    # every element is a grid cell except the ViT class token
-    prefix = 1 if name in ("deit_base", "moco_v3_deit_base") else 0
+    # every element is a grid cell except the ViT class (and register) tokens
+    prefix = PREFIX_TOKENS.get(name, 0)
     assert grid.dim() == 4 and grid.shape[0] == 2
     assert seen[0].numel() - grid.numel() == 2 * grid.shape[1] * prefix
     if e.attention_layers:

@@ -38,6 +38,7 @@ from ._checkpoint import (
     read_checkpoint,
     sha256sum,
 )
+from ._heads import TokenLinearProbe, TokenProbe
 from ._layers import get_layer, get_layers
 from ._preprocessing import Preprocessing
 from ._registry import REGISTRY, CheckpointFile, ModelEntry
@@ -62,6 +63,8 @@ __all__ = [
     "ModelEntry",
     "NonFiniteWeightsError",
     "Preprocessing",
+    "TokenLinearProbe",
+    "TokenProbe",
     "UnsafeCheckpointError",
     "available",
     "checkpoint_paths",
