@@ -155,3 +155,50 @@ def test_printed_tables_show_the_family_difference(tmp_path):
     assert f"{cmp['diff']:.3f} ± {cmp['diff_ci95']:.3f}" in line
     assert "average_drop ↓" in line and cmp["better"] in line.split()[-1]
     assert max(len(x) for x in text.splitlines()) <= 120  # fits a terminal
+
+
+def test_family_differences_pair_within_each_family(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks.evaluation import tables as T
+    from benchmarks.evaluation.store import ResultStore
+    from benchmarks.evaluation.summary import tables_text
+    from tests.test_evaluation import stored
+
+    # one architecture, two families: pairing by architecture would cross them
+    def spec(name, training, seed, family):
+        return dataclasses.replace(tiny_spec(name, training, seed), family=family)
+
+    specs = [
+        spec("a_sup", "supervised", 0, "vit_s"),
+        spec("b_sup", "supervised", 1, "resnet50"),
+        spec("a_ssl", "self-supervised", 2, "vit_s"),
+        spec("b_ssl1", "self-supervised", 3, "resnet50"),
+        spec("b_ssl2", "self-supervised", 4, "resnet50"),
+    ]
+    plan = P.run(config(tmp_path, specs, limit=3, metrics=["average_drop"]))
+    with ResultStore(tmp_path / P.DB_NAME) as store:
+        tabs = T.build_tables(store, plan)
+    pairs = [
+        (r["family"], r["supervised"], r["self_supervised"]) for r in tabs["comparison"]
+    ]
+    assert pairs == [
+        ("ViT-S", "a_sup", "a_ssl"),
+        ("ResNet-50", "b_sup", "b_ssl1"),
+        ("ResNet-50", "b_sup", "b_ssl2"),
+    ]
+    values = stored(tmp_path)
+    for r in tabs["comparison"]:
+        images = sorted(i for (m, _, _, i) in values if m == r["supervised"])
+        d = [
+            values[r["self_supervised"], "gradcam", "average_drop", i]
+            - values[r["supervised"], "gradcam", "average_drop", i]
+            for i in images
+        ]
+        assert r["n"] == 3 and np.isclose(r["diff"], np.mean(d))
+    text = tables_text(tabs)
+    assert "\nViT-S:\n" in text and "\nResNet-50:\n" in text
+    resnet = text.split("\nResNet-50:\n")[1].split("Cost on")[0]
+    assert "b_ssl2 - b_sup" in resnet and "a_ssl" not in resnet

@@ -809,7 +809,8 @@ def test_probe_and_head_file_must_agree(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointMismatchError, match="shape mismatches.*head"):
         zoo.load("dino_vit_small", tmp_path, **kwargs)
-    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "dinov2_vits14_linear_head.pth")
+    bad = {"fc.weight": torch.zeros(3)}
+    torch.save(bad, tmp_path / "dinov2_vits14_linear_head.pth")
     _dinov2_native_file(tmp_path, "dinov2_vit_small")
     with pytest.raises(CheckpointMismatchError, match="'weight' and 'bias'"):
         zoo.load("dinov2_vit_small", tmp_path, embed_dim=32, depth=1, num_heads=2)

@@ -41,7 +41,7 @@ from ._checkpoint import (
 from ._heads import TokenLinearProbe, TokenProbe
 from ._layers import get_layer, get_layers
 from ._preprocessing import Preprocessing
-from ._registry import REGISTRY, CheckpointFile, ModelEntry
+from ._registry import FAMILIES, REGISTRY, CheckpointFile, ModelEntry, family_name
 from ._targets import (
     EmbeddingNorm,
     EmbeddingSimilarity,
@@ -50,6 +50,7 @@ from ._targets import (
 )
 
 __all__ = [
+    "FAMILIES",
     "REGISTRY",
     "WEIGHTS_ENV",
     "CheckpointError",
@@ -71,6 +72,7 @@ __all__ = [
     "default_weights_dir",
     "describe",
     "entry",
+    "family_name",
     "get_layer",
     "get_layers",
     "headless",

@@ -783,3 +783,21 @@ _ENTRIES = (
 )
 
 REGISTRY: Dict[str, ModelEntry] = {e.name: e for e in _ENTRIES}
+
+#: display names of the families whose supervised and self-supervised models
+#: the tables pair
+FAMILIES: Dict[str, str] = {
+    "resnet50": "ResNet-50",
+    "vit_s": "ViT-S",
+    "vit_b": "ViT-B",
+    "xcit_s12": "XCiT-S12",
+    "cait_s24": "CaiT-S24",
+    "swin_b": "Swin-B",
+    "efficientnet_lite0": "EfficientNet-Lite0",
+}
+
+
+def family_name(family: str) -> str:
+    """The display name of a family id (``"vit_s"`` -> ``"ViT-S"``); unknown
+    ids (a family given on the command line) are shown as given."""
+    return FAMILIES.get(family, family)
