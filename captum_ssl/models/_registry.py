@@ -367,6 +367,53 @@ _TORCHVISION = Preprocessing(256, 224, "bilinear")
 _BICUBIC_256 = Preprocessing(256, 224, "bicubic")
 _BICUBIC_224 = Preprocessing(224, 224, "bicubic")
 _VIT_ATTN = "blocks.*.attn"
+#: the same layers inside a TokenLinearProbe
+_PROBE_CAM, _PROBE_ATTN = "backbone.blocks.-1.norm1", f"backbone.{_VIT_ATTN}"
+_DEIT_PAPER = (
+    "Touvron et al., Training data-efficient image transformers & distillation "
+    "through attention, ICML 2021"
+)
+_MOCO_V3_PAPER = (
+    "Chen, Xie & He, An Empirical Study of Training Self-Supervised Vision "
+    "Transformers, ICCV 2021"
+)
+_DINO_PAPER = (
+    "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, "
+    "ICCV 2021"
+)
+
+
+def _dinov2(name: str, arch: str, stem: str, **described: str) -> ModelEntry:
+    """A DINOv2 ViT-S/14 release: backbone + one-layer linear head
+    (``dinov2/hub/classifiers.py``), both under ``dinov2/dinov2_vits14/``."""
+    folder = f"{_FB}/dinov2/dinov2_vits14"
+    return ModelEntry(
+        name=name,
+        family="vit_s",
+        arch=arch,
+        arch_kwargs={"img_size": 224},
+        training="self-supervised",
+        files=(
+            CheckpointFile(
+                f"{stem}_pretrain.pth", f"{folder}/{stem}_pretrain.pth", "backbone"
+            ),
+            CheckpointFile(
+                f"{stem}_linear_head.pth", f"{folder}/{stem}_linear_head.pth", "head"
+            ),
+        ),
+        convert=_backbone_and_linear("head", backbone_filter=_dinov2_filter),
+        preprocessing=_BICUBIC_256,
+        cam_layer=_PROBE_CAM,
+        attention_layers=_PROBE_ATTN,
+        embed_dim=384,
+        probe=TokenProbe(n_last_blocks=1, patch_mean=True),
+        **{
+            **described,
+            "method": f"{described['method']} (linear probe on class token + "
+            "mean patch token)",
+        },
+    )
+
 
 _ENTRIES = (
     ModelEntry(
@@ -397,8 +444,7 @@ _ENTRIES = (
         arch="torchvision:resnet50",
         training="self-supervised",
         method="MoCo v3, 1000 epochs (linear probe)",
-        paper="Chen, Xie & He, An Empirical Study of Training Self-Supervised "
-        "Vision Transformers, ICCV 2021",
+        paper=_MOCO_V3_PAPER,
         files=(
             CheckpointFile(
                 "linear-1000ep.pth.tar",
@@ -419,8 +465,7 @@ _ENTRIES = (
         arch="torchvision:resnet50",
         training="self-supervised",
         method="DINO (linear probe on the 2048-d pooled feature)",
-        paper="Caron et al., Emerging Properties in Self-Supervised Vision "
-        "Transformers, ICCV 2021",
+        paper=_DINO_PAPER,
         files=(
             CheckpointFile(
                 "dino_resnet50_pretrain.pth",
@@ -448,8 +493,7 @@ _ENTRIES = (
         arch="deit_base_patch16_224",
         training="supervised",
         method="supervised (DeiT recipe)",
-        paper="Touvron et al., Training data-efficient image transformers & "
-        "distillation through attention, ICML 2021",
+        paper=_DEIT_PAPER,
         files=(
             CheckpointFile(
                 "deit_base_patch16_224-b5f2ef4d.pth",
@@ -470,8 +514,7 @@ _ENTRIES = (
         arch="deit_base_patch16_224",
         training="self-supervised",
         method="MoCo v3, 300 epochs (linear probe)",
-        paper="Chen, Xie & He, An Empirical Study of Training Self-Supervised "
-        "Vision Transformers, ICCV 2021",
+        paper=_MOCO_V3_PAPER,
         files=(
             CheckpointFile(
                 "linear-vit-b-300ep.pth.tar",
@@ -492,8 +535,7 @@ _ENTRIES = (
         arch="deit_small_patch16_224",
         training="supervised",
         method="supervised (DeiT recipe)",
-        paper="Touvron et al., Training data-efficient image transformers & "
-        "distillation through attention, ICML 2021",
+        paper=_DEIT_PAPER,
         files=(
             CheckpointFile(
                 "deit_small_patch16_224-cd65a155.pth",
@@ -515,8 +557,7 @@ _ENTRIES = (
         arch_kwargs={"num_heads": 12},
         training="self-supervised",
         method="MoCo v3, 300 epochs (linear probe)",
-        paper="Chen, Xie & He, An Empirical Study of Training Self-Supervised "
-        "Vision Transformers, ICCV 2021",
+        paper=_MOCO_V3_PAPER,
         files=(
             CheckpointFile(
                 "linear-vit-s-300ep.pth.tar",
@@ -538,8 +579,7 @@ _ENTRIES = (
         arch="vit_small_patch16_224",
         training="self-supervised",
         method="DINO (linear probe on the class tokens of the last 4 blocks)",
-        paper="Caron et al., Emerging Properties in Self-Supervised Vision "
-        "Transformers, ICCV 2021",
+        paper=_DINO_PAPER,
         files=(
             CheckpointFile(
                 "dino_deitsmall16_pretrain.pth",
@@ -555,8 +595,8 @@ _ENTRIES = (
         ),
         convert=_backbone_and_linear("head"),
         preprocessing=_BICUBIC_256,
-        cam_layer="backbone.blocks.-1.norm1",
-        attention_layers="backbone.blocks.*.attn",
+        cam_layer=_PROBE_CAM,
+        attention_layers=_PROBE_ATTN,
         embed_dim=384,
         probe=TokenProbe(n_last_blocks=4),
         notes="the probe reads the class tokens of the last 4 blocks, each after "
@@ -571,8 +611,7 @@ _ENTRIES = (
         arch="vit_base_patch16_224",
         training="self-supervised",
         method="DINO (linear probe on class token + mean patch token)",
-        paper="Caron et al., Emerging Properties in Self-Supervised Vision "
-        "Transformers, ICCV 2021",
+        paper=_DINO_PAPER,
         files=(
             CheckpointFile(
                 "dino_vitbase16_pretrain.pth",
@@ -587,8 +626,8 @@ _ENTRIES = (
         ),
         convert=_backbone_and_linear("head"),
         preprocessing=_BICUBIC_256,
-        cam_layer="backbone.blocks.-1.norm1",
-        attention_layers="backbone.blocks.*.attn",
+        cam_layer=_PROBE_CAM,
+        attention_layers=_PROBE_ATTN,
         embed_dim=768,
         probe=TokenProbe(n_last_blocks=1, patch_mean=True, interleave=True),
         notes="the probe reads the class token and the mean patch token after "
@@ -596,66 +635,26 @@ _ENTRIES = (
         "eval_linear.py avgpool_patchtokens=True): load() returns a "
         "TokenLinearProbe (layer paths 'backbone.*')",
     ),
-    ModelEntry(
-        name="dinov2_vit_small",
-        family="vit_s",
+    _dinov2(
+        "dinov2_vit_small",
+        "vit_small_patch14_dinov2",
+        "dinov2_vits14",
         architecture="ViT-S/14 (DINOv2)",
-        arch="vit_small_patch14_dinov2",
-        arch_kwargs={"img_size": 224},
-        training="self-supervised",
-        method="DINOv2 (linear probe on class token + mean patch token)",
+        method="DINOv2",
         paper="Oquab et al., DINOv2: Learning Robust Visual Features without "
         "Supervision, TMLR 2024",
-        files=(
-            CheckpointFile(
-                "dinov2_vits14_pretrain.pth",
-                f"{_FB}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
-                role="backbone",
-            ),
-            CheckpointFile(
-                "dinov2_vits14_linear_head.pth",
-                f"{_FB}/dinov2/dinov2_vits14/dinov2_vits14_linear_head.pth",
-                role="head",
-            ),
-        ),
-        convert=_backbone_and_linear("head", backbone_filter=_dinov2_filter),
-        preprocessing=_BICUBIC_256,
-        cam_layer="backbone.blocks.-1.norm1",
-        attention_layers="backbone.blocks.*.attn",
-        embed_dim=384,
-        probe=TokenProbe(n_last_blocks=1, patch_mean=True),
         notes="the probe reads cat(class token, mean patch token) after the final "
         "norm (768-d, dinov2/hub/classifiers.py); the 518 px position embedding "
         "is resampled to 224 px (16 x 16 patches) at load by DINOv2's own "
         "formula; load() returns a TokenLinearProbe (layer paths 'backbone.*')",
     ),
-    ModelEntry(
-        name="dinov2_vit_small_reg",
-        family="vit_s",
+    _dinov2(
+        "dinov2_vit_small_reg",
+        "vit_small_patch14_reg4_dinov2",
+        "dinov2_vits14_reg4",
         architecture="ViT-S/14 (DINOv2, 4 registers)",
-        arch="vit_small_patch14_reg4_dinov2",
-        arch_kwargs={"img_size": 224},
-        training="self-supervised",
-        method="DINOv2 with registers (linear probe on class token + mean patch token)",
+        method="DINOv2 with registers",
         paper="Darcet et al., Vision Transformers Need Registers, ICLR 2024",
-        files=(
-            CheckpointFile(
-                "dinov2_vits14_reg4_pretrain.pth",
-                f"{_FB}/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
-                role="backbone",
-            ),
-            CheckpointFile(
-                "dinov2_vits14_reg4_linear_head.pth",
-                f"{_FB}/dinov2/dinov2_vits14/dinov2_vits14_reg4_linear_head.pth",
-                role="head",
-            ),
-        ),
-        convert=_backbone_and_linear("head", backbone_filter=_dinov2_filter),
-        preprocessing=_BICUBIC_256,
-        cam_layer="backbone.blocks.-1.norm1",
-        attention_layers="backbone.blocks.*.attn",
-        embed_dim=384,
-        probe=TokenProbe(n_last_blocks=1, patch_mean=True),
         notes="as dinov2_vit_small, with 4 register tokens after the class token "
         "(5 prefix tokens; the patch mean leaves the registers out)",
     ),
@@ -705,8 +704,7 @@ _ENTRIES = (
         arch="xcit_small_12_p16_224",
         training="self-supervised",
         method="DINO (linear probe on the 384-d class token)",
-        paper="Caron et al., Emerging Properties in Self-Supervised Vision "
-        "Transformers, ICCV 2021",
+        paper=_DINO_PAPER,
         files=(
             CheckpointFile(
                 "dino_xcit_small_12_p16_pretrain.pth",
