@@ -190,6 +190,16 @@ def _fingerprint(path: Path) -> Dict[str, Any]:
     return {"files": [[p.name, p.stat().st_size] for p in files if p.is_file()]}
 
 
+def _rgb(values: Any) -> Tuple[float, float, float]:
+    """Per-channel mean or std as three floats (one value: the same for all)."""
+    v = [float(x) for x in (values if hasattr(values, "__len__") else [values])]
+    if len(v) == 1:
+        v = v * 3
+    if len(v) != 3:
+        raise ValueError(f"expected 3 per-channel values, got {values!r}")
+    return (v[0], v[1], v[2])
+
+
 # ---------------------------------------------------------------------- timm
 
 
@@ -204,7 +214,7 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
 
     cfg = get_pretrained_cfg(m.arch)
     with torch.device("meta"):  # layer names only, no memory, no weights
-        probe = timm.create_model(m.arch, pretrained=False)
+        probe: Any = timm.create_model(m.arch, pretrained=False)
     vit = hasattr(probe, "patch_embed") and hasattr(probe, "blocks")
     selfattn = [n for n, mod in probe.named_modules() if attention_kind(mod) == SELF]
     if vit and selfattn and all(n.startswith("blocks.") for n in selfattn):
@@ -218,8 +228,8 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         int(round(size / crop_pct)),
         size,
         interp if interp in ("bilinear", "bicubic") else "bicubic",
-        tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406),
-        tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225),
+        _rgb(cfg.mean if cfg is not None else (0.485, 0.456, 0.406)),
+        _rgb(cfg.std if cfg is not None else (0.229, 0.224, 0.225)),
     )
     lrp = unsupported_model(probe) or ""
 
@@ -343,8 +353,8 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         side,
         _side(crop) if crop else side,
         _RESAMPLE.get(int(resample), "bicubic"),
-        tuple(proc.image_mean),
-        tuple(proc.image_std),
+        _rgb(proc.image_mean),
+        _rgb(proc.image_std),
     )
 
     layout: Dict[str, Any] = {}

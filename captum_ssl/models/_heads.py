@@ -12,6 +12,7 @@ and the embedding targets explain the real classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +112,8 @@ class TokenLinearProbe(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The probe's input ``(B, in_features)``."""
-        b, p = self.backbone, self.probe
+        b: Any = self.backbone  # a timm VisionTransformer
+        p = self.probe
         if p.n_last_blocks == 1:
             outs = [b.forward_features(x)]
         else:

@@ -383,7 +383,7 @@ _DINO_PAPER = (
 )
 
 
-def _dinov2(name: str, arch: str, stem: str, **described: str) -> ModelEntry:
+def _dinov2(name: str, arch: str, stem: str, **described: Any) -> ModelEntry:
     """A DINOv2 ViT-S/14 release: backbone + one-layer linear head
     (``dinov2/hub/classifiers.py``), both under ``dinov2/dinov2_vits14/``."""
     folder = f"{_FB}/dinov2/dinov2_vits14"
