@@ -106,6 +106,15 @@ BAD = [
 ]
 
 
+def test_two_models_of_one_name_are_refused(tmp_path, capsys):
+    (tmp_path / "a.pth").write_bytes(b"x")
+    words = [f"timm:test_vit={tmp_path}/a.pth,label=res_50", "res_50"]
+    assert R.main(["--models", *words, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "two models named res_50" in err
+    assert "label=NAME" in err
+
+
 @pytest.mark.parametrize("word, words", BAD, ids=[b[0][:30] for b in BAD])
 def test_bad_local_model_one_line(word, words, tmp_path, capsys):
     (tmp_path / "a.pth").write_bytes(b"x")

@@ -159,12 +159,21 @@ def _models(args: argparse.Namespace) -> None:
     names = list(getattr(args, "models", None) or [])
     if names == ["none"]:
         names = []
+    labels = []
     for word in names:
         if local.is_local(word):
             try:
-                local.check(word)
+                labels.append(local.check(word).label)
             except ValueError as err:
                 raise OptionError(f"--models {word}: {err}") from None
+        else:
+            labels.append(word)
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    if twice:
+        raise OptionError(
+            f"--models: two models named {', '.join(twice)}; give each local model "
+            "its own label=NAME"
+        )
     names = [n for n in names if not local.is_local(n)]
     for flag, given in (
         ("--models", names),
