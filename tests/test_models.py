@@ -800,6 +800,24 @@ def test_dino_vit_heads_are_the_official_formulas(tmp_path: Path) -> None:
         assert torch.equal(backbone(x), last[:, 0])
 
 
+def test_describe_names_files_addresses_family_and_probe(tmp_path: Path) -> None:
+    info = zoo.describe("dinov2_vit_small_reg", tmp_path)
+    assert info["family"] == "vit_s" and zoo.family_name(info["family"]) == "ViT-S"
+    assert (
+        info["probe"] == "class token + mean of the patch tokens after the final norm"
+    )
+    files = {f["role"]: f for f in info["files"]}
+    assert files["backbone"]["filename"] == "dinov2_vits14_reg4_pretrain.pth"
+    assert files["head"]["source"] == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/"
+        "dinov2_vits14_reg4_linear_head.pth"
+    )
+    assert not info["available"]
+    assert zoo.describe("dino_vit_small")["probe"].startswith(
+        "class tokens of the last 4 blocks"
+    )
+
+
 def test_probe_and_head_file_must_agree(tmp_path: Path) -> None:
     _, kwargs, _ = write_official("dino_vit_small", tmp_path)
     # a probe on one class token (e.g. the XCiT file) is not the ViT-S/16 probe

@@ -162,7 +162,8 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
 
     Returns:
         dict: name, architecture, training, method, paper, preprocessing, cam_layer,
-        attention_layers, notes, ``files`` (one dict per file: role, filename,
+        attention_layers, family, probe (the tokens a wrapped linear probe
+        reads, or None), notes, ``files`` (one dict per file: role, filename,
         source, path or None, present) and ``available``.
 
     Examples::
@@ -200,6 +201,8 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
         cam_layer=e.cam_layer,
         attention_layers=e.attention_layers,
         embed_dim=e.embed_dim,
+        family=e.family,
+        probe=e.probe.describe() if e.probe is not None else None,
         notes=e.notes,
         files=files,
         available=all(f["present"] and not f["problem"] for f in files),
