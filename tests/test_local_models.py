@@ -129,3 +129,54 @@ def test_bad_local_model_one_line(word, words, tmp_path, capsys):
     for w in words:
         assert w in err, (w, err)
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_hf(kind: str, folder: Path) -> None:
+    import transformers as T
+
+    vit = dict(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=1000,
+    )  # fmt: skip
+    if kind == "convnext":
+        config = T.ConvNextConfig(num_labels=1000, hidden_sizes=[8] * 4, depths=[1] * 4)
+        T.ConvNextForImageClassification(config).save_pretrained(folder)
+        T.ConvNextImageProcessor(size={"shortest_edge": 64}).save_pretrained(folder)
+        return
+    config_cls, model_cls = {
+        "dinov2": (T.Dinov2Config, T.Dinov2ForImageClassification),
+        "dinov2_with_registers": (
+            T.Dinov2WithRegistersConfig,
+            T.Dinov2WithRegistersForImageClassification,
+        ),
+        "deit": (T.DeiTConfig, T.DeiTForImageClassification),
+    }[kind]
+    model_cls(config_cls(**vit)).save_pretrained(folder)
+    T.BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+        do_center_crop=True, resample=3,
+    ).save_pretrained(folder)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind, prefix, grid",
+    [("dinov2", 1, 2), ("dinov2_with_registers", 5, 2), ("deit", 2, 2),
+     ("convnext", None, 2)],
+)  # fmt: skip
+def test_hf_layers_layout_and_preprocessing_are_found(kind, prefix, grid, tmp_path):
+    from benchmarks.evaluation import methods as M
+
+    _tiny_hf(kind, tmp_path / kind)
+    s = local.spec(f"hf:{tmp_path / kind}")
+    if prefix is None:  # ConvNeXt: (B, C, H, W) stage; shorter side / crop_pct
+        assert s.cam_layout == {}
+        assert (s.preprocessing.resize, s.preprocessing.crop) == (73, 64)
+    else:
+        assert s.cam_layout == {"grid": (grid, grid), "num_prefix_tokens": prefix}
+        assert (s.preprocessing.resize, s.preprocessing.crop) == (32, 28)
+        assert s.preprocessing.interpolation == "bicubic"
+    size = s.preprocessing.crop
+    maps = M.build_method("gradcam", {}, s.build(), s)(
+        torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    )
+    assert maps.shape == (2, 1, grid, grid) and torch.isfinite(maps).all()

@@ -348,10 +348,15 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     crop = (
         getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", 0) else None
     )
+    crop_side = _side(crop) if crop else side
+    crop_pct = getattr(proc, "crop_pct", None)
+    if crop is None and crop_pct and side < 384:
+        # ConvNeXt's processor: shorter side to size / crop_pct, crop to size
+        side, crop_side = int(side / crop_pct), side
     resample = getattr(proc, "resample", 2)
     pre = Preprocessing(
         side,
-        _side(crop) if crop else side,
+        crop_side,
         _RESAMPLE.get(int(resample), "bicubic"),
         _rgb(proc.image_mean),
         _rgb(proc.image_std),
