@@ -115,8 +115,8 @@ def family_pairs(info: Dict[str, Dict[str, Any]]) -> List[Tuple[str, str, str]]:
         if i["weights"] == "pretrained":
             fams[i.get("family") or i["architecture"]][i["training"]].append(m)
     return [
-        (arch, sup, ssl)
-        for arch, t in fams.items()
+        (family, sup, ssl)
+        for family, t in fams.items()
         for sup in t.get("supervised", [])
         for ssl in t.get("self-supervised", [])
     ]
@@ -172,7 +172,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
         )
     comparison, agreement = [], []
     maps = _maps(store, plan)
-    for arch, sup, ssl in family_pairs(info):
+    for family, sup, ssl in family_pairs(info):
         for (model, method, metric), a in values.items():
             if model != sup or (ssl, method, metric) not in values:
                 continue
@@ -185,7 +185,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 better = ssl if (p["diff"] > 0) == higher else sup
             comparison.append(
                 dict(
-                    family=arch,
+                    family=family,
                     supervised=sup,
                     self_supervised=ssl,
                     method=method,
@@ -210,7 +210,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 continue
             agreement.append(
                 dict(
-                    family=arch,
+                    family=family,
                     supervised=sup,
                     self_supervised=ssl,
                     method=method,
