@@ -193,3 +193,18 @@ def test_store_migrates_old_maps_and_keeps_tiny_values(tmp_path):
         store.add_maps("t", "m", "saliency", ["img"], tiny)
         (row,) = store.maps(["t"])
         np.testing.assert_allclose(row["map"], tiny[0], rtol=1e-3)
+
+
+def test_report_of_a_supervised_and_self_supervised_pair(tmp_path):
+    from tests.test_evaluation import config, tiny_spec
+
+    sup = tiny_spec("tiny_sup", "supervised", 0)
+    ssl = tiny_spec("tiny_ssl", "self-supervised", 1)
+    cfg = config(tmp_path, [sup, ssl], limit=3, metrics=METRICS, figures=True)
+    plan = P.run(cfg)
+    page = P.report(cfg, plan)["html"].read_text()
+    assert "Supervised vs self-supervised" in page and "Agreement of" in page
+    for model, training in (("tiny_sup", "supervised"), ("tiny_ssl", "self-")):
+        assert f"<h3>{model} (TinyCNN, {training}" in page  # its overlays
+        assert f'alt="curve {model.replace("_", " ")} deletion' in page
+    assert page.count('alt="gradcam on ') == 2 * 3

@@ -330,10 +330,11 @@ def run_tables(tabs: Dict[str, Any]) -> List[Table]:
             )
         )
     if tabs.get("comparison"):
-        cols = ["architecture", "supervised", "self_supervised", "method", "metric"]
+        group = "family" if "family" in tabs["comparison"][0] else "architecture"
+        cols = [group, "supervised", "self_supervised", "method", "metric"]
         cols += ["direction", "n", "supervised_mean", "self_supervised_mean"]
         body = [
-            [r[c] for c in cols]
+            [r.get(c, "") for c in cols]
             + [
                 (_pm(r["diff"], r["diff_ci95"]), r["diff"]),
                 r["t_p"],
