@@ -10,6 +10,7 @@ still uses but numpy 2.x removed, only for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ import torch
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl.attr._core import model_lock
 from captum_ssl.metrics._common import (
     MetricInputError,
     explain,
@@ -43,6 +45,10 @@ DEFAULT_METRICS = (
 # metrics/robustness/continuity.py -> np.NaN (removed in 2.0).
 _COMPAT = {"trapz": "trapezoid", "NaN": "nan"}
 
+#: Quantus runs change process-wide state (numpy's names, its global RNG,
+#: the warnings filters): one run at a time in the process, whatever the model
+_QUANTUS_RUN = threading.RLock()
+
 
 @contextlib.contextmanager
 def numpy_compat() -> Iterator[None]:
@@ -51,24 +57,27 @@ def numpy_compat() -> Iterator[None]:
     Sets the old names to their numpy 2 equivalents (``np.trapezoid``,
     ``np.nan``) on entry and deletes them again on exit, also on error, so
     numpy itself is neither pinned nor edited and code outside the block sees
-    the installed numpy unchanged. Names that exist are left alone. Not
-    thread-safe: another thread could see the names while the block runs.
+    the installed numpy unchanged. Names that exist are left alone. Blocks
+    of several threads run one at a time (a process-wide lock), so one
+    thread's exit never removes the names while another's block runs; code
+    outside any block in another thread can see the names meanwhile.
 
     Examples::
 
         >>> with numpy_compat():
         ...     scores = quantus.IROF(return_aggregate=False)(model=..., ...)
     """
-    added = []
-    for old, new in _COMPAT.items():
-        if not hasattr(np, old) and hasattr(np, new):
-            setattr(np, old, getattr(np, new))
-            added.append(old)
-    try:
-        yield
-    finally:
-        for old in added:
-            delattr(np, old)
+    with _QUANTUS_RUN:
+        added = []
+        for old, new in _COMPAT.items():
+            if not hasattr(np, old) and hasattr(np, new):
+                setattr(np, old, getattr(np, new))
+                added.append(old)
+        try:
+            yield
+        finally:
+            for old in added:
+                delattr(np, old)
 
 
 def quantus_explain_func(method: Any, **attribute_kwargs: Any) -> Callable:
@@ -204,65 +213,69 @@ def quantus_faithfulness(
 
     if not isinstance(model, nn.Module):
         raise MetricInputError("quantus_faithfulness needs a torch nn.Module.")
-    training = [n or "(the model)" for n, m in model.named_modules() if m.training]
-    if training:
-        raise MetricInputError(
-            f"The model is in training mode ({', '.join(training[:3])}); Quantus "
-            "requires model.eval(): call it before quantus_faithfulness."
-        )
-    x, _ = prepare(model, inputs, None)
-    target = resolve_target(model, x, target, batch_size)
-    if isinstance(attributions, Tensor):
-        maps, explain_func = prepare_maps(attributions, x), None
-    elif attributions is None:
-        raise MetricInputError(
-            "Pass attributions: maps, or an attribution object / callable."
-        )
-    else:
-        explain_func = quantus_explain_func(attributions)
-        maps = explain(explainer(attributions), x, target)
-    y = torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0])
+    # one Quantus run in the process at a time (numpy state), then the model's
+    # lock: other threads' explanations of it wait (Quantus' forward passes
+    # would meet their hooks). Always in this order (no lock-order deadlock).
+    with _QUANTUS_RUN, model_lock(model):
+        training = [n or "(the model)" for n, m in model.named_modules() if m.training]
+        if training:
+            raise MetricInputError(
+                f"The model is in training mode ({', '.join(training[:3])}); Quantus "
+                "requires model.eval(): call it before quantus_faithfulness."
+            )
+        x, _ = prepare(model, inputs, None)
+        target = resolve_target(model, x, target, batch_size)
+        if isinstance(attributions, Tensor):
+            maps, explain_func = prepare_maps(attributions, x), None
+        elif attributions is None:
+            raise MetricInputError(
+                "Pass attributions: maps, or an attribution object / callable."
+            )
+        else:
+            explain_func = quantus_explain_func(attributions)
+            maps = explain(explainer(attributions), x, target)
+        y = torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0])
 
-    x_np = x.cpu().numpy()
-    y_np = y.cpu().numpy()
-    a_np = maps.cpu().numpy()
-    device = str(x.device)
-    metric_kwargs = metric_kwargs or {}
-    results: Dict[str, Tensor] = {}
-    state = np.random.get_state()
-    try:
-        for spec in metrics:
-            if isinstance(spec, str):
-                if not hasattr(quantus, spec):
-                    raise MetricInputError(
-                        f"quantus has no metric {spec!r}; names are Quantus class "
-                        f"names such as {DEFAULT_METRICS}."
+        x_np = x.cpu().numpy()
+        y_np = y.cpu().numpy()
+        a_np = maps.cpu().numpy()
+        device = str(x.device)
+        metric_kwargs = metric_kwargs or {}
+        results: Dict[str, Tensor] = {}
+        state = np.random.get_state()
+        try:
+            for spec in metrics:
+                if isinstance(spec, str):
+                    if not hasattr(quantus, spec):
+                        raise MetricInputError(
+                            f"quantus has no metric {spec!r}; names are Quantus class "
+                            f"names such as {DEFAULT_METRICS}."
+                        )
+                    kw = {
+                        **default_kwargs(spec, x.shape, steps),
+                        **metric_kwargs.get(spec, {}),
+                    }
+                    metric, name = getattr(quantus, spec)(**kw), spec
+                else:
+                    metric, name = spec, type(spec).__name__
+                if seed is not None:
+                    np.random.seed(seed)
+                with numpy_compat(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = metric(
+                        model=model,
+                        x_batch=x_np,
+                        y_batch=y_np,
+                        a_batch=a_np,
+                        explain_func=explain_func,
+                        device=device,
+                        batch_size=batch_size,
+                        **(call_kwargs or {}),
                     )
-                kw = {
-                    **default_kwargs(spec, x.shape, steps),
-                    **metric_kwargs.get(spec, {}),
-                }
-                metric, name = getattr(quantus, spec)(**kw), spec
-            else:
-                metric, name = spec, type(spec).__name__
-            if seed is not None:
-                np.random.seed(seed)
-            with numpy_compat(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = metric(
-                    model=model,
-                    x_batch=x_np,
-                    y_batch=y_np,
-                    a_batch=a_np,
-                    explain_func=explain_func,
-                    device=device,
-                    batch_size=batch_size,
-                    **(call_kwargs or {}),
-                )
-            scores = _to_tensor(out, x.device)
-            if curves_to_auc and scores.dim() == 2:
-                scores = torch.trapezoid(scores, dim=1)
-            results[name] = scores
-    finally:
-        np.random.set_state(state)
-    return results
+                scores = _to_tensor(out, x.device)
+                if curves_to_auc and scores.dim() == 2:
+                    scores = torch.trapezoid(scores, dim=1)
+                results[name] = scores
+        finally:
+            np.random.set_state(state)
+        return results
