@@ -168,8 +168,13 @@ def model_lock(forward_func: Any, timeout: Optional[float] = None) -> Iterator[N
     Raises:
         ConcurrentCallError: the wait exceeded ``timeout``.
     """
-    mine = {id(m) for model in models_behind(forward_func) for m in model.modules()}
+    roots = models_behind(forward_func)
     me = threading.get_ident()
+    held = _HELD.get(me)  # only this thread changes its own entry
+    if held and all(any(id(r) in s for s in held) for r in roots):
+        mine: Set[int] = set()  # nested in a call that holds the model already
+    else:
+        mine = {id(m) for root in roots for m in root.modules()}
     start = time.monotonic()
     warned = False
     with _HELD_CHANGED:
