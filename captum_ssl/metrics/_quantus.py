@@ -10,6 +10,7 @@ still uses but numpy 2.x removed, only for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
@@ -156,6 +157,21 @@ def _to_tensor(values: Any, device: torch.device) -> Tensor:
     return torch.as_tensor(arr, dtype=torch.float32, device=device)
 
 
+def _one_run(fn: Callable) -> Callable:
+    """``fn(model, ...)`` holding the process-wide Quantus lock, then the
+    model's :func:`~captum_ssl.attr.model_lock` (other threads' explanations
+    of the model wait: Quantus' forward passes would meet their hooks).
+    Always in this order, so the two locks cannot deadlock each other."""
+
+    @functools.wraps(fn)
+    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with _QUANTUS_RUN, model_lock(model):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+@_one_run
 def quantus_faithfulness(
     model: nn.Module,
     inputs: Tensor,
@@ -213,69 +229,65 @@ def quantus_faithfulness(
 
     if not isinstance(model, nn.Module):
         raise MetricInputError("quantus_faithfulness needs a torch nn.Module.")
-    # one Quantus run in the process at a time (numpy state), then the model's
-    # lock: other threads' explanations of it wait (Quantus' forward passes
-    # would meet their hooks). Always in this order (no lock-order deadlock).
-    with _QUANTUS_RUN, model_lock(model):
-        training = [n or "(the model)" for n, m in model.named_modules() if m.training]
-        if training:
-            raise MetricInputError(
-                f"The model is in training mode ({', '.join(training[:3])}); Quantus "
-                "requires model.eval(): call it before quantus_faithfulness."
-            )
-        x, _ = prepare(model, inputs, None)
-        target = resolve_target(model, x, target, batch_size)
-        if isinstance(attributions, Tensor):
-            maps, explain_func = prepare_maps(attributions, x), None
-        elif attributions is None:
-            raise MetricInputError(
-                "Pass attributions: maps, or an attribution object / callable."
-            )
-        else:
-            explain_func = quantus_explain_func(attributions)
-            maps = explain(explainer(attributions), x, target)
-        y = torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0])
+    training = [n or "(the model)" for n, m in model.named_modules() if m.training]
+    if training:
+        raise MetricInputError(
+            f"The model is in training mode ({', '.join(training[:3])}); Quantus "
+            "requires model.eval(): call it before quantus_faithfulness."
+        )
+    x, _ = prepare(model, inputs, None)
+    target = resolve_target(model, x, target, batch_size)
+    if isinstance(attributions, Tensor):
+        maps, explain_func = prepare_maps(attributions, x), None
+    elif attributions is None:
+        raise MetricInputError(
+            "Pass attributions: maps, or an attribution object / callable."
+        )
+    else:
+        explain_func = quantus_explain_func(attributions)
+        maps = explain(explainer(attributions), x, target)
+    y = torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0])
 
-        x_np = x.cpu().numpy()
-        y_np = y.cpu().numpy()
-        a_np = maps.cpu().numpy()
-        device = str(x.device)
-        metric_kwargs = metric_kwargs or {}
-        results: Dict[str, Tensor] = {}
-        state = np.random.get_state()
-        try:
-            for spec in metrics:
-                if isinstance(spec, str):
-                    if not hasattr(quantus, spec):
-                        raise MetricInputError(
-                            f"quantus has no metric {spec!r}; names are Quantus class "
-                            f"names such as {DEFAULT_METRICS}."
-                        )
-                    kw = {
-                        **default_kwargs(spec, x.shape, steps),
-                        **metric_kwargs.get(spec, {}),
-                    }
-                    metric, name = getattr(quantus, spec)(**kw), spec
-                else:
-                    metric, name = spec, type(spec).__name__
-                if seed is not None:
-                    np.random.seed(seed)
-                with numpy_compat(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = metric(
-                        model=model,
-                        x_batch=x_np,
-                        y_batch=y_np,
-                        a_batch=a_np,
-                        explain_func=explain_func,
-                        device=device,
-                        batch_size=batch_size,
-                        **(call_kwargs or {}),
+    x_np = x.cpu().numpy()
+    y_np = y.cpu().numpy()
+    a_np = maps.cpu().numpy()
+    device = str(x.device)
+    metric_kwargs = metric_kwargs or {}
+    results: Dict[str, Tensor] = {}
+    state = np.random.get_state()
+    try:
+        for spec in metrics:
+            if isinstance(spec, str):
+                if not hasattr(quantus, spec):
+                    raise MetricInputError(
+                        f"quantus has no metric {spec!r}; names are Quantus class "
+                        f"names such as {DEFAULT_METRICS}."
                     )
-                scores = _to_tensor(out, x.device)
-                if curves_to_auc and scores.dim() == 2:
-                    scores = torch.trapezoid(scores, dim=1)
-                results[name] = scores
-        finally:
-            np.random.set_state(state)
-        return results
+                kw = {
+                    **default_kwargs(spec, x.shape, steps),
+                    **metric_kwargs.get(spec, {}),
+                }
+                metric, name = getattr(quantus, spec)(**kw), spec
+            else:
+                metric, name = spec, type(spec).__name__
+            if seed is not None:
+                np.random.seed(seed)
+            with numpy_compat(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = metric(
+                    model=model,
+                    x_batch=x_np,
+                    y_batch=y_np,
+                    a_batch=a_np,
+                    explain_func=explain_func,
+                    device=device,
+                    batch_size=batch_size,
+                    **(call_kwargs or {}),
+                )
+            scores = _to_tensor(out, x.device)
+            if curves_to_auc and scores.dim() == 2:
+                scores = torch.trapezoid(scores, dim=1)
+            results[name] = scores
+    finally:
+        np.random.set_state(state)
+    return results

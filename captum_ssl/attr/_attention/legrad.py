@@ -140,42 +140,45 @@ class LeGrad(_AttentionAttribution):
         model = root_module(self.forward_func)
         blocks = [_parent(model, m) for m in modules]  # type: ignore[arg-type]
         outputs: List[List[Tensor]] = [[] for _ in blocks]
+        handles = []
         grads = []
-        # the hooks go on inside the call, under its model lock: another
-        # thread's call on this model never runs while they are on
-        with attribution_call(self.forward_func) as record:
-            handles = [
-                blk.register_forward_hook(lambda _m, _i, o, i=i: outputs[i].append(o))
-                for i, blk in enumerate(blocks)
-            ]
-            try:
-                with capture_attention(modules) as store, torch.enable_grad():
-                    x = tuple(
-                        t.detach().requires_grad_() if t.is_floating_point() else t
-                        for t in inputs
+        try:
+            with (
+                attribution_call(self.forward_func) as record,
+                capture_attention(modules) as store,
+                torch.enable_grad(),
+            ):
+                # on under the call's model lock: no other thread's pass meets them
+                handles += [
+                    blk.register_forward_hook(
+                        lambda _m, _i, o, i=i: outputs[i].append(o)
                     )
-                    _run_forward(
-                        checked_forward(self.forward_func, target),
-                        x,
-                        None,
-                        additional_forward_args,
+                    for i, blk in enumerate(blocks)
+                ]
+                x = tuple(
+                    t.detach().requires_grad_() if t.is_floating_point() else t
+                    for t in inputs
+                )
+                _run_forward(
+                    checked_forward(self.forward_func, target),
+                    x,
+                    None,
+                    additional_forward_args,
+                )
+                for i, m in enumerate(modules):
+                    if len(store[i]) != 1 or len(outputs[i]) != 1:
+                        raise AttributionInputError(
+                            f"The attention module {type(m).__name__} (layer {i}) "
+                            "must run exactly once per forward pass."
+                        )
+                    score = select_target(self.score_projection(outputs[i][0]), target)
+                    (g,) = torch.autograd.grad(
+                        score.sum(), store[i][0], retain_graph=True
                     )
-                    for i, m in enumerate(modules):
-                        if len(store[i]) != 1 or len(outputs[i]) != 1:
-                            raise AttributionInputError(
-                                f"The attention module {type(m).__name__} (layer "
-                                f"{i}) must run exactly once per forward pass."
-                            )
-                        score = select_target(
-                            self.score_projection(outputs[i][0]), target
-                        )
-                        (g,) = torch.autograd.grad(
-                            score.sum(), store[i][0], retain_graph=True
-                        )
-                        grads.append(g.detach())
-            finally:
-                for h in handles:
-                    h.remove()
+                    grads.append(g.detach())
+        finally:
+            for h in handles:
+                h.remove()
         n = grads[0].shape[-1]
         lay = layout_for(self.forward_func, modules[-1], input_hw(inputs), self.layout)
         lay = lay.resolve(torch.Size((inputs[0].shape[0], n, 1)))

@@ -9,7 +9,6 @@ nothing special: every rule acts per sample.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
@@ -38,7 +37,6 @@ from captum_ssl.attr._core import (
     input_hw,
     per_sample_targets,
     record_from_layer_only,
-    replace_layer_output,
 )
 from captum_ssl.attr._layout import TokenLayout, layout_for
 from captum_ssl.attr._lrp.propagate import relevance_rules, unsupported_model
@@ -114,52 +112,56 @@ class _LRPAttribution(Attribution):
         state = State(mode="grad", need_grad=gradients)
         res = _Pass()
         patches: List[Tensor] = []
-
-        def keep(patch_tokens: Tensor) -> Tensor:
-            patches.append(patch_tokens)
-            return patch_tokens
-
-        with (
-            attribution_call(self.forward_func) as record,
-            # the hook goes on inside the call, under its model lock
-            replace_layer_output(model.patch_embed, keep)
-            if to == "patches"
-            else contextlib.nullcontext(),
-            record_from_layer_only(self.forward_func),
-            relevance_rules(model, rules, state, embedding=to is not None),
-            capture_attention(modules) as store,
-            torch.enable_grad(),
-        ):
-            xs = tuple(
-                x.detach().requires_grad_() if x.is_floating_point() else x
-                for x in inputs
-            )
-            out = _run_forward(
-                checked_forward(self.forward_func, target),
-                xs,
-                None,
-                additional_forward_args,
-            )
-            idx = _target_index(out, target)
-            start = torch.zeros_like(out)
-            rows = torch.arange(out.shape[0], device=out.device)
-            start[rows, idx] = 1.0
-            if rules.start == "logit":
-                start = start * out.detach()
-            attns = _single_calls(store, modules) if attention else []
-            if gradients:
-                res.gradients = [
-                    g.detach()
-                    for g in torch.autograd.grad(out, attns, start, retain_graph=True)
+        handle = None
+        try:
+            with (
+                attribution_call(self.forward_func) as record,
+                record_from_layer_only(self.forward_func),
+                relevance_rules(model, rules, state, embedding=to is not None),
+                capture_attention(modules) as store,
+                torch.enable_grad(),
+            ):
+                if to == "patches":  # on under the call's model lock, not before
+                    handle = model.patch_embed.register_forward_hook(
+                        lambda _m, _a, out: patches.append(out)
+                    )
+                xs = tuple(
+                    x.detach().requires_grad_() if x.is_floating_point() else x
+                    for x in inputs
+                )
+                out = _run_forward(
+                    checked_forward(self.forward_func, target),
+                    xs,
+                    None,
+                    additional_forward_args,
+                )
+                idx = _target_index(out, target)
+                start = torch.zeros_like(out)
+                rows = torch.arange(out.shape[0], device=out.device)
+                start[rows, idx] = 1.0
+                if rules.start == "logit":
+                    start = start * out.detach()
+                attns = _single_calls(store, modules) if attention else []
+                if gradients:
+                    res.gradients = [
+                        g.detach()
+                        for g in torch.autograd.grad(
+                            out, attns, start, retain_graph=True
+                        )
+                    ]
+                state.mode = "rel"
+                if to == "patches":
+                    wrt: Sequence[Tensor] = patches[:1]
+                elif to == "pixels":
+                    wrt = xs[:1]
+                else:
+                    wrt = attns
+                res.relevances = [
+                    r.detach() for r in torch.autograd.grad(out, wrt, start)
                 ]
-            state.mode = "rel"
-            if to == "patches":
-                wrt: Sequence[Tensor] = patches[:1]
-            elif to == "pixels":
-                wrt = xs[:1]
-            else:
-                wrt = attns
-            res.relevances = [r.detach() for r in torch.autograd.grad(out, wrt, start)]
+        finally:
+            if handle is not None:
+                handle.remove()
         res.record = record
         res.attentions = [a.detach() for a in attns]
         res.kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
