@@ -264,6 +264,7 @@ def make_plan(
             model=spec.key_spec(),
             architecture=spec.architecture,
             training=spec.training,
+            family=spec.family,
             runtime=plan.runtime,
         )
         plan.model_keys[spec.name] = store.register("model", {**mk, "what": "top1"})
