@@ -118,10 +118,6 @@ class _LRPAttribution(Attribution):
         res = _Pass()
         patches: List[Tensor] = []
         handle = None
-        if to == "patches":
-            handle = adapter.patch_tokens().register_forward_hook(
-                lambda _m, _a, out: patches.append(out)
-            )
         try:
             with (
                 attribution_call(self.forward_func) as record,
@@ -130,6 +126,10 @@ class _LRPAttribution(Attribution):
                 capture_attention(modules, P) as store,
                 torch.enable_grad(),
             ):
+                if to == "patches":  # on under the call's model lock, not before
+                    handle = adapter.patch_tokens().register_forward_hook(
+                        lambda _m, _a, out: patches.append(out)
+                    )
                 xs = tuple(
                     x.detach().requires_grad_() if x.is_floating_point() else x
                     for x in inputs
