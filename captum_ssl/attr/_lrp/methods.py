@@ -89,11 +89,9 @@ class _LRPAttribution(Attribution):
     ) -> None:
         super().__init__(forward_func)
         self.layout = layout
-        from captum_ssl.attr._families import adapter_for
+        from captum_ssl.attr._families import lrp_adapter
 
-        why = adapter_for(_model_of(forward_func)).lrp_unsupported()
-        if why is not None:
-            raise AttributionInputError(why)
+        lrp_adapter(_model_of(forward_func))
 
     def _propagate(
         self,
