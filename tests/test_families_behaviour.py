@@ -19,7 +19,7 @@ from families_models import (
     timm_vit,
     torchvision_vit,
 )
-from torch import nn
+from torch import Tensor, nn
 
 from captum_ssl.attr import (
     LRP,
@@ -292,3 +292,23 @@ def test_attnlrp_at_dynamic_input_sizes():
     eva = eva02(dynamic_img_size=True)  # RoPE on the 6 x 6 grid
     maps = AttnLRP(eva).attribute(images(2, 42), target=[0, 3])
     assert maps.shape == (2, 1, 6, 6) and torch.isfinite(maps).all()
+
+
+def test_lrp_refuses_a_wrapper_whose_operations_have_no_rule():
+    """A probe on a backbone: the attention methods find the ViT inside, LRP
+    (which must route every operation through its rules) names the inner
+    model to pass instead."""
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torchvision_vit()
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.backbone(x) * self.scale
+
+    probe = Probe().eval()
+    assert RawAttention(probe).attribute(images(2, 32)).shape == (2, 1, 4, 4)
+    with pytest.raises(AttributionInputError, match="wraps the Vision.*`backbone`"):
+        AttnLRP(probe)

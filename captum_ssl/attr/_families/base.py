@@ -287,6 +287,29 @@ def adapter_for(forward_func: Callable) -> FamilyAdapter:
     )
 
 
+def lrp_adapter(forward_func: Callable) -> FamilyAdapter:
+    """The adapter of ``forward_func``'s model if LRP applies to it, else an
+    error saying why. LRP routes every operation through its rules, so the
+    adapter's model must be the module that computes the output: a wrapper
+    around it (a probe head, a pooling, ``clip.encode_image``) is refused."""
+    root = root_module(forward_func)
+    adapter = adapter_for(forward_func)
+    why = adapter.lrp_unsupported()
+    if why is None and adapter.model is not root:
+        inner = type(adapter.model).__name__
+        where = next((n for n, m in root.named_modules() if m is adapter.model), inner)  # type: ignore[union-attr]
+        why = (
+            f"LRP routes every operation of the model through its rules, but "
+            f"{type(root).__name__} wraps the {inner} at `{where}` and computes "
+            "its output with operations that have no rule. Pass the "
+            f"{inner} itself, or use the attention methods, LeGrad or the CAMs "
+            "on the wrapper."
+        )
+    if why is not None:
+        raise AttributionInputError(why)
+    return adapter
+
+
 def supported() -> str:
     return "; ".join(a.label for a in _ADAPTERS)
 

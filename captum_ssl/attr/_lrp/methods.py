@@ -89,11 +89,9 @@ class _LRPAttribution(Attribution):
     ) -> None:
         super().__init__(forward_func)
         self.layout = layout
-        from captum_ssl.attr._families import adapter_for
+        from captum_ssl.attr._families import lrp_adapter
 
-        why = adapter_for(_model_of(forward_func)).lrp_unsupported()
-        if why is not None:
-            raise AttributionInputError(why)
+        lrp_adapter(_model_of(forward_func))
 
     def _propagate(
         self,
@@ -118,10 +116,6 @@ class _LRPAttribution(Attribution):
         res = _Pass()
         patches: List[Tensor] = []
         handle = None
-        if to == "patches":
-            handle = adapter.patch_tokens().register_forward_hook(
-                lambda _m, _a, out: patches.append(out)
-            )
         try:
             with (
                 attribution_call(self.forward_func) as record,
@@ -130,6 +124,10 @@ class _LRPAttribution(Attribution):
                 capture_attention(modules, P) as store,
                 torch.enable_grad(),
             ):
+                if to == "patches":  # on under the call's model lock, not before
+                    handle = adapter.patch_tokens().register_forward_hook(
+                        lambda _m, _a, out: patches.append(out)
+                    )
                 xs = tuple(
                     x.detach().requires_grad_() if x.is_floating_point() else x
                     for x in inputs

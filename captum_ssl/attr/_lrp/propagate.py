@@ -310,12 +310,9 @@ def relevance_rules(
     patch convolution) for relevance at the patch tokens or the pixels.
     Everything is restored on exit, also when the block raises.
     """
-    from captum_ssl.attr._families import adapter_for
+    from captum_ssl.attr._families import lrp_adapter
 
-    adapter = adapter_for(model)
-    why = adapter.lrp_unsupported()
-    if why is not None:
-        raise AttributionInputError(why)
+    adapter = lrp_adapter(model)
     if adapter.model.training:
         raise AttributionInputError(
             "LRP explains the model in evaluation mode: call model.eval() first."
