@@ -324,33 +324,31 @@ def test_eager_and_sdpa_give_the_same_maps_and_the_model_is_left_as_it_was(name)
     x = torch.randn(2, 3, size, size)
     eager, sdpa = _build(name, "eager"), _build(name, "sdpa")
     assert sdpa.config._attn_implementation == "sdpa"
-    models = {"eager": _explained(eager, size)}
-    models["sdpa"] = (
-        EmbeddingSimilarity(sdpa, models["eager"].references)
-        if (isinstance(models["eager"], EmbeddingSimilarity))
+    wrapped = {"eager": _explained(eager, size)}
+    wrapped["sdpa"] = (
+        EmbeddingSimilarity(sdpa, wrapped["eager"].references)
+        if isinstance(wrapped["eager"], EmbeddingSimilarity)
         else sdpa
     )
+    bare = {"eager": eager, "sdpa": sdpa}  # LRP: the model itself (a backbone:
+    # target = an embedding dimension); a wrapper's own operations have no rule
     before = _snapshot(sdpa)
     methods = _methods()
-    for mname in (
-        "RawAttention",
-        "GenericAttention",
-        "AttnLRP",
-        "TransformerAttribution",
+    grid = size // sdpa.config.patch_size
+    for mname, models in (
+        ("RawAttention", wrapped),
+        ("GenericAttention", wrapped),
+        ("AttnLRP", bare),
+        ("TransformerAttribution", bare),
     ):
         got = methods[mname](models["sdpa"]).attribute(x, target=[1, 0])
         want = methods[mname](models["eager"]).attribute(x, target=[1, 0])
-        assert got.shape == (
-            2,
-            1,
-            size // sdpa.config.patch_size,
-            size // sdpa.config.patch_size,
-        )
+        assert got.shape == (2, 1, grid, grid)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     _assert_same(before, _snapshot(sdpa))
     # also after an error inside the call (a target out of range)
     with pytest.raises(ValueError, match="out of range"):
-        methods["AttnLRP"](models["sdpa"]).attribute(x, target=99)
+        methods["AttnLRP"](sdpa).attribute(x, target=99)
     _assert_same(before, _snapshot(sdpa))
 
 
