@@ -14,7 +14,8 @@ from functools import cache
 import torch
 
 import captum_ssl.attr._attention as AT
-from benchmarks._measure import RatioSuite, best_times, default_device
+from benchmarks._families import FAMILIES, FamilySuite
+from benchmarks._measure import best_times, default_device
 from captum_ssl._outputs import model_output
 
 MODEL = "deit_small_patch16_224"
@@ -136,35 +137,7 @@ class AttentionCost:
     track_unfused_baseline_ratio.unit = "x baseline"
 
 
-#: other implementations timed like DeiT-S (issue 18): Hugging Face DINOv2-S/14
-#: (its default sdpa attention) and torchvision's ViT-B/16, random weights
-FAMILIES = ["hf-dinov2-s14", "torchvision-vit-b16"]
-
-
-@cache
-def family_model(name: str, device: str) -> torch.nn.Module:
-    """A 1000-class ViT of another implementation, random weights, 224 px."""
-    torch.manual_seed(0)
-    if name == "hf-dinov2-s14":
-        from transformers import Dinov2Config, Dinov2ForImageClassification
-
-        config = Dinov2Config(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            patch_size=14,
-            image_size=224,
-            num_labels=1000,
-        )
-        model = Dinov2ForImageClassification(config)
-    else:
-        import torchvision
-
-        model = torchvision.models.vit_b_16()
-    return model.eval().to(device)
-
-
-class FamilyAttentionCost(RatioSuite):
+class FamilyAttentionCost(FamilySuite):
     """The attention methods on Hugging Face DINOv2-S/14 and torchvision
     ViT-B/16 (random weights, 224 px, batch 8), relative to the same baseline
     as :class:`AttentionCost`: RawAttention (last layer) and AttentionRollout
@@ -174,18 +147,11 @@ class FamilyAttentionCost(RatioSuite):
     the methods compute attention explicitly (the adapters' forwards).
     """
 
-    group = "timing"
     params = [FAMILIES, CLASS_AGNOSTIC + ["GenericAttention"], [BATCH]]
-    param_names = ["model", "method", "batch"]
-    note = "HF DINOv2-S/14, torchvision ViT-B/16, random weights, 224 px"
-    timeout = 900
     repeat = REPEAT
 
     def setup(self, model: str, method: str, batch: int) -> None:
-        self.device = default_device()
-        net = family_model(model, str(self.device))
-        x = torch.randn(batch, 3, 224, 224, device=self.device)
-        target = [i % 1000 for i in range(batch)]
+        net, x, target = self.inputs(model, batch)
         explainer = getattr(AT, method)(net)
         if method in GRADIENT:
             run = lambda: explainer.attribute(x, target=target)  # noqa: E731

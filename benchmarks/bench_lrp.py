@@ -12,13 +12,9 @@ import os
 import torch
 
 import captum_ssl.attr._lrp as L
-from benchmarks._measure import RatioSuite, best_times, default_device
-from benchmarks.bench_attention import (
-    FAMILIES,
-    _forward_backward,
-    deit_small,
-    family_model,
-)
+from benchmarks._families import FAMILIES, FamilySuite
+from benchmarks._measure import best_times, default_device
+from benchmarks.bench_attention import _forward_backward, deit_small
 
 BATCH = int(os.environ.get("BENCH_LRP_BATCH", "8"))
 REPEAT = int(os.environ.get("BENCH_LRP_REPEAT", "3"))
@@ -80,24 +76,17 @@ class LRPCost:
     track_seconds_per_image.unit = "s"
 
 
-class FamilyLRPCost(RatioSuite):
+class FamilyLRPCost(FamilySuite):
     """AttnLRP (at the patch tokens) on Hugging Face DINOv2-S/14 and
     torchvision ViT-B/16 (random weights, 224 px, batch 8, eight targets)
     relative to one forward + backward pass of the model with its default
     (sdpa) attention. Target: <= 1.5x."""
 
-    group = "timing"
     params = [FAMILIES, ["AttnLRP"], [BATCH]]
-    param_names = ["model", "method", "batch"]
-    note = "HF DINOv2-S/14, torchvision ViT-B/16, random weights, 224 px"
-    timeout = 900
     repeat = REPEAT
 
     def setup(self, model: str, method: str, batch: int) -> None:
-        self.device = default_device()
-        net = family_model(model, str(self.device))
-        x = torch.randn(batch, 3, 224, 224, device=self.device)
-        target = [i % 1000 for i in range(batch)]
+        net, x, target = self.inputs(model, batch)
         name, kw = METHODS[method]
         explainer = getattr(L, name)(net)
         self.fns = {
