@@ -165,7 +165,8 @@ class CheferRules(Rules):
         z = y if bias is None else y - bias
 
         def share(sign: float) -> Tensor:
-            zp = (sign * z + F.linear(ax, aw)) / 2
+            # >= 0 exactly; the clamp removes rounding below 0
+            zp = ((sign * z + F.linear(ax, aw)) / 2).clamp_(min=0)
             s = chefer_div(r, zp)
             return (x * (s @ weight) + sign * ax * (s @ aw)) / 2
 
