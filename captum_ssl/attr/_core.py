@@ -407,7 +407,10 @@ def layer_hint(forward_func: Callable) -> str:
     from captum_ssl.attr._families import find_adapter
 
     root = root_module(forward_func)
-    adapter = None if root is None else find_adapter(root)
+    try:
+        adapter = None if root is None else find_adapter(root)
+    except Exception:  # a message must never fail: fall back to the examples
+        adapter = None
     if adapter is None:
         return "`model.layer4` (a ResNet) or `model.blocks[-1].norm1` (a timm ViT)"
     hint = adapter.norm_layer_hint()
