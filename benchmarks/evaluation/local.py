@@ -28,7 +28,7 @@ from typing import Any, Dict, Tuple
 
 from torch import Tensor, nn
 
-from benchmarks.evaluation.methods import ModelSpec
+from benchmarks.evaluation.methods import ModelSpec, lrp_refusal
 
 KINDS = ("timm", "hf")
 OPTIONS = ("label", "family", "training", "cam_layer", "attention_layers")
@@ -209,7 +209,6 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     from timm.models import get_pretrained_cfg
 
     from captum_ssl.attr._attention.capture import SELF, attention_kind
-    from captum_ssl.attr._lrp.propagate import unsupported_model
     from captum_ssl.models import Preprocessing
 
     cfg = get_pretrained_cfg(m.arch)
@@ -231,7 +230,7 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         _rgb(cfg.mean if cfg is not None else (0.485, 0.456, 0.406)),
         _rgb(cfg.std if cfg is not None else (0.229, 0.224, 0.225)),
     )
-    lrp = unsupported_model(probe) or ""
+    lrp = lrp_refusal(probe)
 
     def build() -> nn.Module:
         overlay = dict(file=str(m.path))

@@ -164,17 +164,20 @@ def registry_model(name: str, random_weights: bool = False) -> ModelSpec:
         preprocessing=e.preprocessing,
         fingerprint=fingerprint,
         family=e.family,
-        lrp=_probe_lrp(e.probe),
     )
 
 
-def _probe_lrp(probe: Any) -> str:
-    if probe is None:
-        return ""
-    return (
-        f"LRP rules do not cover the linear-probe wrapper ({probe.describe()}) "
-        "around the timm ViT yet"
-    )
+def lrp_refusal(model: nn.Module) -> str:
+    """Why the LRP methods refuse ``model`` (their own message; a skeleton on
+    the meta device will do), "" when they apply."""
+    from captum_ssl.attr._core import AttributionInputError
+    from captum_ssl.attr._families import lrp_adapter
+
+    try:
+        lrp_adapter(model)
+    except AttributionInputError as e:
+        return str(e)
+    return ""
 
 
 def missing_files_message(names: List[str]) -> str:
