@@ -21,8 +21,17 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
-from test_lrp import SMALL, TARGETS, _rel_err, _snapshot, images, randomize
+from test_lrp import (
+    SMALL,
+    TARGETS,
+    _rel_err,
+    _snapshot,
+    gradient_form_block,
+    images,
+    ln_const_sigma,
+    raise_mid_forward,
+    randomize,
+)
 
 from captum_ssl.attr import (
     LRP,
@@ -103,22 +112,10 @@ def test_one_block_probe_equals_timm_class_token_vit(cls, kw):
 # ----------------------------------------------- AttnLRP, gradient x input form
 def probe_gradient_form(model, x, target, cp=False):
     """Relevance of the patch tokens as input x gradient of a forward pass of
-    backbone and probe whose gradient is the AttnLRP rules' (see
-    tests/test_lrp.py ``attnlrp_gradient_form``; layer scales, the token
-    reads, the patch mean, concatenation and the head: plain gradient)."""
+    backbone and probe whose gradient is the AttnLRP rules' (blocks: see
+    ``gradient_form_block``; the final norm with its own constant 1/sigma at
+    each call; token reads, patch mean, concatenation, head: plain gradient)."""
     bb, rule = model.backbone, model.probe
-
-    def half(t):
-        return 0.5 * t + 0.5 * t.detach()
-
-    def ln(mod, t):
-        mu = t.mean(-1, keepdim=True)
-        sigma = (t.var(-1, unbiased=False, keepdim=True) + mod.eps).sqrt()
-        return (t - mu) / sigma.detach() * mod.weight + mod.bias
-
-    def gelu(t):
-        return t * (F.gelu(t) / t).detach()
-
     with torch.enable_grad():
         tok = bb.patch_embed(x).detach().requires_grad_()
         b = len(x)
@@ -129,19 +126,11 @@ def probe_gradient_form(model, x, target, cp=False):
             h = torch.cat(prefix + [tok + bb.pos_embed], 1)
         else:
             h = torch.cat(prefix + [tok], 1) + bb.pos_embed
-        n, c = h.shape[1:]
         outs = []
         for i, blk in enumerate(bb.blocks):
-            a = blk.attn
-            qkv = a.qkv(ln(blk.norm1, h)).reshape(b, n, 3, a.num_heads, -1)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            attn = (half(q) * a.scale @ half(k).transpose(-2, -1)).softmax(-1)
-            attn = attn.detach() if cp else half(attn)
-            o = (attn @ (v if cp else half(v))).transpose(1, 2).reshape(b, n, c)
-            h = h + blk.ls1(a.proj(o))
-            h = h + blk.ls2(blk.mlp.fc2(gelu(blk.mlp.fc1(ln(blk.norm2, h)))))
+            h = gradient_form_block(blk, h, cp)
             if i >= len(bb.blocks) - rule.n_last_blocks:
-                outs.append(ln(bb.norm, h))  # the final norm, once per block read
+                outs.append(ln_const_sigma(bb.norm, h))  # once per block read
         feats = torch.cat([o[:, 0] for o in outs], -1)
         if rule.patch_mean:
             mean = outs[-1][:, sum(t.shape[1] for t in prefix) :].mean(1)
@@ -202,15 +191,7 @@ def test_probe_untouched_also_after_error():
     before = _snapshot(model)
     for cls, kw in LRP_CALLS:
         cls(model).attribute(x, target=TARGETS, **kw)
-
-    def boom(*_):
-        raise RuntimeError("raised in the middle of the forward pass")
-
-    handle = model.backbone.blocks[2].register_forward_pre_hook(boom)
-    for cls in (TransformerAttribution, AttnLRP):
-        with pytest.raises(RuntimeError, match="middle"):
-            cls(model).attribute(x, target=TARGETS)
-    handle.remove()
+    raise_mid_forward(model, model.backbone.blocks[2], x)
     after = _snapshot(model)
     for a, b in zip(before[0].values(), after[0].values()):
         assert torch.equal(a, b)
@@ -220,7 +201,7 @@ def test_probe_untouched_also_after_error():
 
 def test_probe_errors_name_the_layer_in_the_wrapper():
     model = probe("dino_vit_s_4_blocks")
-    model.backbone.blocks[1].mlp.act = torch.nn.Hardswish()
+    model.backbone.blocks[1].mlp.act = torch.nn.Hardswish().eval()
     with pytest.raises(AttributionInputError, match=r"`backbone\.blocks\.1\.mlp\.act`"):
         AttnLRP(model).attribute(images(), target=TARGETS)
     assert all("forward" not in m.__dict__ for m in model.modules())
