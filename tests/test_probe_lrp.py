@@ -54,6 +54,8 @@ LRP_CALLS = [
     (AttnLRP, {"cp": True}),
     (AttnLRP, {"at": "pixels"}),
 ]
+#: one call of each method (batching, model left untouched)
+EACH = [LRP_CALLS[i] for i in (0, 2, 3, 4, 5)]
 
 #: the official probe rules on small backbones (timm keyword arguments)
 RULES = {
@@ -179,7 +181,7 @@ def test_cp_lrp_on_probe_conserves_without_biases(rule):
 @pytest.mark.parametrize("rule", list(RULES))
 def test_probe_batched_targets_equal_single_calls(rule):
     model, x = probe(rule), images()
-    for cls, kw in LRP_CALLS + [(LeGrad, {})]:
+    for cls, kw in EACH + [(LeGrad, {})]:
         maps = cls(model).attribute(x, target=TARGETS, **kw)
         assert torch.isfinite(maps).all() and maps.abs().sum() > 0
         one = cls(model).attribute(x[1:2], target=TARGETS[1], **kw)
@@ -189,7 +191,7 @@ def test_probe_batched_targets_equal_single_calls(rule):
 def test_probe_untouched_also_after_error():
     model, x = probe("dinov2_registers"), images()
     before = _snapshot(model)
-    for cls, kw in LRP_CALLS:
+    for cls, kw in EACH:
         cls(model).attribute(x, target=TARGETS, **kw)
     raise_mid_forward(model, model.backbone.blocks[2], x)
     after = _snapshot(model)
