@@ -329,6 +329,21 @@ def _raise(err: Exception) -> Any:
     raise err
 
 
+def check_target_count(target: TargetType, batch: int) -> None:
+    """Raise a clear error when a per-sample ``target`` (normalised) does not
+    hold one entry per sample of a batch of ``batch`` (a single class is fine)."""
+    if isinstance(target, Tensor) and target.numel() not in (1, batch):
+        raise AttributionInputError(
+            f"target has {target.numel()} entries for a batch of {batch}: give "
+            "one class index, or one per sample."
+        )
+    if isinstance(target, list) and len(target) != batch:
+        raise AttributionInputError(
+            f"target is a list of {len(target)} for a batch of {batch}: give "
+            "one target per sample."
+        )
+
+
 def check_target(output: Tensor, target: TargetType) -> None:
     """Raise a clear error when ``target`` cannot index ``output``."""
     target = normalize_target(target)
@@ -339,24 +354,14 @@ def check_target(output: Tensor, target: TargetType) -> None:
                 "target=<class index> (an int, or one per sample) to choose one."
             )
         return
-    batch = output.shape[0]
+    check_target_count(target, output.shape[0])
     if isinstance(target, Tensor):
-        if target.numel() not in (1, batch):
-            raise AttributionInputError(
-                f"target has {target.numel()} entries for a batch of {batch}: give "
-                "one class index, or one per sample."
-            )
         indices: Sequence = target.flatten().tolist()
     elif isinstance(target, int):
         indices = [target]
     elif isinstance(target, tuple):
         indices = [target[0]]
     else:
-        if len(target) != batch:
-            raise AttributionInputError(
-                f"target is a list of {len(target)} for a batch of {batch}: give "
-                "one target per sample."
-            )
         indices = [t[0] if isinstance(t, tuple) else t for t in target]
     if output.dim() < 2:
         raise AttributionInputError(
@@ -396,6 +401,7 @@ def per_sample_targets(target: TargetType, batch: int) -> List[Any]:
     target = normalize_target(target)
     if target is None:
         return [None] * batch
+    check_target_count(target, batch)
     if isinstance(target, Tensor):
         flat = target.flatten()
         return [flat[0 if flat.numel() == 1 else i] for i in range(batch)]

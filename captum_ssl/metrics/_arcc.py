@@ -166,6 +166,7 @@ def _percentile(values: Tensor, p: float) -> Tensor:
     return b - (b - a) * (1 - t)
 
 
+@direction(True)
 def road_combined(
     model: Any,
     inputs: Tensor,
@@ -250,8 +251,6 @@ def road_combined(
     change = scores[:, 1:] - scores[:, :1]
     return (change[:, n:].mean(dim=1) - change[:, :n].mean(dim=1)) / 2
 
-
-road_combined.higher_is_better = True  # type: ignore[attr-defined]
 
 MEANS = ("harmonic", "geometric")
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from captum_ssl.attr._core import (
     AttributionInputError,
     NonFiniteWarning,
+    check_target_count,
     chunked_scores,
     eval_mode,
     normalize_target,
@@ -208,7 +209,9 @@ def resolve_target(
     predictions you already have) to avoid it.
     """
     if target is not None:
-        return normalize_target(target)
+        target = normalize_target(target)
+        check_target_count(target, inputs.shape[0])
+        return target
     preds = []
     with torch.no_grad(), eval_mode(model, "scoring"):
         for start in range(0, inputs.shape[0], batch_size):
