@@ -58,6 +58,16 @@ CASES = [
     (["--bench", "camz"], ["--bench camz", "cams", "evaluation"]),
     (["--filter", "(["], ["--filter", "regular expression"]),
     (["--data", "{tmp}/no-such-folder"], ["--data", "no such folder"]),
+    # issue 22: tracebacks or silently wrong runs before
+    (["--threads", "0"], ["--threads", "at least 1", "leave --threads out"]),
+    (["--threads", "-1"], ["--threads", "at least 1"]),
+    (["--data", "{tmp}/empty"], ["--data", "no <wnid>_<name>.JPEG"]),
+    (["--data", "{tmp}/a-file"], ["--data", "is a file, not a folder"]),
+    (["--methods", "raw_attention:head_fusion=maen"], ["mean, max, min", "mean?"]),
+    (["--methods", "gradcam:relu_attributions=yes"], ["true or false", "'yes'"]),
+    (["--metrics", "deletion:step=0"], ["step must be an integer >= 1"]),
+    (["--metrics", "deletion:substrate=blurr"], ["zero, blur", "blur?"]),
+    (["--metrics", "road_morf:order=morff"], ["morf, lerf"]),
     (["--out", "{tmp}/a-file"], ["a-file", "is a file", "pass a folder"]),
     (["--out", "{tmp}/a-file/sub"], ["a-file", "is a file"]),
     (["--out", "{tmp}/bad-store"], ["results.sqlite", "damaged", "mv "]),
@@ -90,6 +100,7 @@ def test_bad_option_one_line_before_any_work(
     argv, words, tmp_path, capsys, nothing_runs
 ):
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
     _bad_store(tmp_path / "bad-store")
     argv = [a.format(tmp=tmp_path) for a in argv]
     if not any(a == "--out" for a in argv):

@@ -36,12 +36,18 @@ POSITIVE_INTS = (
 
 
 def choices() -> Dict[str, tuple]:
-    """The options whose value is one of a few words, with those words (the
-    library's own tuples, so a new choice needs no change here)."""
+    """The options (of the methods and metrics the CLI runs) whose value is
+    one of a few words, with those words: the library's own tuples, so a new
+    choice needs no change here. An option name means the same in every
+    method and metric that has it."""
+    from captum.attr._utils.approximation_methods import SUPPORTED_METHODS
+
     from captum_ssl.attr._attention.methods import DISCARDS, HEAD_FUSIONS
+    from captum_ssl.attr._cam.extra_cams import KERNELS
+    from captum_ssl.attr._cam.multi_cams import POOLS
     from captum_ssl.attr._lrp.methods import ATS
     from captum_ssl.metrics._arcc import MEANS
-    from captum_ssl.metrics._common import BLUR_KERNELS, SCORES
+    from captum_ssl.metrics._common import SCORES
     from captum_ssl.metrics._perturbation import MODES
     from captum_ssl.metrics._road import ORDERS
 
@@ -51,7 +57,10 @@ def choices() -> Dict[str, tuple]:
         "at": ATS,
         "mean": MEANS,
         "score": SCORES,
-        "kernel": BLUR_KERNELS,
+        "kernel": KERNELS,  # KPCA-CAM's
+        "pool": POOLS,  # SESS's
+        "method": tuple(SUPPORTED_METHODS),  # Captum's integral approximations
+        "interpolate_mode": ("nearest", "nearest-exact", "bilinear", "bicubic", "area"),
         "mode": tuple(MODES),
         "order": tuple(ORDERS),
         # a word, or a number (a token index, a constant substrate)

@@ -145,6 +145,9 @@ def coherency(
     x, maps = prepare(model, inputs, attributions)
     target = resolve_target(model, x, target, batch_size)
     heat = _heat(maps)  # type: ignore[arg-type]
+    # a non-finite map's image scores NaN (metric_call); it is re-explained
+    # unmasked so that the method does not refuse the whole batch
+    heat = torch.where(torch.isfinite(heat), heat, torch.ones_like(heat))
     again = explainer(method, **attribute_kwargs)(x * heat, target)
     if isinstance(again, tuple):
         again = again[0]
