@@ -748,7 +748,7 @@ def chunked_scores(
             f"automatic chunk size; got {perturbations_per_eval!r}."
         )
     targets = per_sample_targets(target, batch)
-    scores = torch.empty(total, device=device)
+    scores: Optional[Tensor] = None  # float32, or the model's dtype if wider
     starts = range(0, total, perturbations_per_eval)
     if show_progress:
         from captum._utils.progress import progress
@@ -764,7 +764,11 @@ def chunked_scores(
             args = rows(additional_forward_args, b_idx.to(device), batch)
             ctx = context(b_idx, j_idx) if context else contextlib.nullcontext()
             with ctx:
-                scores[start : start + len(idx)] = target_scores(
-                    forward_func, batch_inputs, sub_target, args
-                )
+                chunk = target_scores(forward_func, batch_inputs, sub_target, args)
+            if scores is None:
+                dtype = torch.promote_types(chunk.dtype, torch.float32)
+                scores = torch.empty(total, device=device, dtype=dtype)
+            scores[start : start + len(idx)] = chunk
+    if scores is None:  # nothing to evaluate
+        scores = torch.empty(total, device=device)
     return scores.reshape(batch, n_per_sample)
