@@ -233,7 +233,8 @@ METHODS = {
         False,
         {},
         skip=dict.fromkeys(
-            ["train_mode", "nan_logits", "layer_string", "compiled"], MODEL_FREE
+            ["train_mode", "nan_logits", "layer_string", "compiled", "device"],
+            MODEL_FREE,
         ),
     ),
     "LeGrad": attention(A.LeGrad, True),
@@ -391,6 +392,15 @@ def test_unbatched_image_names_unsqueeze(name):
     spec, model, method = build(name)
     with pytest.raises(AttributionInputError, match=r"unsqueeze\(0\)"):
         method.attribute(inputs(name)[0], target=1, **spec.kwargs)
+
+
+@pytest.mark.parametrize("name", names_for("device"))
+def test_inputs_on_another_device_than_the_model_name_the_fix(name):
+    """Before: ``Tensor.item() cannot be called on meta tensors`` or a device
+    error from deep inside the forward pass."""
+    spec, model, method = build(name)
+    with pytest.raises(AttributionInputError, match=r"meta.*cpu|cpu.*meta"):
+        run(spec, method, inputs(name).to("meta"))
 
 
 @pytest.mark.parametrize("name", names_for("layer_string"))

@@ -193,6 +193,7 @@ def format_inputs(
             f"inputs has shape {tuple(x.shape)}: one unbatched image (C, H, W). "
             "Add the batch dimension: `x.unsqueeze(0)` (or `x[None]`)."
         )
+    check_device(model, inputs)
     if needs_grad and (
         torch.is_inference_mode_enabled() or any(t.is_inference() for t in inputs)
     ):
@@ -205,6 +206,32 @@ def format_inputs(
         )
     check_finite(inputs)
     return inputs
+
+
+def check_device(model: Optional[nn.Module], inputs: Tuple[Tensor, ...]) -> None:
+    """Refuse inputs on another device than the model's weights (which fail
+    deep inside the forward pass, e.g. ``Tensor.item() cannot be called on
+    meta tensors``). DataParallel models scatter their inputs themselves."""
+    if model is None or isinstance(model, nn.DataParallel):
+        return
+    weight = next(model.parameters(), None)
+    if weight is None:
+        return
+    bad = [t.device for t in inputs if t.device != weight.device]
+    if not bad:
+        return
+    if weight.device.type == "meta":
+        raise AttributionInputError(
+            "The model's weights are on the meta device: they were never loaded "
+            "(a model built with device='meta' or empty weights). Load its "
+            "weights (e.g. `model.to_empty(device='cpu')` then "
+            "`load_state_dict`) before explaining it."
+        )
+    raise AttributionInputError(
+        f"inputs are on {bad[0]} but the model's weights are on {weight.device}: "
+        f"move the inputs, `x = x.to('{weight.device}')` (or the model, "
+        f"`model.to('{bad[0]}')`)."
+    )
 
 
 def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
