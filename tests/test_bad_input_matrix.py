@@ -403,6 +403,21 @@ def test_inputs_on_another_device_than_the_model_name_the_fix(name):
         run(spec, method, inputs(name).to("meta"))
 
 
+VIT_NAMES = [n for n in METHODS if METHODS[n].model is vit]
+
+
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_vit_input_not_divisible_by_the_patch_names_the_sizes(name):
+    """Before: timm's ``Input height (65) should be divisible by patch size``
+    from inside the forward pass, naming neither the fix nor the sizes."""
+    spec = METHODS[name]
+    model = make_tiny_vit(depth=2, num_classes=5, dynamic_img_size=True)
+    method = spec.make(model, spec.layer(model))
+    x = torch.randn(1, 3, 65, 97)
+    with pytest.raises(AttributionInputError, match="64 or 72.*96 or 104"):
+        method.attribute(x, target=1, **spec.kwargs)
+
+
 @pytest.mark.parametrize("name", names_for("layer_string"))
 def test_layer_given_as_a_string_names_the_module_to_pass(name):
     spec = METHODS[name]

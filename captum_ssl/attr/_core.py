@@ -194,6 +194,7 @@ def format_inputs(
             "Add the batch dimension: `x.unsqueeze(0)` (or `x[None]`)."
         )
     check_device(model, inputs)
+    check_patch_grid(model, x)
     if needs_grad and (
         torch.is_inference_mode_enabled() or any(t.is_inference() for t in inputs)
     ):
@@ -232,6 +233,35 @@ def check_device(model: Optional[nn.Module], inputs: Tuple[Tensor, ...]) -> None
         f"move the inputs, `x = x.to('{weight.device}')` (or the model, "
         f"`model.to('{bad[0]}')`)."
     )
+
+
+def check_patch_grid(model: Optional[nn.Module], x: Tensor) -> None:
+    """Refuse an image size a timm patch embedding cannot take, naming the
+    sizes that work (timm's own assertion names neither the fix nor them)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if x.dim() != 4 or not isinstance(patch, tuple) or len(patch) != 2:
+        return
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    if getattr(embed, "strict_img_size", False):
+        size = tuple(getattr(embed, "img_size", None) or ())
+        if size and hw != size:
+            raise AttributionInputError(
+                f"inputs are {hw[0]} x {hw[1]} but the model takes {size[0]} x "
+                f"{size[1]} images: resize them (the model's preprocessing), or "
+                "build the timm model with dynamic_img_size=True."
+            )
+        return
+    if getattr(embed, "dynamic_img_pad", False):
+        return
+    if hw[0] % patch[0] or hw[1] % patch[1]:
+        sizes = [f"{(n // p) * p} or {-(-n // p) * p}" for n, p in zip(hw, patch)]
+        raise AttributionInputError(
+            f"inputs are {hw[0]} x {hw[1]}, not a multiple of the model's "
+            f"{patch[0]} x {patch[1]} patches: crop or pad them to a height of "
+            f"{sizes[0]} and a width of {sizes[1]}, or build the timm model "
+            "with dynamic_img_pad=True."
+        )
 
 
 def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
