@@ -294,3 +294,34 @@ def test_every_registered_method_name_passes_validation():
     for name in M.method_names():
         if "+" not in name:
             assert name in str(err.value)
+
+
+def test_disk_full_is_one_line_naming_the_folder_and_the_store_stays_intact(
+    tmp_path, capsys, monkeypatch
+):
+    """Before: a ``sqlite3.OperationalError`` traceback. The disk is made
+    full for SQLite with ``max_page_count`` (SQLITE_FULL, as a full disk)."""
+    path = tmp_path / P.DB_NAME
+    store = ResultStore(path)
+    key = store.register("result", {"m": 1})
+    store.add_results(key, "m", "gradcam", "deletion", [("a", 1, 1, 0.5)])
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    rows = [(f"img{i}", 1, 1, 0.25) for i in range(5000)]
+    with pytest.raises(StoreError, match=rf"{tmp_path}: the disk is full.*MiB free"):
+        store.add_results(key, "m", "gradcam", "deletion", rows)
+    store.close()
+    check_file(path)  # intact, with the rows written before
+    again = ResultStore(path)
+    assert [r["image"] for r in again.results()] == ["a"]
+    again.add_results(key, "m", "gradcam", "deletion", rows)  # the rerun completes
+    assert len(again.results()) == 5001
+    again.close()
+
+    def full(_args):
+        raise StoreError(f"{tmp_path}: the disk is full (0.0 MiB free) ...")
+
+    monkeypatch.setattr(R, "_main", full)
+    assert R.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the disk is full" in err
