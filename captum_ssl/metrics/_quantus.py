@@ -21,6 +21,7 @@ import torch
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import TensorOutput
 from captum_ssl.attr._core import model_lock, select_target
 from captum_ssl.metrics._common import (
     _BAD_MAPS,
@@ -289,7 +290,7 @@ def quantus_faithfulness(
             with numpy_compat(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = metric(
-                    model=model,
+                    model=TensorOutput(model),  # Hugging Face: the logits
                     x_batch=x_np,
                     y_batch=y_np,
                     a_batch=a_np,
@@ -327,9 +328,10 @@ def _class_indices(
 ) -> Tensor:
     """``target`` as one non-negative class index per image, checked against
     the model's output (one forward pass), for Quantus' numpy indexing."""
+    logits = TensorOutput(model)  # Hugging Face: the logits
     with torch.no_grad():
         out = torch.cat(
-            [model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+            [logits(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
         )
     return select_target(
         torch.arange(out.shape[1], device=x.device).expand(out.shape[0], -1), target
