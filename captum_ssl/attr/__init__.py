@@ -44,12 +44,18 @@ from captum_ssl.attr._cam.smoothed_cams import (
     LayerSSCam,
 )
 from captum_ssl.attr._core import (
+    AttributionAssertionError,
     AttributionInputError,
     NonFiniteWarning,
     TrainModeWarning,
 )
 from captum_ssl.attr._layout import TokenLayout
-from captum_ssl.attr._lrp import LRP, AttnLRP, PartialLRP, TransformerAttribution
+from captum_ssl.attr._lrp import (
+    AttnLRP,
+    PartialLRP,
+    TransformerAttribution,
+    TransformerLRP,
+)
 
 __all__ = [
     "AttentionFlow",
@@ -57,6 +63,7 @@ __all__ = [
     "GenericAttention",
     "GradientAttentionRollout",
     "RawAttention",
+    "AttributionAssertionError",
     "AttributionInputError",
     "LayerAblationCam",
     "LayerClassActivationMap",
@@ -90,7 +97,7 @@ __all__ = [
     "LayerSmoothGradCamPlusPlus",
     # relevance propagation (issue 9)
     "AttnLRP",
-    "LRP",
     "PartialLRP",
     "TransformerAttribution",
+    "TransformerLRP",
 ]

@@ -34,6 +34,14 @@ class AttributionInputError(ValueError):
     """Bad input to an attribution method; the message names the fix."""
 
 
+class AttributionAssertionError(AttributionInputError, AssertionError):
+    """Bad input that Captum rejects with an ``AssertionError``: a target that
+    does not fit the model's output (type, shape, length, missing), a layer
+    that never runs. Catchable as :class:`AttributionInputError` (a
+    ``ValueError``) and as ``AssertionError``, as code written against Captum
+    expects; the message names the fix."""
+
+
 class TrainModeWarning(UserWarning):
     """The model (or a module of it) was in training mode; the call ran in eval."""
 
@@ -273,7 +281,7 @@ def normalize_target(target: TargetType) -> TargetType:
     """
 
     def refuse(what: str) -> AttributionInputError:
-        return AttributionInputError(
+        return AttributionAssertionError(
             f"target {what} is not a class index: pass an int (e.g. target=3), a "
             "list of ints or an integer tensor with one class per sample (e.g. "
             "`labels.long()`)."
@@ -298,7 +306,7 @@ def normalize_target(target: TargetType) -> TargetType:
             target = target[:, 0]
         if target.dim() > 1:
             return _raise(
-                AttributionInputError(
+                AttributionAssertionError(
                     f"target has shape {tuple(target.shape)}: give one class per "
                     "sample as a 1-D tensor (B,) or (B, 1), or one int."
                 )
@@ -318,7 +326,7 @@ def normalize_target(target: TargetType) -> TargetType:
             out.append(normalize_target(t))
         return out
     return _raise(
-        AttributionInputError(
+        AttributionAssertionError(
             f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
             "a tensor or a list with one entry per sample."
         )
@@ -334,7 +342,7 @@ def check_target(output: Tensor, target: TargetType) -> None:
     target = normalize_target(target)
     if target is None:
         if output.dim() > 1 and output[0].numel() > 1:
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"The model returns {tuple(output.shape)} scores per batch; pass "
                 "target=<class index> (an int, or one per sample) to choose one."
             )
@@ -342,7 +350,7 @@ def check_target(output: Tensor, target: TargetType) -> None:
     batch = output.shape[0]
     if isinstance(target, Tensor):
         if target.numel() not in (1, batch):
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"target has {target.numel()} entries for a batch of {batch}: give "
                 "one class index, or one per sample."
             )
@@ -353,20 +361,20 @@ def check_target(output: Tensor, target: TargetType) -> None:
         indices = [target[0]]
     else:
         if len(target) != batch:
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"target is a list of {len(target)} for a batch of {batch}: give "
                 "one target per sample."
             )
         indices = [t[0] if isinstance(t, tuple) else t for t in target]
     if output.dim() < 2:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"The model returns one score per sample {tuple(output.shape)}; call "
             "attribute with target=None."
         )
     n = output.shape[1]
     bad = [int(i) for i in indices if not -n <= int(i) < n]
     if bad:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"target {bad[0]} is out of range for a model with {n} outputs: use a "
             f"class index in [0, {n - 1}] (or a negative index down to {-n})."
         )
@@ -495,7 +503,7 @@ def layer_errors(layer: nn.Module) -> Iterator[None]:
         yield
     except AssertionError as err:
         if "did not obtain any outputs" in str(err):
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
                 "Pass a submodule that the model's forward actually calls (for "
                 "example `model.layer4` or `model.blocks[-1].norm1`; print(model) "
