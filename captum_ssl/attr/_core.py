@@ -558,9 +558,13 @@ def resolve_layout(
     layer: nn.Module,
     inputs: Tuple[Tensor, ...],
     layout: Optional[TokenLayout],
+    attribute_to_layer_input: bool = False,
 ) -> TokenLayout:
-    """The layout of ``layer`` for this call (grid follows the input size)."""
-    return layout_for(forward_func, layer, input_hw(inputs), layout)
+    """The layout of ``layer``'s output (or, with ``attribute_to_layer_input``,
+    its input) for this call (the grid follows the input size)."""
+    return layout_for(
+        forward_func, layer, input_hw(inputs), layout, attribute_to_layer_input
+    )
 
 
 def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
@@ -592,7 +596,8 @@ def layer_activations_and_gradients(
     grad_kwargs: Optional[dict] = None,
     create_graph: bool = False,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
-    """Activations and target gradients of ``layer`` as ``(B, C, h, w)`` grids.
+    """Activations and target gradients of ``layer`` as channels-first grids
+    ``(B, C, *spatial)`` (``(B, C, h, w)`` for token and channels-last layers).
 
     One forward pass with a hook on ``layer`` and one backward pass from the
     selected target down to the layer only (Captum's
@@ -603,7 +608,7 @@ def layer_activations_and_gradients(
     detached, so a loss on a map built from them backpropagates into the
     model's parameters (second-order terms included).
     """
-    lay = resolve_layout(forward_func, layer, inputs, layout)
+    lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     batch = None if device_ids else inputs[0].shape[0]
     if create_graph:
@@ -652,10 +657,11 @@ def layer_activations(
     device_ids: Optional[List[int]] = None,
     attribute_to_layer_input: bool = False,
 ) -> Tuple[Tensor, ...]:
-    """Activations of ``layer`` as ``(B, C, h, w)`` grids, without gradients.
+    """Activations of ``layer`` as channels-first grids ``(B, C, *spatial)``,
+    without gradients.
 
     A ``target`` other than ``None`` is checked against the model's output."""
-    lay = resolve_layout(forward_func, layer, inputs, layout)
+    lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     with layer_errors(layer), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(

@@ -12,6 +12,7 @@ come from :mod:`captum_ssl.attr._core` and Captum's own helpers.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -25,6 +26,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
+    AttributionInputError,
     TensorOrTuple,
     attribution_call,
     check_layer,
@@ -33,7 +35,12 @@ from captum_ssl.attr._core import (
     layer_activations,
     layer_activations_and_gradients,
 )
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._layout import (
+    TokenLayout,
+    root_module,
+    spatial_reduce,
+    spatial_shape,
+)
 
 
 def _finish(
@@ -164,8 +171,9 @@ class LayerGradCam(_CaptumLayerGradCam):
             return _finish(cams, relu_attributions, len(cams) > 1, record)
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
-        """Grad-CAM: the spatial mean of the gradients, per channel."""
-        return grads.mean(dim=(2, 3), keepdim=True)
+        """Grad-CAM: the spatial mean of the gradients, per channel (the
+        gradients themselves on a ``(B, C)`` layer, as Captum)."""
+        return spatial_reduce(grads, "mean")
 
     def _combine(self, acts: Tensor, grads: Tensor, sum_channels: bool) -> Tensor:
         weighted = self._weights(acts, grads) * acts
@@ -242,9 +250,8 @@ class _LayerActivationCam(LayerAttribution):
             weights = self._weights(
                 acts, inputs, target, additional_forward_args, **kwargs
             )
-            cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
-                dim=1, keepdim=True
-            )
+            shape = (*weights.shape[:2], *[1] * (acts.dim() - 2))
+            cam = (weights.reshape(shape) * acts).sum(dim=1, keepdim=True)
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
@@ -298,32 +305,49 @@ def warn_if_channel_sum_vanishes(
         )
 
 
+def require_positions(acts: Tensor, method: str) -> None:
+    """Refuse a layer without positions: ``method``'s equation needs several
+    positions (a map over ``(B, C, L)``, ``(B, C, H, W)`` or
+    ``(B, C, D, H, W)``), and a ``(B, C)`` output has one."""
+    if acts.dim() < 3:
+        raise AttributionInputError(
+            f"{method} needs a layer with positions, (B, C, L), (B, C, H, W) or "
+            f"(B, C, D, H, W); this layer's output {tuple(acts.shape)} has none "
+            "(it comes after global pooling or a linear layer). Choose an earlier "
+            "layer, or use a gradient CAM (LayerGradCam works on (B, C) layers "
+            "as in Captum)."
+        )
+
+
 def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
     """Projection of each position on the first principal component.
 
-    ``x`` is ``(B, C, h, w)``; rows are positions, columns channels, centred per
-    channel over positions (as Eigen-CAM). The projection ``X v1`` (``v1`` the
-    first right-singular vector) is computed from the eigendecomposition of the
-    smaller of ``X X^T`` (positions) and ``X^T X`` (channels) in float64: the
-    same component as an SVD at a fraction of its cost. The sign of a singular
-    vector is arbitrary, so the projection is oriented to correlate positively
-    with ``reference`` ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``; the map of a
-    sample whose ``x`` holds NaN or Inf is NaN (never a finite stand-in).
+    ``x`` is ``(B, C, *spatial)``; rows are positions, columns channels,
+    centred per channel over positions (as Eigen-CAM). The projection ``X v1``
+    (``v1`` the first right-singular vector) is computed from the
+    eigendecomposition of the smaller of ``X X^T`` (positions) and ``X^T X``
+    (channels) in float64: the same component as an SVD at a fraction of its
+    cost. The sign of a singular vector is arbitrary, so the projection is
+    oriented to correlate positively with ``reference`` ``(B, 1, *spatial)``.
+    Returns ``(B, 1, *spatial)``; the map of a sample whose ``x`` holds NaN
+    or Inf is NaN (never a finite stand-in).
     """
-    b, c, h, w = x.shape
-    rows = x.reshape(b, c, h * w).transpose(1, 2).double()
+    b, c = x.shape[:2]
+    spatial = spatial_shape(x)
+    n = math.prod(spatial)
+    rows = x.reshape(b, c, n).transpose(1, 2).double()
     bad = ~torch.isfinite(rows).flatten(1).all(1)
     rows = rows.masked_fill(bad.view(b, 1, 1), 0.0)  # solved apart, then NaN
     rows = rows - rows.mean(dim=1, keepdim=True)
-    if h * w <= c:
+    if n <= c:
         evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))
         proj = evecs[..., -1:] * evals[:, -1:].clamp(min=0).sqrt().unsqueeze(1)
     else:
         _, evecs = torch.linalg.eigh(rows.transpose(1, 2) @ rows)
         proj = rows @ evecs[..., -1:]
-    ref = reference.reshape(b, h * w, 1).double()
+    ref = reference.reshape(b, n, 1).double()
     ref = ref - ref.mean(dim=1, keepdim=True)
     sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     proj = (proj * sign).masked_fill(bad.view(b, 1, 1), float("nan"))
-    return proj.transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)
+    return proj.transpose(1, 2).reshape(b, 1, *spatial).to(x.dtype)

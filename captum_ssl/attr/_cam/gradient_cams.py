@@ -10,6 +10,7 @@ from captum_ssl.attr._cam.base import (
     first_principal_projection,
     warn_if_channel_sum_vanishes,
 )
+from captum_ssl.attr._layout import spatial_reduce
 
 
 class LayerGradCamPlusPlus(LayerGradCam):
@@ -40,10 +41,10 @@ class LayerGradCamPlusPlus(LayerGradCam):
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         g2 = grads.pow(2)
         g3 = g2 * grads
-        sum_acts = acts.sum(dim=(2, 3), keepdim=True)
+        sum_acts = spatial_reduce(acts, "sum")
         alpha = g2 / (2 * g2 + sum_acts * g3 + self.eps)
         alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        return (alpha * torch.relu(grads)).sum(dim=(2, 3), keepdim=True)
+        return spatial_reduce(alpha * torch.relu(grads), "sum")
 
 
 class LayerXGradCam(LayerGradCam):
@@ -65,8 +66,8 @@ class LayerXGradCam(LayerGradCam):
     eps = 1e-7
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
-        sum_acts = acts.sum(dim=(2, 3), keepdim=True)
-        return (grads * acts / (sum_acts + self.eps)).sum(dim=(2, 3), keepdim=True)
+        sum_acts = spatial_reduce(acts, "sum")
+        return spatial_reduce(grads * acts / (sum_acts + self.eps), "sum")
 
 
 class LayerHiResCam(LayerGradCam):
