@@ -9,6 +9,7 @@ token-to-grid layout come from :mod:`captum_ssl.attr._cam.base` and
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import (
     Any,
     Callable,
@@ -29,7 +30,12 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ssl.attr._cam.base import LayerGradCam, _finish, _LayerActivationCam
+from captum_ssl.attr._cam.base import (
+    LayerGradCam,
+    _finish,
+    _LayerActivationCam,
+    require_positions,
+)
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
@@ -43,7 +49,12 @@ from captum_ssl.attr._core import (
     resolve_layout,
     selecting_forward,
 )
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._layout import (
+    TokenLayout,
+    root_module,
+    spatial_reduce,
+    spatial_shape,
+)
 
 
 # ------------------------------------------------------------------------ FEM
@@ -108,9 +119,10 @@ class LayerFEM(_LayerActivationCam):
         )
 
     def _weights(self, acts: Tensor, inputs, target, args, k: float = 2.0) -> Tensor:
-        mean = acts.mean(dim=(2, 3), keepdim=True)
-        std = acts.std(dim=(2, 3), keepdim=True, unbiased=False)
-        return (acts > mean + k * std).to(acts.dtype).mean(dim=(2, 3))
+        require_positions(acts, "LayerFEM")
+        mean, std = spatial_reduce(acts, "mean"), spatial_reduce(acts, "std")
+        hot = (acts > mean + k * std).to(acts.dtype)
+        return spatial_reduce(hot, "mean").flatten(1)
 
 
 # ------------------------------------------------------------------- KPCA-CAM
@@ -208,8 +220,11 @@ class LayerKPCACam(_LayerActivationCam):
             acts = self._activations(
                 inputs, additional_forward_args, attribute_to_layer_input, target
             )
-            b, c, h, w = acts.shape
-            x = acts.reshape(b, c, h * w).transpose(1, 2).double()
+            require_positions(acts, "LayerKPCACam")
+            b, c = acts.shape[:2]
+            spatial = spatial_shape(acts)
+            n = math.prod(spatial)
+            x = acts.reshape(b, c, n).transpose(1, 2).double()
             bad = ~torch.isfinite(x).flatten(1).all(1)  # solved apart, then NaN
             x = x.masked_fill(bad.view(b, 1, 1), 0.0)
             x = x - x.mean(dim=1, keepdim=True)
@@ -222,12 +237,12 @@ class LayerKPCACam(_LayerActivationCam):
             )
             evals, evecs = torch.linalg.eigh(k)
             proj = evecs[..., -1] * evals[:, -1:].clamp(min=0).sqrt()  # (B, N)
-            ref = acts.mean(dim=1).reshape(b, h * w).double()
+            ref = acts.mean(dim=1).reshape(b, n).double()
             ref = ref - ref.mean(dim=1, keepdim=True)
             sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
             sign = torch.where(sign == 0, torch.ones_like(sign), sign)
             cam = (proj * sign).masked_fill(bad.view(b, 1), float("nan"))
-            cam = cam.reshape(b, 1, h, w).to(acts.dtype)
+            cam = cam.reshape(b, 1, *spatial).to(acts.dtype)
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
@@ -438,7 +453,7 @@ class LayerShapleyCam(LayerGradCam):
         grad = grad.detach()
         hvp = torch.zeros_like(grad) if hvp is None else hvp.detach()
         a, g, h = (layout.to_grid(t) for t in (act.detach(), grad, hvp))
-        return (g - 0.5 * h).mean(dim=(2, 3), keepdim=True) * a
+        return spatial_reduce(g - 0.5 * h, "mean") * a
 
 
 # ------------------------------------------------------------------- Finer-CAM

@@ -19,7 +19,7 @@ from captum_ssl.attr._core import (
     format_inputs,
     per_sample_targets,
 )
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._layout import TokenLayout, spatial_shape
 
 
 def _cd_sweep(w: Tensor, hht: Tensor, xht: Tensor) -> Tensor:
@@ -210,12 +210,13 @@ class DeepFeatureFactorization(_LayerActivationCam):
         acts = self._activations(
             inputs, additional_forward_args, attribute_to_layer_input
         )
-        b, c, h, w = acts.shape
-        x = torch.nan_to_num(acts.transpose(0, 1).reshape(c, b * h * w))
+        b, c = acts.shape[:2]
+        spatial = spatial_shape(acts)
+        x = torch.nan_to_num(acts.transpose(0, 1).reshape(c, -1))
         offset = x.min(dim=1, keepdim=True).values
         weights, comps = nmf(x - offset, n_components, init, max_iter, tol, generator)
         concepts = weights + offset
-        maps = comps.reshape(n_components, b, h, w).transpose(0, 1)
+        maps = comps.reshape(n_components, b, *spatial).transpose(0, 1)
         clf = self._classifier(c)
         scores = None
         if clf is not None:

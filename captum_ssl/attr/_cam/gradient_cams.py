@@ -8,6 +8,7 @@ from torch import Tensor
 from captum_ssl.attr._cam.base import (
     LayerGradCam,
     first_principal_projection,
+    require_positions,
     warn_if_channel_sum_vanishes,
 )
 from captum_ssl.attr._layout import spatial_reduce
@@ -181,6 +182,7 @@ class LayerEigenGradCam(LayerGradCam):
                 "LayerEigenGradCam has no per-channel form: use "
                 "attr_dim_summation=True."
             )
+        require_positions(acts, "LayerEigenGradCam")
         warn_if_channel_sum_vanishes(
             self.forward_func, self.layer, acts, grads, type(self).__name__
         )

@@ -17,7 +17,10 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_ssl.attr._cam.activation_cams import _LayerPerturbationCam
+from captum_ssl.attr._cam.activation_cams import (
+    _LayerPerturbationCam,
+    masked_input,
+)
 from captum_ssl.attr._cam.base import LayerGradCam, _finish
 from captum_ssl.attr._core import (
     AttributionInputError,
@@ -28,6 +31,7 @@ from captum_ssl.attr._core import (
     layer_activations,
     layer_activations_and_gradients,
 )
+from captum_ssl.attr._layout import spatial_reduce
 
 
 def _check_samples(num_samples: int, noise: Optional[Tensor], shape: tuple) -> None:
@@ -40,15 +44,6 @@ def _check_samples(num_samples: int, noise: Optional[Tensor], shape: tuple) -> N
             f"noise must have shape {tuple(shape)} (num_samples first) or "
             f"broadcast to it, got {tuple(noise.shape)}."
         )
-
-
-def _image(inputs: Tuple[Tensor, ...], name: str) -> Tensor:
-    if len(inputs) != 1 or inputs[0].dim() != 4:
-        raise AttributionInputError(
-            f"{name} masks an image batch (B, C, H, W); got inputs of shapes "
-            f"{[tuple(t.shape) for t in inputs]}."
-        )
-    return inputs[0]
 
 
 class _LayerSmoothedScoreCam(_LayerPerturbationCam):
@@ -130,14 +125,13 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
-        x = _image(inputs, type(self).__name__)
+        x, mode = masked_input(inputs, acts, type(self).__name__)
         channels, n = acts.shape[1], self._num
         if self._noise is not None:
-            shape = (n, *acts.shape[:2], *x.shape[-2:])
+            shape = (n, *acts.shape[:2], *x.shape[2:])
             _check_samples(n, self._noise, shape)
             self._noise = self._noise.to(x.device).expand(shape)
-        lo = acts.amin(dim=(2, 3), keepdim=True)
-        hi = acts.amax(dim=(2, 3), keepdim=True)
+        lo, hi = spatial_reduce(acts, "amin"), spatial_reduce(acts, "amax")
         norm = (acts - lo) / (hi - lo + 1e-8)
 
         def make_batch(b: Tensor, j: Tensor) -> Tuple[Tensor, ...]:
@@ -145,8 +139,8 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
             i, k = j // channels, j % channels
             up = F.interpolate(
                 norm[b, k].unsqueeze(1),
-                size=x.shape[-2:],
-                mode="bilinear",
+                size=x.shape[2:],
+                mode=mode,
                 align_corners=False,
             )
             return (x[b] * self._mask(up, b, k, i),)
@@ -209,7 +203,7 @@ class LayerISCam(_LayerSmoothedScoreCam):
     def _mask(self, up: Tensor, b: Tensor, k: Tensor, i: Tensor) -> Tensor:
         step = (i + 1).to(up.dtype)
         coeff = step * (step + 1) / (2 * self._num)
-        return up * coeff.reshape(-1, 1, 1, 1)
+        return up * coeff.reshape(-1, *[1] * (up.dim() - 1))
 
 
 class LayerSSCam(_LayerSmoothedScoreCam):
@@ -391,9 +385,9 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
             cams = []
             for a, p in zip(acts, powers):  # type: ignore[arg-type]
                 d1, d2, d3 = p / n
-                sum_acts = a.sum(dim=(2, 3), keepdim=True)
+                sum_acts = spatial_reduce(a, "sum")
                 alpha = d2 / (2 * d2 + sum_acts * d3 + self.eps)
-                w = (alpha * torch.relu(d1)).sum(dim=(2, 3), keepdim=True)
+                w = spatial_reduce(alpha * torch.relu(d1), "sum")
                 weighted = w * a
                 cams.append(
                     weighted.sum(dim=1, keepdim=True)
