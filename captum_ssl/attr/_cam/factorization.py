@@ -16,6 +16,7 @@ from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
     attribution_call,
+    check_target,
     format_inputs,
     per_sample_targets,
 )
@@ -268,6 +269,8 @@ class DeepFeatureFactorization(_LayerActivationCam):
                     "callable (k, C) -> (k, num_classes)> to label the concepts."
                 )
             batch = fact.maps.shape[0]
+            # the target indexes the classifier's classes (checked as Captum)
+            check_target(fact.scores.new_empty(batch, fact.scores.shape[1]), target)
             classes = torch.as_tensor(
                 [
                     int(t[0] if isinstance(t, tuple) else t)
