@@ -460,3 +460,35 @@ def test_methods_without_a_pooled_form_refuse_pooled_layers(cls):
     method = cls(model, model.linear1, **INIT.get(cls, {}))
     with pytest.raises(A.AttributionInputError, match="earlier layer|gradient CAM"):
         method.attribute(torch.randn(2, 3), target=0)
+
+
+# ------------------------------------------------------ viewing and metrics
+@pytest.mark.parametrize(
+    "cfg", [c for c in CONFIG if c["name"] in ("conv1d", "conv3d", "project_cnn")]
+)
+def test_maps_of_every_rank_upsample_as_captums_interpolate(cfg):
+    """``captum_ssl.viz.upsample`` and the metrics' map preparation take a
+    1-D, 2-D or 3-D layer map to the input's size as Captum's
+    ``LayerAttribution.interpolate`` (linear / bilinear / trilinear)."""
+    from captum.attr import LayerAttribution
+
+    from captum_ssl.metrics._common import prepare_maps
+    from captum_ssl.viz import to_heatmap, upsample
+
+    model = cfg["model"]
+    x = cfg["attribute_args"]["inputs"]
+    layer = model.get_submodule(cfg["layer"])
+    cam = A.LayerGradCam(model, layer).attribute(x, target=0)
+    size = tuple(x.shape[2:])
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    # an odd-sized layer map, so that the resize does real work
+    small = torch.nn.functional.avg_pool1d(cam.flatten(2), 2).reshape(
+        *cam.shape[:2], -1
+    )
+    small = small.reshape(*cam.shape[:2], *[1] * (len(size) - 1), -1)
+    expected = LayerAttribution.interpolate(small, size, interpolate_mode=mode)
+    torch.testing.assert_close(upsample(small, x), expected)
+    torch.testing.assert_close(prepare_maps(small, x), expected)
+    heat = to_heatmap(small, x)
+    assert heat.shape == (x.shape[0], 1, *size)
+    assert float(heat.amin()) >= 0 and float(heat.amax()) <= 1
