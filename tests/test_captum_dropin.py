@@ -492,3 +492,48 @@ def test_maps_of_every_rank_upsample_as_captums_interpolate(cfg):
     heat = to_heatmap(small, x)
     assert heat.shape == (x.shape[0], 1, *size)
     assert float(heat.amin()) >= 0 and float(heat.amax()) <= 1
+
+
+# ---------------------------------------------------------------- signatures
+@pytest.mark.parametrize("cls", GRADIENT_CAMS, ids=lambda c: c.__name__)
+def test_gradient_cams_share_captums_signature(cls):
+    """Every gradient CAM takes Captum's arguments in Captum's order, plus
+    ``create_graph``: with it the map equals the default one and a loss on it
+    reaches the parameters before the layer."""
+    import inspect
+
+    names = list(inspect.signature(cls.attribute).parameters)[1:8]
+    assert names == [
+        "inputs",
+        "target",
+        "additional_forward_args",
+        "attribute_to_layer_input",
+        "relu_attributions",
+        "attr_dim_summation",
+        "grad_kwargs",
+    ]
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = copy.deepcopy(cfg["model"])
+    method = _method(cls, model, model.features[4], cfg)
+    x = cfg["attribute_args"]["inputs"][:2]
+    kw = {"target": [0, 2], "grad_kwargs": {"retain_graph": True}}
+    if cls is A.LayerSmoothGradCamPlusPlus:
+        kw["noise"] = torch.randn(2, *x.shape, generator=torch.Generator())
+    plain = _attribute(method, cls, inputs=x, **kw)
+    live = _attribute(method, cls, inputs=x, create_graph=True, **kw)
+    _close(live.detach(), plain, 1e-4)
+    live.pow(2).sum().backward()
+    assert model.features[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_a_tuple_target_longer_than_the_output_is_an_assertion_error(cls):
+    """Captum asserts on a target indexing more dimensions than the output
+    has; here too, with a message naming the fix (no raw RuntimeError)."""
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = cfg["model"]
+    method = _method(cls, model, model.get_submodule(cfg["layer"]), cfg)
+    x = cfg["attribute_args"]["inputs"][:2]
+    for target in [(1, 0), [(1, 0), (2, 0)]]:
+        with pytest.raises(AssertionError, match="one index per output dimension"):
+            _attribute(method, cls, inputs=x, target=target)

@@ -348,6 +348,17 @@ def check_target(output: Tensor, target: TargetType) -> None:
             )
         return
     batch = output.shape[0]
+    tuples = [target] if isinstance(target, tuple) else []
+    if isinstance(target, list):
+        tuples = [t for t in target if isinstance(t, tuple)]
+    for t in tuples:
+        if len(t) > output.dim() - 1:
+            raise AttributionAssertionError(
+                f"target {t} indexes {len(t)} output dimensions, but the model "
+                f"returns {tuple(output.shape)} ({output.dim() - 1} per sample): "
+                "pass one index per output dimension after the batch, e.g. "
+                f"target={t[: max(output.dim() - 1, 1)]}."
+            )
     if isinstance(target, Tensor):
         if target.numel() not in (1, batch):
             raise AttributionAssertionError(

@@ -29,6 +29,7 @@ from captum._utils.typing import TargetType
 from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from captum_ssl.attr._cam.base import (
     LayerGradCam,
@@ -311,13 +312,19 @@ class LayerRandomCam(_LayerActivationCam):
 
 # ------------------------------------------------------------------ ShapleyCAM
 def _layer_leaf(
-    layer: nn.Module, attribute_to_layer_input: bool, store: List[Tensor]
-) -> Any:
+    layer: nn.Module,
+    attribute_to_layer_input: bool,
+    store: List[Tensor],
+    keep_graph: bool = False,
+) -> RemovableHandle:
     """A hook that makes the layer's output (or input) a fresh leaf requiring
-    grad, so derivatives of any order with respect to it can be taken."""
+    grad, so derivatives of any order with respect to it can be taken. With
+    ``keep_graph`` an output that is already in the autograd graph is kept
+    (derivatives with respect to it still work, and the graph to the
+    parameters before the layer stays)."""
 
     def leaf(t: Tensor) -> Tensor:
-        out = t.detach().requires_grad_()
+        out = t if keep_graph and t.requires_grad else t.detach().requires_grad_()
         store.append(out)
         return out.clone()  # later in-place ops (ReLU(inplace)) hit the clone
 
@@ -381,7 +388,12 @@ class LayerShapleyCam(LayerGradCam):
     Reference: Cai, "CAMs as Shapley Value-based Explainers", 2025.
     https://arxiv.org/abs/2501.06261
 
-    Args, Returns: as :class:`LayerGradCam` (``grad_kwargs`` is not used).
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained.
+        device_ids (list[int], optional): device ids for DataParallel models.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
 
     Examples::
 
@@ -399,11 +411,45 @@ class LayerShapleyCam(LayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch ``(B, ...)``.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample, as in Captum (one index for all samples, or one
+                        per sample). Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations ``(B, C, *spatial)``.
+                        Default: True
+            grad_kwargs (dict, optional): passed to the first
+                        ``torch.autograd.grad`` (the gradient; the
+                        Hessian-vector product needs ``create_graph=True``
+                        there, which is always set). Default: None
+            create_graph (bool, optional): return a differentiable map: the
+                        graph to the model's parameters is kept (nothing frozen
+                        or detached), so a loss on the map trains the model, as
+                        :meth:`LayerGradCam.attribute`. Default: False
+
+        Returns:
+            Tensor: maps ``(B, 1, *spatial)`` (``(B, 1, h, w)`` on image and
+            token layers) on the input's device, not normalised.
+        """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
-        with attribution_call(self.forward_func) as record:
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
             cam = self._shapley_cam(
-                inputs, target, additional_forward_args, attribute_to_layer_input
+                inputs,
+                target,
+                additional_forward_args,
+                attribute_to_layer_input,
+                grad_kwargs,
+                create_graph,
             )
             if attr_dim_summation:
                 cam = cam.sum(dim=1, keepdim=True)
@@ -415,15 +461,28 @@ class LayerShapleyCam(LayerGradCam):
         target: TargetType,
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> Tensor:
-        """The weighted activations ``w_k A^k`` ``(B, C, h, w)``."""
-        layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
+        """The weighted activations ``w_k A^k`` ``(B, C, *spatial)``."""
+        layout = resolve_layout(
+            self.forward_func,
+            self.layer,
+            inputs,
+            self.layout,
+            attribute_to_layer_input,
+        )
         store: List[Tensor] = []
-        handle = _layer_leaf(self.layer, attribute_to_layer_input, store)
+        handle = _layer_leaf(self.layer, attribute_to_layer_input, store, create_graph)
+        frozen = (
+            contextlib.nullcontext()
+            if create_graph
+            else record_from_layer_only(self.forward_func)
+        )
         try:
             with (
                 layer_errors(self.layer),
-                record_from_layer_only(self.forward_func),
+                frozen,
                 unfused_attention(self.forward_func),
                 torch.enable_grad(),
             ):
@@ -442,17 +501,23 @@ class LayerShapleyCam(LayerGradCam):
                 "exactly once (the model's own instance, not a shared module)."
             )
         act = store[0]
+        kwargs = {**(grad_kwargs or {}), "create_graph": True}
         with layer_errors(self.layer), torch.enable_grad():
-            (grad,) = torch.autograd.grad(out.sum(), act, create_graph=True)
+            (grad,) = torch.autograd.grad(out.sum(), act, **kwargs)
             if grad.requires_grad:
                 (hvp,) = torch.autograd.grad(
-                    grad, act, grad_outputs=act.detach(), allow_unused=True
+                    grad,
+                    act,
+                    grad_outputs=act.detach(),
+                    allow_unused=True,
+                    create_graph=create_graph,
                 )
             else:
                 hvp = None
-        grad = grad.detach()
-        hvp = torch.zeros_like(grad) if hvp is None else hvp.detach()
-        a, g, h = (layout.to_grid(t) for t in (act.detach(), grad, hvp))
+        hvp = torch.zeros_like(grad) if hvp is None else hvp
+        if not create_graph:
+            act, grad, hvp = act.detach(), grad.detach(), hvp.detach()
+        a, g, h = (layout.to_grid(t) for t in (act, grad, hvp))
         return spatial_reduce(g - 0.5 * h, "mean") * a
 
 
@@ -555,21 +620,35 @@ class LayerFinerCam(LayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
         alpha: float = 1.0,
         comparison_categories: Sequence[int] = (1, 2, 3),
     ) -> TensorOrTuple:
         r"""
         Args:
-            inputs, additional_forward_args, attribute_to_layer_input,
-            relu_attributions, attr_dim_summation, grad_kwargs: as
-                        :meth:`LayerGradCam.attribute`.
-            target (int, Tensor or list): class per sample (required).
+            inputs (Tensor or tuple[Tensor, ...]): input batch ``(B, ...)``.
+            target (int, tuple, Tensor or list): class per sample (required):
+                        one index for all samples, or one per sample.
+            additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations. Default: True
+            grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+                        Default: None
+            create_graph (bool, optional): return a differentiable map (see
+                        :meth:`LayerGradCam.attribute`). Default: False
             alpha (float, optional): comparison strength. Default: 1.0
             comparison_categories (sequence of int, optional): similarity ranks
                         of the compared classes. Default: (1, 2, 3)
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: maps ``(B, 1, *spatial)``
+            (``(B, 1, h, w)`` on image and token layers) on the input's
+            device, not normalised.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         if target is None:
@@ -591,7 +670,8 @@ class LayerFinerCam(LayerGradCam):
             return finer_score(out, tgt, comparison_categories, alpha)
 
         base = self.base_method(finer_forward, self.layer, self.device_ids, layout)
-        with attribution_call(self.forward_func):  # the model's mode, the record
+        # the model's mode, the record
+        with attribution_call(self.forward_func, keep_mode=create_graph):
             return base.attribute(
                 inputs,
                 target=None,
@@ -600,6 +680,7 @@ class LayerFinerCam(LayerGradCam):
                 relu_attributions=relu_attributions,
                 attr_dim_summation=attr_dim_summation,
                 grad_kwargs=grad_kwargs,
+                create_graph=create_graph,
             )
 
 

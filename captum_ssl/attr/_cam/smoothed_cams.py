@@ -326,14 +326,28 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
         r"""
         Args:
-            inputs, target, additional_forward_args, attribute_to_layer_input,
-            relu_attributions, attr_dim_summation, grad_kwargs: as
-                        :meth:`LayerGradCam.attribute` (one input tensor).
+            inputs (Tensor): one input batch ``(B, ...)`` (the noise is added
+                        to it).
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample, as in Captum. Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations. Default: True
+            grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+                        Default: None
+            create_graph (bool, optional): return a differentiable map (see
+                        :meth:`LayerGradCam.attribute`). Default: False
             noise (Tensor, optional): pre-drawn input noise of shape
                         ``(num_samples, *inputs.shape)`` (or broadcastable),
                         for exactly reproducible runs.
@@ -349,7 +363,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                 "LayerSmoothGradCamPlusPlus adds noise to one input tensor; got "
                 f"{len(inputs)}."
             )
-        with attribution_call(self.forward_func) as record:
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
             x, n = inputs[0], self.num_samples
             _check_samples(n, noise, (n, *x.shape))
             common = dict(
@@ -357,9 +371,25 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
             )
-            acts = layer_activations(
-                self.forward_func, self.layer, inputs, additional_forward_args, **common
-            )
+            if create_graph:  # activations in the graph to the parameters
+                acts, _ = layer_activations_and_gradients(
+                    self.forward_func,
+                    self.layer,
+                    inputs,
+                    target,
+                    additional_forward_args,
+                    grad_kwargs=grad_kwargs,
+                    create_graph=True,
+                    **common,
+                )
+            else:
+                acts = layer_activations(
+                    self.forward_func,
+                    self.layer,
+                    inputs,
+                    additional_forward_args,
+                    **common,
+                )
             powers = None
             for i in range(n):
                 if noise is not None:
@@ -376,6 +406,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                     target,
                     additional_forward_args,
                     grad_kwargs=grad_kwargs,
+                    create_graph=create_graph,
                     **common,
                 )
                 step = [torch.stack([g, g * g, g * g * g]) for g in grads]
