@@ -29,7 +29,20 @@ class LayerGradCamPlusPlus(LayerGradCam):
     Visual Explanations for Deep Convolutional Networks", WACV 2018.
     https://arxiv.org/abs/1710.11063
 
-    Args, Returns: as :class:`LayerGradCam`.
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes.
 
     Examples::
 
@@ -57,7 +70,20 @@ class LayerXGradCam(LayerGradCam):
     Reference: Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization
     and Explanation of CNNs", BMVC 2020. https://arxiv.org/abs/2008.02312
 
-    Args, Returns: as :class:`LayerGradCam`.
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes.
 
     Examples::
 
@@ -88,7 +114,20 @@ class LayerHiResCam(LayerGradCam):
     explanations of convolutional neural networks", 2020.
     https://arxiv.org/abs/2011.08891
 
-    Args, Returns: as :class:`LayerGradCam`.
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes.
 
     Examples::
 
@@ -118,7 +157,20 @@ class LayerGradCamElementWise(LayerGradCam):
     Reference: after Draelos & Carin 2020 (https://arxiv.org/abs/2011.08891);
     pytorch-grad-cam's ``GradCAMElementWise``.
 
-    Args, Returns: as :class:`LayerGradCam`.
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes.
 
     Examples::
 
@@ -140,7 +192,20 @@ class LayerLayerCam(LayerGradCam):
     Maps for Localization", IEEE TIP 2021.
     https://doi.org/10.1109/TIP.2021.3089943
 
-    Args, Returns: as :class:`LayerGradCam`.
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes.
 
     Examples::
 
@@ -168,8 +233,22 @@ class LayerEigenGradCam(LayerGradCam):
     Principal Components", IJCNN 2020 (https://arxiv.org/abs/2008.00299);
     pytorch-grad-cam's ``EigenGradCAM``.
 
-    Args, Returns: as :class:`LayerGradCam` (``attr_dim_summation`` must stay
-    True: a principal component has no per-channel form).
+    Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes.
+    ``attr_dim_summation`` must stay True: a principal component has no
+    per-channel form.
 
     Examples::
 
