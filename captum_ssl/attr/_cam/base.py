@@ -68,8 +68,14 @@ class LayerGradCam(_CaptumLayerGradCam):
     adds the token-to-grid step Captum lacks: a token output ``(B, N, C)``
     (ViT, DeiT, MoCo v3 / DINO ViTs, CaiT, XCiT, register tokens) or a
     channels-last output ``(B, H, W, C)`` (Swin) is laid out as
-    ``(B, C, gh, gw)`` before the weighting, with prefix tokens dropped. On a
-    plain ``(B, C, H, W)`` layer the result equals Captum's ``LayerGradCam``.
+    ``(B, C, gh, gw)`` before the weighting, with prefix tokens dropped. A
+    3-D output is read as tokens only where the model declares a token layout
+    (a timm model, timm's ``patch_embed`` / ``num_prefix_tokens``, see
+    :func:`~captum_ssl.attr._layout.declared_layout`) or ``layout=`` says so.
+    Every other layer is channels-first ``(B, C, *spatial)`` as in Captum:
+    ``(B, C)`` gives ``(B, 1)``, a 1-D CNN's ``(B, C, L)`` gives ``(B, 1, L)``,
+    a 3-D CNN's ``(B, C, D, H, W)`` gives ``(B, 1, D, H, W)``, and the result
+    equals Captum's ``LayerGradCam`` (tests/test_captum_dropin.py).
     It is also the base of every gradient-based CAM here: subclasses override
     :meth:`_weights` (per-channel or per-position weights) or :meth:`_combine`.
 
@@ -132,14 +138,17 @@ class LayerGradCam(_CaptumLayerGradCam):
                         sample, as in Captum (one index for all samples, or one
                         per sample). Default: None
             additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
             attribute_to_layer_input (bool, optional): explain the layer's input
-                        instead of its output. Default: False
+                        instead of its output (its layout is read from the
+                        input's own shape). Default: False
             relu_attributions (bool, optional): apply a ReLU to the map.
                         Default: False
             attr_dim_summation (bool, optional): sum over channels; ``False``
-                        returns the weighted activations ``(B, C, h, w)``.
+                        returns the weighted activations ``(B, C, *spatial)``.
                         Default: True
             grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+                        Default: None
             create_graph (bool, optional): return a differentiable map: the
                         graph to the model's parameters is kept (nothing frozen
                         or detached, gradients taken with ``create_graph=True``),
@@ -148,8 +157,11 @@ class LayerGradCam(_CaptumLayerGradCam):
                         memory; the default path is unchanged. Default: False
 
         Returns:
-            Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
-            patch-grid) resolution on the input's device, not normalised.
+            Tensor or tuple[Tensor, ...]: maps ``(B, 1, *spatial)`` at layer
+            (or patch-grid) resolution on the input's device, not normalised:
+            ``(B, 1)``, ``(B, 1, L)``, ``(B, 1, h, w)`` or ``(B, 1, d, h, w)``
+            (``(B, C, *spatial)`` with ``attr_dim_summation=False``); a tuple
+            for a layer with several outputs, as Captum.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         with attribution_call(self.forward_func, keep_mode=create_graph) as record:
