@@ -12,6 +12,7 @@ import contextvars
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,7 +64,8 @@ _SKIP = (
 def user_stacklevel() -> int:
     """``stacklevel`` of the first frame outside captum_ssl (and contextlib),
     so that a warning points at the user's call."""
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_SKIP):
         frame, level = frame.f_back, level + 1
     return level
@@ -91,7 +93,7 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
     """
     model = root_module(forward_func)
     training = [] if model is None else [m for m in model.modules() if m.training]
-    if training:
+    if training and model is not None:
         names = [n or "(the model)" for n, m in model.named_modules() if m.training]
         warnings.warn(
             f"{type(model).__name__} is in training mode ({len(training)} modules, "
@@ -313,12 +315,12 @@ def normalize_target(target: TargetType) -> TargetType:
             )
         return target.long()
     if isinstance(target, tuple):
-        return tuple(normalize_target(t) for t in target)  # type: ignore[return-value]
+        return tuple(normalize_target(t) for t in target)
     if isinstance(target, list):
         out = []
         for t in target:
             if isinstance(t, Tensor) and t.numel() == 1:
-                t = normalize_target(t).item()  # type: ignore[union-attr]
+                t = normalize_target(t).item()
             elif not isinstance(t, (int, tuple)) or isinstance(t, bool):
                 return _raise(
                     refuse(f"entry {t!r} ({type(t).__name__}) in the target list")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -216,17 +216,17 @@ class TokenLayout:
         """A layout with every field set for an output of ``shape``, or an error."""
         ndim = len(shape)
         if ndim in (2, 5) or (ndim == 3 and not self._reads_tokens()):
-            fmt = CHANNELS_FIRST[ndim]
-            if self.fmt not in (None, fmt):
+            first = CHANNELS_FIRST[ndim]
+            if self.fmt not in (None, first):
                 raise ValueError(
                     f"Layer output has shape {tuple(shape)} ({ndim}-D) but the "
                     f"layout says {self.fmt!r}: a {ndim}-D output is read as "
-                    f"{fmt!r} (channels first)"
+                    f"{first!r} (channels first)"
                     + (" or 'NLC' (tokens)." if ndim == 3 else ".")
                 )
-            return TokenLayout(fmt=fmt, grid=None, num_prefix_tokens=0)
+            return TokenLayout(fmt=first, grid=None, num_prefix_tokens=0)
         if ndim == 4:
-            fmt = self.fmt
+            fmt: Optional[str] = self.fmt
             if fmt is None and self.channels_last is not None:
                 fmt = "NHWC" if self.channels_last else "NCHW"
             if fmt is None:
@@ -236,7 +236,8 @@ class TokenLayout:
                     f"Layer output has shape {tuple(shape)} (4-D) but the layout says "
                     f"{fmt!r}. Use fmt='NCHW' or fmt='NHWC'."
                 )
-            hw = tuple(shape[2:]) if fmt == "NCHW" else tuple(shape[1:3])
+            sides = shape[2:4] if fmt == "NCHW" else shape[1:3]
+            hw = (int(sides[0]), int(sides[1]))
             return TokenLayout(fmt=fmt, grid=hw, num_prefix_tokens=0)
         if ndim == 3:
             return self._resolve_tokens(int(shape[1]), tuple(shape))
@@ -521,7 +522,8 @@ def _grid_from_embed(embed: nn.Module, input_hw) -> Optional[Tuple[int, int]]:
     if input_hw is not None:
         if hasattr(embed, "dynamic_feat_size"):
             try:
-                return _pair(embed.dynamic_feat_size(tuple(input_hw)))
+                feat_size = cast(Callable[..., Any], embed.dynamic_feat_size)
+                return _pair(feat_size(tuple(input_hw)))
             except Exception:  # noqa: BLE001 - fall back to the static size below
                 pass
         patch = getattr(embed, "patch_size", None)

@@ -424,8 +424,9 @@ def _find_classifier(forward_func: Callable) -> nn.Linear:
     model = root_module(forward_func)
     candidates = []
     if model is not None:
-        if hasattr(model, "get_classifier"):
-            candidates.append(model.get_classifier())
+        get_classifier = getattr(model, "get_classifier", None)
+        if callable(get_classifier):
+            candidates.append(get_classifier())
         candidates += [getattr(model, n, None) for n in ("fc", "classifier", "head")]
     for c in candidates:
         if isinstance(c, nn.Linear):

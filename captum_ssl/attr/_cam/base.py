@@ -120,7 +120,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         self.layout = layout
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -235,14 +235,9 @@ class _LayerActivationCam(LayerAttribution):
             )
         return acts[0]
 
-    def _weights(
-        self,
-        acts: Tensor,
-        inputs: Tuple[Tensor, ...],
-        target: TargetType,
-        additional_forward_args: Any,
-        **kwargs: Any,
-    ) -> Tensor:
+    def _weights(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Channel weights ``(B, C)`` from ``(acts, inputs, target,
+        additional_forward_args, **options)``."""
         raise NotImplementedError
 
     def _attribute(

@@ -62,7 +62,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
             setattr(self, k, v)
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -317,7 +317,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
         self.num_samples, self.std = num_samples, std
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -329,7 +329,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
         create_graph: bool = False,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor): one input batch ``(B, ...)`` (the noise is added
