@@ -18,7 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    cast,
+)
 
 import torch
 from torch import Tensor, nn
@@ -412,8 +422,17 @@ def layer_in_channels(layer: nn.Module) -> Optional[int]:
     the ``in_channels`` / ``in_features`` / ``num_features`` /
     ``num_channels`` / ``normalized_shape`` of its first such submodule in
     definition order; ``None`` when none is found."""
-    for module in layer.modules():
-        for attr in ("in_channels", "in_features", "num_features", "num_channels"):
+    attrs = ("in_channels", "in_features", "num_features", "num_channels")
+    return _stated_channels(layer.modules(), attrs)
+
+
+def _stated_channels(
+    modules: Iterable[nn.Module], attrs: Sequence[str]
+) -> Optional[int]:
+    """The first channel count one of ``modules`` states: an int attribute of
+    ``attrs`` or a one-element ``normalized_shape``."""
+    for module in modules:
+        for attr in attrs:
             value = getattr(module, attr, None)
             if isinstance(value, int) and value > 0:
                 return value
@@ -461,15 +480,8 @@ def layer_channels(layer: nn.Module) -> Optional[int]:
     ``out_features``; for a container (a block, a stage) that of its last such
     submodule in definition order. ``None`` when none is found.
     """
-    for module in reversed(list(layer.modules())):
-        for attr in ("out_channels", "num_features", "num_channels", "out_features"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        shape = getattr(module, "normalized_shape", None)
-        if isinstance(shape, (tuple, list)) and len(shape) == 1:
-            return int(shape[0])
-    return None
+    attrs = ("out_channels", "num_features", "num_channels", "out_features")
+    return _stated_channels(reversed(list(layer.modules())), attrs)
 
 
 def _fits_loosely(grid: Tuple[int, int], size: Tuple[int, int], tol=1.5) -> bool:

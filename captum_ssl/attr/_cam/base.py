@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
 import torch
 from captum._utils.common import _format_output
@@ -42,6 +42,8 @@ from captum_ssl.attr._layout import (
     spatial_shape,
 )
 
+_T = TypeVar("_T")
+
 
 def _finish(
     cams: Tuple[Tensor, ...],
@@ -53,6 +55,32 @@ def _finish(
         cams = tuple(torch.relu(c) for c in cams)
     cams = finish_maps(cams, record or [])
     return _format_output(is_tuple, cams)
+
+
+#: the constructor arguments of every subclass of :class:`LayerGradCam` that
+#: keeps its constructor: ``{gradient_cam_args}`` in a class docstring
+GRADIENT_CAM_ARGS = """Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes."""
+
+
+def documented(cls: Type[_T]) -> Type[_T]:
+    """Fill ``{gradient_cam_args}`` in ``cls``'s docstring with
+    :data:`GRADIENT_CAM_ARGS` (one text for every gradient CAM)."""
+    if cls.__doc__:
+        cls.__doc__ = cls.__doc__.replace("{gradient_cam_args}", GRADIENT_CAM_ARGS)
+    return cls
 
 
 class LayerGradCam(_CaptumLayerGradCam):

@@ -35,6 +35,7 @@ from captum_ssl.attr._cam.base import (
     LayerGradCam,
     _finish,
     _LayerActivationCam,
+    documented,
     require_positions,
 )
 from captum_ssl.attr._core import (
@@ -369,6 +370,7 @@ def unfused_attention(forward_func: Callable) -> Iterator[None]:
                 del m.fused_attn
 
 
+@documented
 class LayerShapleyCam(LayerGradCam):
     r"""ShapleyCAM: Grad-CAM with a second-order (Shapley value) correction.
 
@@ -388,12 +390,7 @@ class LayerShapleyCam(LayerGradCam):
     Reference: Cai, "CAMs as Shapley Value-based Explainers", 2025.
     https://arxiv.org/abs/2501.06261
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained.
-        device_ids (list[int], optional): device ids for DataParallel models.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
+    {gradient_cam_args}
 
     Examples::
 

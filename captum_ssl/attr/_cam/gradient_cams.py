@@ -7,6 +7,7 @@ from torch import Tensor
 
 from captum_ssl.attr._cam.base import (
     LayerGradCam,
+    documented,
     first_principal_projection,
     require_positions,
     warn_if_channel_sum_vanishes,
@@ -14,6 +15,7 @@ from captum_ssl.attr._cam.base import (
 from captum_ssl.attr._layout import spatial_reduce
 
 
+@documented
 class LayerGradCamPlusPlus(LayerGradCam):
     r"""Grad-CAM++: pixel-wise weighting of positive gradients.
 
@@ -29,20 +31,7 @@ class LayerGradCamPlusPlus(LayerGradCam):
     Visual Explanations for Deep Convolutional Networks", WACV 2018.
     https://arxiv.org/abs/1710.11063
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained;
-                    its output may be ``(B, C)``, ``(B, C, L)``,
-                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
-                    channels-last (see :class:`LayerGradCam`).
-        device_ids (list[int], optional): device ids for DataParallel models
-                    whose forward_func is not the DataParallel module itself.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
-                    Default: None
-
-    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
-    same signature and defaults) and returns its shapes.
+    {gradient_cam_args}
 
     Examples::
 
@@ -61,6 +50,7 @@ class LayerGradCamPlusPlus(LayerGradCam):
         return spatial_reduce(alpha * torch.relu(grads), "sum")
 
 
+@documented
 class LayerXGradCam(LayerGradCam):
     r"""XGrad-CAM: gradients weighted by normalised activations.
 
@@ -70,20 +60,7 @@ class LayerXGradCam(LayerGradCam):
     Reference: Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization
     and Explanation of CNNs", BMVC 2020. https://arxiv.org/abs/2008.02312
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained;
-                    its output may be ``(B, C)``, ``(B, C, L)``,
-                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
-                    channels-last (see :class:`LayerGradCam`).
-        device_ids (list[int], optional): device ids for DataParallel models
-                    whose forward_func is not the DataParallel module itself.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
-                    Default: None
-
-    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
-    same signature and defaults) and returns its shapes.
+    {gradient_cam_args}
 
     Examples::
 
@@ -97,6 +74,7 @@ class LayerXGradCam(LayerGradCam):
         return spatial_reduce(grads * acts / (sum_acts + self.eps), "sum")
 
 
+@documented
 class LayerHiResCam(LayerGradCam):
     r"""HiRes-CAM: element-wise gradient x activation, summed over channels.
 
@@ -114,20 +92,7 @@ class LayerHiResCam(LayerGradCam):
     explanations of convolutional neural networks", 2020.
     https://arxiv.org/abs/2011.08891
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained;
-                    its output may be ``(B, C)``, ``(B, C, L)``,
-                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
-                    channels-last (see :class:`LayerGradCam`).
-        device_ids (list[int], optional): device ids for DataParallel models
-                    whose forward_func is not the DataParallel module itself.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
-                    Default: None
-
-    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
-    same signature and defaults) and returns its shapes.
+    {gradient_cam_args}
 
     Examples::
 
@@ -145,6 +110,7 @@ class LayerHiResCam(LayerGradCam):
         return super()._combine(acts, grads, sum_channels)
 
 
+@documented
 class LayerGradCamElementWise(LayerGradCam):
     r"""Element-wise Grad-CAM: ReLU of gradient x activation, summed.
 
@@ -157,20 +123,7 @@ class LayerGradCamElementWise(LayerGradCam):
     Reference: after Draelos & Carin 2020 (https://arxiv.org/abs/2011.08891);
     pytorch-grad-cam's ``GradCAMElementWise``.
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained;
-                    its output may be ``(B, C)``, ``(B, C, L)``,
-                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
-                    channels-last (see :class:`LayerGradCam`).
-        device_ids (list[int], optional): device ids for DataParallel models
-                    whose forward_func is not the DataParallel module itself.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
-                    Default: None
-
-    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
-    same signature and defaults) and returns its shapes.
+    {gradient_cam_args}
 
     Examples::
 
@@ -182,6 +135,7 @@ class LayerGradCamElementWise(LayerGradCam):
         return elementwise.sum(dim=1, keepdim=True) if sum_channels else elementwise
 
 
+@documented
 class LayerLayerCam(LayerGradCam):
     r"""Layer-CAM: activations weighted by their positive gradients, per position.
 
@@ -192,20 +146,7 @@ class LayerLayerCam(LayerGradCam):
     Maps for Localization", IEEE TIP 2021.
     https://doi.org/10.1109/TIP.2021.3089943
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained;
-                    its output may be ``(B, C)``, ``(B, C, L)``,
-                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
-                    channels-last (see :class:`LayerGradCam`).
-        device_ids (list[int], optional): device ids for DataParallel models
-                    whose forward_func is not the DataParallel module itself.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
-                    Default: None
-
-    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
-    same signature and defaults) and returns its shapes.
+    {gradient_cam_args}
 
     Examples::
 
@@ -216,6 +157,7 @@ class LayerLayerCam(LayerGradCam):
         return torch.relu(grads)
 
 
+@documented
 class LayerEigenGradCam(LayerGradCam):
     r"""Eigen-Grad-CAM: first principal component of gradient x activation.
 
@@ -233,20 +175,7 @@ class LayerEigenGradCam(LayerGradCam):
     Principal Components", IJCNN 2020 (https://arxiv.org/abs/2008.00299);
     pytorch-grad-cam's ``EigenGradCAM``.
 
-    Args:
-        forward_func (Callable): the model or any function returning scores.
-        layer (torch.nn.Module): the layer whose activations are explained;
-                    its output may be ``(B, C)``, ``(B, C, L)``,
-                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
-                    channels-last (see :class:`LayerGradCam`).
-        device_ids (list[int], optional): device ids for DataParallel models
-                    whose forward_func is not the DataParallel module itself.
-        layout (TokenLayout, optional): how the layer's output maps onto a
-                    grid; ``None`` reads it from the output and the model.
-                    Default: None
-
-    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
-    same signature and defaults) and returns its shapes.
+    {gradient_cam_args}
     ``attr_dim_summation`` must stay True: a principal component has no
     per-channel form.
 
