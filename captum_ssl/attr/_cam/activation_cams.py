@@ -93,14 +93,15 @@ class LayerEigenCam(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map (Eigen-CAM is class-agnostic), but
-                        checked against the model's output when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map (Eigen-CAM is class-agnostic), but checked against
+                        the model's output when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         inputs = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
@@ -157,7 +158,7 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
                         CPU. Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         if attribute_to_layer_input and not self.supports_layer_input:
             raise ValueError(
@@ -374,7 +375,7 @@ class LayerClassActivationMap(_LayerActivationCam):
             relu_attributions (bool, optional): ReLU the map. Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         return self._attribute(
             inputs,

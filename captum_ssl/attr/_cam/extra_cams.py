@@ -100,8 +100,9 @@ class LayerFEM(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map (FEM is class-agnostic), but checked
-                        against the model's output when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map (FEM is class-agnostic), but checked against the
+                        model's output when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
@@ -109,7 +110,7 @@ class LayerFEM(_LayerActivationCam):
                         the mean. Default: 2.0
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         return self._attribute(
             inputs,
@@ -200,7 +201,8 @@ class LayerKPCACam(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map (class-agnostic), checked when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map (class-agnostic), checked when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
@@ -213,7 +215,7 @@ class LayerKPCACam(_LayerActivationCam):
                         Default: 1.0
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         if kernel not in KERNELS:
             raise AttributionInputError(f"kernel={kernel!r}: use one of {KERNELS}.")
@@ -286,7 +288,8 @@ class LayerRandomCam(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map, checked when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map, checked when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
@@ -294,7 +297,7 @@ class LayerRandomCam(_LayerActivationCam):
                         the input's device; ``None`` uses torch's global one.
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         return self._attribute(
             inputs,
@@ -723,7 +726,10 @@ class SobelCam(Attribution):
         r"""
         Args:
             inputs (Tensor): images ``(B, C, H, W)``.
-            target, additional_forward_args: ignored (model-free baseline).
+            target (int, tuple, Tensor or list, optional): ignored (a
+                        model-free baseline), held to the target rule.
+                        Default: None
+            additional_forward_args (Any, optional): ignored. Default: None
 
         Returns:
             Tensor: ``(B, 1, H, W)`` edge maps on the input's device.

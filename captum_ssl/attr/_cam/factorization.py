@@ -198,7 +198,9 @@ class DeepFeatureFactorization(_LayerActivationCam):
             attribute_to_layer_input (bool, optional): use the layer's input.
             init (tuple[Tensor, Tensor], optional): NMF start ``(W (C, k),
                         H (k, B*h*w))``. Default: None (random)
-            max_iter, tol: NMF stopping rule. Default: 200, 1e-4
+            max_iter (int, optional): most NMF sweeps. Default: 200
+            tol (float, optional): NMF stopping rule, relative to the first
+                        sweep's projected gradient. Default: 1e-4
             generator (torch.Generator, optional): for the random start.
 
         Returns:

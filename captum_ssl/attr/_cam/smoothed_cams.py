@@ -99,7 +99,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
                         source of the noise when ``noise`` is None.
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         self._num = int(num_samples if num_samples is not None else self.num_samples)
         self._noise, self._generator = noise, generator
@@ -355,7 +355,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                         noise when ``noise`` is None.
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         if len(inputs) != 1:
