@@ -256,10 +256,11 @@ class _LayerActivationCam(LayerAttribution):
             attribute_to_layer_input=attribute_to_layer_input,
         )
         if len(acts) != 1:
-            raise ValueError(
+            raise AttributionInputError(
                 f"{type(self).__name__} explains a layer with one output tensor; "
                 f"this layer returns {len(acts)}. Choose a submodule that returns "
-                "a single tensor."
+                "a single tensor, or a gradient CAM (LayerGradCam and its "
+                "subclasses return one map per output, as Captum)."
             )
         return acts[0]
 
