@@ -28,8 +28,8 @@ def as_map(attributions: Tensor, rank: int = 2) -> Tensor:
         return attributions
     names = {1: "(L)", 2: "(h, w)", 3: "(d, h, w)"}.get(rank, f"{rank} dims")
     raise ValueError(
-        f"A map with spatial size {names} must be (B, *spatial) or "
-        f"(B, C, *spatial); got shape {tuple(attributions.shape)}."
+        f"A map must be (B, *spatial) or (B, C, *spatial) with spatial size "
+        f"{names}; got shape {tuple(attributions.shape)}."
     )
 
 
