@@ -402,8 +402,8 @@ def test_grad_cam_equals_captum_on_captums_configs(cfg, options):
 
 
 def _extra_parity_cases() -> List[Any]:
-    one = BasicModel_ConvNet_One_Conv()
-    frozen = BasicModel_ConvNet_One_Conv()
+    one = BasicModel_ConvNet_One_Conv().eval()
+    frozen = BasicModel_ConvNet_One_Conv().eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
     img = torch.arange(16.0).view(1, 1, 4, 4)
@@ -412,7 +412,7 @@ def _extra_parity_cases() -> List[Any]:
         ("one_conv_relu", one, "relu1", img),
         ("one_conv_frozen", frozen, "conv1", img),
         ("one_conv_two_inputs", one, "conv1", (img, torch.ones(1, 1, 4, 4))),
-        ("multi_output_layer", BasicModel_MultiLayer(multi_input_module=True)),
+        ("multi_output_layer", BasicModel_MultiLayer(multi_input_module=True).eval()),
     ]
     cases[-1] += ("multi_relu", torch.tensor([[0.0, 6.0, 0.0]]))
     for cfg in CONFIG:
