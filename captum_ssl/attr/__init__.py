@@ -46,8 +46,10 @@ from captum_ssl.attr._cam.smoothed_cams import (
 from captum_ssl.attr._core import (
     AttributionAssertionError,
     AttributionInputError,
+    ConcurrentCallError,
     NonFiniteWarning,
     TrainModeWarning,
+    model_lock,
 )
 from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp import (
@@ -65,6 +67,7 @@ __all__ = [
     "RawAttention",
     "AttributionAssertionError",
     "AttributionInputError",
+    "ConcurrentCallError",
     "LayerAblationCam",
     "LayerClassActivationMap",
     "LayerEigenCam",
@@ -79,6 +82,7 @@ __all__ = [
     "NonFiniteWarning",
     "TokenLayout",
     "TrainModeWarning",
+    "model_lock",
     "DeepFeatureFactorization",
     "Factorization",
     "FullGrad",

@@ -9,11 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import sys
+import threading
+import time
 import warnings
 from types import FrameType
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import torch
 from captum._utils.common import _run_forward, _select_targets
@@ -51,6 +65,11 @@ class NonFiniteWarning(UserWarning):
     """A model output or a map is NaN / Inf; the affected maps are NaN."""
 
 
+class ConcurrentCallError(RuntimeError):
+    """Another thread kept explaining the same model for longer than the
+    caller's ``timeout``; the message names the fix."""
+
+
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # captum_ssl/
 _SKIP = (
     _HERE,
@@ -71,6 +90,152 @@ def user_stacklevel() -> int:
     return level
 
 
+# ---------------------------------------------------------------- concurrency
+#: per thread holding models: the module-id sets of its nested calls
+_HELD: Dict[int, List[Set[int]]] = {}
+_HELD_CHANGED = threading.Condition()
+#: a wait longer than this warns once (a deadlock would otherwise be silent)
+LOCK_WAIT_WARNING_S = 60.0
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (DataLoader worker) has only the forking thread: the
+    other threads' calls do not exist there, and the condition's lock may
+    have been held by one of them at the fork."""
+    global _HELD_CHANGED
+    me = threading.get_ident()
+    for ident in [t for t in _HELD if t != me]:
+        del _HELD[ident]
+    _HELD_CHANGED = threading.Condition()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def models_behind(forward_func: Any) -> List[nn.Module]:
+    """The modules an explanation of ``forward_func`` can run and change.
+
+    ``forward_func`` itself or a bound method's owner (:func:`root_module`);
+    for a plain function (a ``lambda`` or ``def`` wrapping the model) or a
+    ``functools.partial``, the modules it refers to: its closure variables,
+    the global names its code reads, the partial's arguments.
+    """
+    model = root_module(forward_func)
+    if model is not None:
+        return [model]
+    if isinstance(forward_func, functools.partial):
+        found = models_behind(forward_func.func)
+        parts = [*forward_func.args, *forward_func.keywords.values()]
+        return found + [m for m in parts if isinstance(m, nn.Module)]
+    code = getattr(forward_func, "__code__", None)
+    if code is None:
+        return []
+    values = []
+    for cell in getattr(forward_func, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            values.append(cell.cell_contents)
+    names = getattr(forward_func, "__globals__", {})
+    values += [names[n] for n in code.co_names if n in names]
+    return [m for m in values if isinstance(m, nn.Module)]
+
+
+@contextlib.contextmanager
+def model_lock(forward_func: Any, timeout: Optional[float] = None) -> Iterator[None]:
+    """Within the block, no other thread runs an explanation of this model.
+
+    Every attribution and metric of captum_ssl runs inside this lock (entered
+    by :func:`attribution_call` and :func:`eval_mode`), because a call changes
+    the model while it runs: hooks on its layers, which fire for every
+    thread's forward pass; parameters frozen; attention flags and a few
+    modules' ``forward`` replaced; training-mode modules switched to eval.
+    Two calls on one model from two threads therefore run one after the
+    other, each giving the result it gives alone, and the model is exactly
+    as before once both have returned. Calls on different models run in
+    parallel. The lock covers every module of ``forward_func``'s model
+    (:func:`models_behind`), so a wrapper (``EmbeddingSimilarity(vit, refs)``,
+    ``nn.Sequential(normalize, vit)``, a ``lambda x: vit(x)``) and the model
+    it wraps share it. It is re-entrant: nested calls of one thread (a metric
+    running an attribution, Captum's ``NoiseTunnel``) do not wait. Nothing is
+    stored on the model (it stays picklable and copyable), and a forked
+    process (a DataLoader worker) starts with no lock held.
+
+    Use it for your own code that runs the model while other threads explain
+    it (a forward pass for a prediction), or to bound the wait::
+
+        >>> with model_lock(model):
+        ...     logits = model(x)  # never sees another call's hooks or modes
+        >>> with model_lock(model, timeout=5.0):  # ConcurrentCallError after 5 s
+        ...     maps = LayerGradCam(model, model.layer4).attribute(x, target=3)
+
+    Args:
+        forward_func (Callable): the model, or a function or wrapper that
+                    runs it.
+        timeout (float, optional): seconds to wait for other threads' calls
+                    on the model; ``None`` waits as long as they run (with a
+                    warning after :data:`LOCK_WAIT_WARNING_S`). Default: None
+
+    Raises:
+        ConcurrentCallError: the wait exceeded ``timeout``.
+    """
+    roots = models_behind(forward_func)
+    me = threading.get_ident()
+    held = _HELD.get(me)  # only this thread changes its own entry
+    if held and all(any(id(r) in s for s in held) for r in roots):
+        mine: Set[int] = set()  # nested in a call that holds the model already
+    else:
+        mine = {id(m) for root in roots for m in root.modules()}
+    start = time.monotonic()
+    warned = False
+    with _HELD_CHANGED:
+        while True:
+            busy = [t for t, sets in _HELD.items() if t != me and _overlaps(sets, mine)]
+            if not busy:
+                break
+            waited = time.monotonic() - start
+            if timeout is not None and waited >= timeout:
+                raise ConcurrentCallError(_busy_message(forward_func, busy, waited))
+            if not warned and waited >= LOCK_WAIT_WARNING_S:
+                warned = True
+                warnings.warn(
+                    _busy_message(forward_func, busy, waited) + " Still waiting.",
+                    stacklevel=user_stacklevel(),
+                )
+            limits = [LOCK_WAIT_WARNING_S - waited] if not warned else []
+            if timeout is not None:
+                limits.append(timeout - waited)
+            _HELD_CHANGED.wait(max(0.0, min(limits)) if limits else None)
+        _HELD.setdefault(me, []).append(mine)
+    try:
+        yield
+    finally:
+        with _HELD_CHANGED:
+            stack = _HELD.get(me, [])
+            if stack:
+                stack.pop()
+            if not stack:
+                _HELD.pop(me, None)
+            _HELD_CHANGED.notify_all()
+
+
+def _overlaps(sets: List[Set[int]], mine: Set[int]) -> bool:
+    return any(not s.isdisjoint(mine) for s in sets)
+
+
+def _busy_message(forward_func: Any, busy: List[int], waited: float) -> str:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    models = models_behind(forward_func)
+    what = type(models[0]).__name__ if models else "this model"
+    return (
+        f"{what} is being explained by another thread "
+        f"({', '.join(names.get(t, str(t)) for t in busy)}) for {waited:.0f} s: "
+        "calls on one model run one at a time (each call changes the model while "
+        "it runs). For explanations in parallel, give each thread its own model "
+        "(`copy.deepcopy(model)`); to wait longer, use "
+        "`with captum_ssl.attr.model_lock(model, timeout=None):`."
+    )
+
+
 # ------------------------------------------------------------ the model's mode
 #: rows of the explained batch whose model output was not finite (per call)
 _BAD_ROWS: contextvars.ContextVar[Optional[List[Tensor]]] = contextvars.ContextVar(
@@ -89,27 +254,30 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
     naming ``model.eval()``, and each module gets its own mode back on exit,
     also when the block raises. Nested calls (a metric running an
     attribution) warn only once: the inner call finds the model in eval mode.
-    Without a module behind ``forward_func`` this is a no-op.
+    Without a module behind ``forward_func`` this is a no-op. The block runs
+    inside :func:`model_lock`: no other thread's call sees the switch.
     """
-    model = root_module(forward_func)
-    training = [] if model is None else [m for m in model.modules() if m.training]
-    if training and model is not None:
-        names = [n or "(the model)" for n, m in model.named_modules() if m.training]
-        warnings.warn(
-            f"{type(model).__name__} is in training mode ({len(training)} modules, "
-            f"e.g. {', '.join(names[:3])}): {what} runs it in eval mode for this "
-            "call (BatchNorm statistics untouched, dropout off) and restores the "
-            "mode afterwards. Call model.eval() first to make this explicit.",
-            TrainModeWarning,
-            stacklevel=user_stacklevel(),
-        )
-    for m in training:
-        m.training = False
-    try:
-        yield
-    finally:
+    with model_lock(forward_func):
+        model = root_module(forward_func)
+        training = [] if model is None else [m for m in model.modules() if m.training]
+        if training and model is not None:
+            names = [n or "(the model)" for n, m in model.named_modules() if m.training]
+            warnings.warn(
+                f"{type(model).__name__} is in training mode ({len(training)} "
+                f"modules, e.g. {', '.join(names[:3])}): {what} runs it in eval "
+                "mode for this call (BatchNorm statistics untouched, dropout off) "
+                "and restores the mode afterwards. Call model.eval() first to make "
+                "this explicit.",
+                TrainModeWarning,
+                stacklevel=user_stacklevel(),
+            )
         for m in training:
-            m.training = True
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in training:
+                m.training = True
 
 
 @contextlib.contextmanager
@@ -121,12 +289,17 @@ def attribution_call(
     :func:`finish_maps`. Nested scopes share the outermost record.
 
     ``keep_mode=True`` (differentiable maps, ``create_graph=True``, computed
-    inside a training step) leaves every module's mode as the caller set it."""
+    inside a training step) leaves every module's mode as the caller set it.
+    Either way the call holds :func:`model_lock`: calls on one model from
+    several threads run one after the other."""
     outer = _BAD_ROWS.get()
     record: List[Tensor] = [] if outer is None else outer
     token = _BAD_ROWS.set(record) if outer is None else None
     try:
-        with contextlib.nullcontext() if keep_mode else eval_mode(forward_func):
+        with (
+            model_lock(forward_func),
+            contextlib.nullcontext() if keep_mode else eval_mode(forward_func),
+        ):
             yield record
     finally:
         if token is not None:
@@ -554,16 +727,20 @@ def record_from_layer_only(forward_func: Callable) -> Iterator[None]:
     to the layer; Captum's hook makes the layer's output require grad, so only
     the ops after it are recorded. The flags are restored on exit, also when
     the block raises. Without a module behind ``forward_func`` this is a no-op.
+    The block runs inside :func:`model_lock`.
     """
-    model = root_module(forward_func)
-    params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
+    with model_lock(forward_func):
+        model = root_module(forward_func)
+        params = (
+            [] if model is None else [p for p in model.parameters() if p.requires_grad]
+        )
         for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def resolve_layout(

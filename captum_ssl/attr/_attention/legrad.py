@@ -140,10 +140,7 @@ class LeGrad(_AttentionAttribution):
         model = root_module(self.forward_func)
         blocks = [_parent(model, m) for m in modules]  # type: ignore[arg-type]
         outputs: List[List[Tensor]] = [[] for _ in blocks]
-        handles = [
-            blk.register_forward_hook(lambda _m, _i, o, i=i: outputs[i].append(o))
-            for i, blk in enumerate(blocks)
-        ]
+        handles = []
         grads = []
         try:
             with (
@@ -151,6 +148,13 @@ class LeGrad(_AttentionAttribution):
                 capture_attention(modules) as store,
                 torch.enable_grad(),
             ):
+                # on under the call's model lock: no other thread's pass meets them
+                handles += [
+                    blk.register_forward_hook(
+                        lambda _m, _i, o, i=i: outputs[i].append(o)
+                    )
+                    for i, blk in enumerate(blocks)
+                ]
                 x = tuple(
                     t.detach().requires_grad_() if t.is_floating_point() else t
                     for t in inputs

@@ -113,10 +113,6 @@ class _LRPAttribution(Attribution):
         res = _Pass()
         patches: List[Tensor] = []
         handle = None
-        if to == "patches":
-            handle = model.patch_embed.register_forward_hook(
-                lambda _m, _a, out: patches.append(out)
-            )
         try:
             with (
                 attribution_call(self.forward_func) as record,
@@ -125,6 +121,10 @@ class _LRPAttribution(Attribution):
                 capture_attention(modules) as store,
                 torch.enable_grad(),
             ):
+                if to == "patches":  # on under the call's model lock, not before
+                    handle = model.patch_embed.register_forward_hook(
+                        lambda _m, _a, out: patches.append(out)
+                    )
                 xs = tuple(
                     x.detach().requires_grad_() if x.is_floating_point() else x
                     for x in inputs
