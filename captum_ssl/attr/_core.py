@@ -38,6 +38,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 nan = float("nan")
@@ -406,18 +407,43 @@ def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
             )
 
 
+def layer_hint(forward_func: Optional[Callable]) -> str:
+    """A layer of the user's own model for error messages: for a Vision
+    Transformer the norm before the last block's attention, named by its
+    family adapter as it appears in the model (``model.blocks[-1].norm1``,
+    ``model.vit.layers[-1].layernorm_before``, ``model.encoder.layers[-1].ln_1``
+    ...; through a wrapper such as EmbeddingSimilarity with the wrapper's
+    path); else the usual CNN and timm examples."""
+    from captum_ssl.attr._families import find_adapter
+
+    root = None if forward_func is None else root_module(forward_func)
+    try:
+        adapter = None if root is None else find_adapter(root)
+    except Exception:  # a message must never fail: fall back to the examples
+        adapter = None
+    if adapter is None:
+        return "`model.layer4` (a ResNet) or `model.blocks[-1].norm1` (a timm ViT)"
+    hint = adapter.norm_layer_hint()
+    if hint.startswith("model") and root is not None and adapter.model is not root:
+        from captum_ssl.models._layers import layer_expression
+
+        path = next(n for n, m in root.named_modules() if m is adapter.model)
+        hint = layer_expression(path) + hint[len("model") :]
+    return f"`{hint}`" if hint.startswith("model") else hint
+
+
 def check_layer(forward_func: Callable, layer: Any) -> None:
     """Refuse a layer that is not a module, and a ``torch.compile``d model."""
     model = root_module(forward_func)
     if isinstance(layer, str):
         raise AttributionInputError(
             f"layer must be the module itself, not the string {layer!r}: pass "
-            f"`model.get_submodule({layer!r})` (or e.g. `model.layer4`)."
+            f"`model.get_submodule({layer!r})` (or e.g. {layer_hint(forward_func)})."
         )
     if not isinstance(layer, nn.Module):
         raise AttributionInputError(
             f"layer must be an nn.Module of the model, got {type(layer).__name__}: "
-            "pass e.g. `model.layer4` or `model.blocks[-1].norm1`."
+            f"pass e.g. {layer_hint(forward_func)}."
         )
     check_not_compiled(model)
 
@@ -610,10 +636,11 @@ def stack_targets(targets: List[Any]) -> TargetType:
 def checked_forward(forward_func: Callable, target: TargetType) -> Callable:
     """``forward_func`` that validates ``target`` against its output (for one
     forward pass of the whole explained batch: rows whose output is not
-    finite are recorded for :func:`finish_maps`)."""
+    finite are recorded for :func:`finish_maps`). A Hugging Face
+    ``ModelOutput`` is read as a tensor (:func:`~captum_ssl._outputs.model_output`)."""
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if isinstance(out, Tensor):
             check_target(out, target)
             _record_bad_rows(out)  # a full-batch forward: see finish_maps
@@ -638,11 +665,13 @@ def selecting_forward(
     ``batch_rows``, the output rows are those of the explained batch, and the
     rows whose output is not finite are recorded for :func:`finish_maps`.
     With ``select=False`` (gradient-free methods without a target) the output
-    is returned whole.
+    is returned whole. A Hugging Face ``ModelOutput`` is read as a tensor
+    first (:func:`~captum_ssl._outputs.model_output`: a classifier's
+    ``logits``, a backbone's ``pooler_output`` or class token).
     """
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if not isinstance(out, Tensor):
             return out
         if batch_rows:
@@ -683,8 +712,11 @@ def rows(value: Any, index: Tensor, batch: int) -> Any:
 
 # --------------------------------------------------------------- layer access
 @contextlib.contextmanager
-def layer_errors(layer: nn.Module) -> Iterator[None]:
-    """Turn Captum's and autograd's generic failures into errors naming the fix."""
+def layer_errors(
+    layer: nn.Module, forward_func: Optional[Callable] = None
+) -> Iterator[None]:
+    """Turn Captum's and autograd's generic failures into errors naming the fix
+    (and a layer of ``forward_func``'s model)."""
     try:
         yield
     except AssertionError as err:
@@ -692,8 +724,8 @@ def layer_errors(layer: nn.Module) -> Iterator[None]:
             raise AttributionAssertionError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
                 "Pass a submodule that the model's forward actually calls (for "
-                "example `model.layer4` or `model.blocks[-1].norm1`; print(model) "
-                "lists them), and the same model instance as forward_func."
+                f"example {layer_hint(forward_func)}; print(model) lists them), and "
+                "the same model instance as forward_func."
             ) from err
         raise
     except RuntimeError as err:
@@ -757,7 +789,11 @@ def resolve_layout(
     )
 
 
-def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
+def _grid_tuple(
+    layout: TokenLayout,
+    batch: Optional[int] = None,
+    forward_func: Optional[Callable] = None,
+) -> Callable:
     def to_grids(tensors: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         for t in tensors:
             if batch is not None and t.dim() > 0 and t.shape[0] != batch:
@@ -768,7 +804,14 @@ def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
                     "Explain the block or its norm instead, e.g. "
                     "`layers[-1].blocks[-1].norm1`."
                 )
-        return tuple(layout.to_grid(t) for t in tensors)
+        try:
+            return tuple(layout.to_grid(t) for t in tensors)
+        except ValueError as err:
+            if forward_func is None or "Unsupported layer output" not in str(err):
+                raise
+            raise AttributionInputError(
+                f"{err} In this model: {layer_hint(forward_func)}."
+            ) from err
 
     return to_grids
 
@@ -811,7 +854,7 @@ def layer_activations_and_gradients(
         else record_from_layer_only(forward_func)
     )
     mode = contextlib.nullcontext() if create_graph else eval_mode(forward_func)
-    with layer_errors(layer), record, mode:
+    with layer_errors(layer, forward_func), record, mode:
         grads, acts = compute_layer_gradients_and_eval(
             selecting_forward(forward_func, target),
             layer,
@@ -820,7 +863,7 @@ def layer_activations_and_gradients(
             additional_forward_args,
             device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
-            output_fn=_grid_tuple(lay, batch),
+            output_fn=_grid_tuple(lay, batch, forward_func),
             grad_kwargs=grad_kwargs,
         )
     if not create_graph and all(bool((g == 0).all()) for g in grads):
@@ -828,7 +871,7 @@ def layer_activations_and_gradients(
             f"All gradients at the layer {layer.__class__.__name__} are zero for "
             "this target, so gradient-based maps are empty. With a class-token "
             "head the last block's patch tokens do not reach the output: use an "
-            "earlier layer such as `blocks[-1].norm1`.",
+            f"earlier layer such as {layer_hint(forward_func)}.",
             stacklevel=3,
         )
     if create_graph:
@@ -853,7 +896,7 @@ def layer_activations(
     A ``target`` other than ``None`` is checked against the model's output."""
     lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
-    with layer_errors(layer), torch.no_grad(), eval_mode(forward_func):
+    with layer_errors(layer, forward_func), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(
             selecting_forward(forward_func, target, select=target is not None),
             inputs,
@@ -862,7 +905,8 @@ def layer_activations(
             device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-    return _grid_tuple(lay, None if device_ids else inputs[0].shape[0])(acts)
+    batch = None if device_ids else inputs[0].shape[0]
+    return _grid_tuple(lay, batch, forward_func)(acts)
 
 
 @contextlib.contextmanager

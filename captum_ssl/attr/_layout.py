@@ -80,8 +80,9 @@ def declared_layout(
     BEiT, Swin, register-token ViTs, and hybrids such as EfficientFormer) or
     by timm's convention, which any other model can adopt: a ``patch_embed``
     module (its ``patch_size`` / ``grid_size`` / ``dynamic_feat_size`` give
-    the patch grid) or an int ``num_prefix_tokens``. Adapters for other
-    families are added here (and nowhere else).
+    the patch grid) or an int ``num_prefix_tokens``. Other families declare
+    theirs through their adapter in :mod:`captum_ssl.attr._families`
+    (torchvision, open_clip, Hugging Face ViTs), asked here and nowhere else.
 
     Returns:
         TokenLayout or None: ``fmt`` unset (3-D outputs are tokens, 4-D ones
@@ -89,8 +90,17 @@ def declared_layout(
         ``input_hw`` (``None`` where the model does not state it) and
         ``num_prefix_tokens`` (``None`` where not stated).
     """
-    if model is None or not _declares_tokens(model):
+    if model is None:
         return None
+    if not _declares_tokens(model):
+        # a ViT family adapter (torchvision, open_clip, Hugging Face, ...;
+        # captum_ssl/attr/_families), also inside a wrapper
+        from captum_ssl.attr._families import declared_layout as family_layout
+
+        family = family_layout(model, input_hw)
+        if family is None:
+            return None
+        return replace(family, tokens=True)
     embed = getattr(model, "patch_embed", None)
     grid = _grid_from_embed(embed, input_hw) if embed is not None else None
     k = getattr(model, "num_prefix_tokens", None)

@@ -39,6 +39,7 @@ from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._core import (
     checked_forward,
     chunked_scores,
@@ -300,7 +301,7 @@ def layer_output_scores(
     if output_transform is not None:
 
         def fwd(*args: Any, **kwargs: Any) -> Any:
-            return output_transform(forward_func(*args, **kwargs))
+            return output_transform(model_output(forward_func(*args, **kwargs)))
 
     batch = inputs[0].shape[0]
     device = inputs[0].device

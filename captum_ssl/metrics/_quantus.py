@@ -20,6 +20,7 @@ import torch
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import TensorOutput
 from captum_ssl.attr._core import model_lock
 from captum_ssl.metrics._common import (
     MetricInputError,
@@ -275,7 +276,7 @@ def quantus_faithfulness(
             with numpy_compat(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = metric(
-                    model=model,
+                    model=TensorOutput(model),  # Hugging Face: the logits
                     x_batch=x_np,
                     y_batch=y_np,
                     a_batch=a_np,

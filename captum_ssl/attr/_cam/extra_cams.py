@@ -31,6 +31,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._cam.base import (
     LayerGradCam,
     _finish,
@@ -481,7 +482,7 @@ class LayerShapleyCam(LayerGradCam):
         )
         try:
             with (
-                layer_errors(self.layer),
+                layer_errors(self.layer, self.forward_func),
                 frozen,
                 unfused_attention(self.forward_func),
                 torch.enable_grad(),
@@ -502,7 +503,7 @@ class LayerShapleyCam(LayerGradCam):
             )
         act = store[0]
         kwargs = {**(grad_kwargs or {}), "create_graph": True}
-        with layer_errors(self.layer), torch.enable_grad():
+        with layer_errors(self.layer, self.forward_func), torch.enable_grad():
             (grad,) = torch.autograd.grad(out.sum(), act, **kwargs)
             if grad.requires_grad:
                 (hvp,) = torch.autograd.grad(
@@ -664,7 +665,7 @@ class LayerFinerCam(LayerGradCam):
         forward_func = self.forward_func
 
         def finer_forward(*args: Any) -> Tensor:
-            out = forward_func(*args)
+            out = model_output(forward_func(*args))
             check_target(out, target)
             tgt = torch.as_tensor(classes, device=out.device) % out.shape[1]
             return finer_score(out, tgt, comparison_categories, alpha)

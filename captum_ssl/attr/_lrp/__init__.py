@@ -6,7 +6,7 @@ from captum_ssl.attr._lrp.methods import (
     TransformerAttribution,
     TransformerLRP,
 )
-from captum_ssl.attr._lrp.propagate import SUPPORTED_MODELS, relevance_rules
+from captum_ssl.attr._lrp.propagate import relevance_rules
 from captum_ssl.attr._lrp.rules import AttnLRPRules, CheferRules
 
 __all__ = [
