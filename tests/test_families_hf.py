@@ -189,7 +189,7 @@ def _methods():
         "AttentionFlow",
         "LeGrad",
         "TransformerAttribution",
-        "LRP",
+        "TransformerLRP",
         "PartialLRP",
         "AttnLRP",
     ]
@@ -363,7 +363,7 @@ def test_every_method_on_a_dinov2_classifier_batched_per_sample_targets():
     for name, method in _methods().items():
         both = method(model).attribute(x, target=[3, 1])
         one = method(model).attribute(x[1:], target=1)
-        assert both.shape == ((2, 1, 42, 42) if name == "LRP" else (2, 1, 3, 3))
+        assert both.shape == ((2, 1, 42, 42) if name == "TransformerLRP" else (2, 1, 3, 3))
         torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-7, msg=name)
 
 
