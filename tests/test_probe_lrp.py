@@ -34,12 +34,12 @@ from test_lrp import (
 )
 
 from captum_ssl.attr import (
-    LRP,
     AttnLRP,
     GenericAttention,
     LeGrad,
     PartialLRP,
     TransformerAttribution,
+    TransformerLRP,
 )
 from captum_ssl.attr._core import AttributionInputError
 from captum_ssl.models import TokenLinearProbe, TokenProbe
@@ -49,7 +49,7 @@ LRP_CALLS = [
     (TransformerAttribution, {}),
     (TransformerAttribution, {"start_layer": 1}),
     (PartialLRP, {}),
-    (LRP, {}),
+    (TransformerLRP, {}),
     (AttnLRP, {}),
     (AttnLRP, {"cp": True}),
     (AttnLRP, {"at": "pixels"}),

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 
 def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
-    """``"name:a=1,b='x'"`` -> ``("name", {"a": 1, "b": "x"})``."""
+    """``"name:a=1,b='x'"`` -> ``("name", {"a": 1, "b": "x"})``; ``true`` /
+    ``false`` in any case are booleans."""
     name, _, rest = text.partition(":")
     opts: Dict[str, Any] = {}
     if rest:
@@ -35,6 +36,9 @@ def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
                     f"{text!r}: options are written name:option=value,option=value"
                 )
             k, v = part.split("=", 1)
+            if v.strip().lower() in ("true", "false"):  # any case, as a shell user
+                opts[k.strip()] = v.strip().lower() == "true"
+                continue
             try:
                 opts[k.strip()] = ast.literal_eval(v.strip())
             except (ValueError, SyntaxError):
@@ -167,19 +171,6 @@ def registry_model(name: str, random_weights: bool = False) -> ModelSpec:
     )
 
 
-def lrp_refusal(model: nn.Module) -> str:
-    """Why the LRP methods refuse ``model`` (their own message; a skeleton on
-    the meta device will do), "" when they apply."""
-    from captum_ssl.attr._core import AttributionInputError
-    from captum_ssl.attr._families import lrp_adapter
-
-    try:
-        lrp_adapter(model)
-    except AttributionInputError as e:
-        return str(e)
-    return ""
-
-
 def missing_files_message(names: List[str]) -> str:
     """Which files to download, and where, for registry models not present."""
     from captum_ssl.models import describe
@@ -255,7 +246,7 @@ ATTENTION = {
 LRP_METHODS = {
     "transformer_attribution": "TransformerAttribution",
     "partial_lrp": "PartialLRP",
-    "lrp": "LRP",
+    "transformer_lrp": "TransformerLRP",
     "attnlrp": "AttnLRP",
     "cp_lrp": "AttnLRP",
 }
@@ -331,7 +322,7 @@ COST_CLASS = {
     "dff": "none",
     "transformer_attribution": "gradient",
     "partial_lrp": "gradient",
-    "lrp": "gradient",
+    "transformer_lrp": "gradient",
     "attnlrp": "gradient",
     "cp_lrp": "gradient",
 }

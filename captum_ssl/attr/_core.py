@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from types import FrameType
 from typing import (
     Any,
     Callable,
@@ -49,6 +50,14 @@ class AttributionInputError(ValueError):
     """Bad input to an attribution method; the message names the fix."""
 
 
+class AttributionAssertionError(AttributionInputError, AssertionError):
+    """Bad input that Captum rejects with an ``AssertionError``: a target that
+    does not fit the model's output (type, shape, length, missing), a layer
+    that never runs. Catchable as :class:`AttributionInputError` (a
+    ``ValueError``) and as ``AssertionError``, as code written against Captum
+    expects; the message names the fix."""
+
+
 class TrainModeWarning(UserWarning):
     """The model (or a module of it) was in training mode; the call ran in eval."""
 
@@ -75,7 +84,8 @@ _SKIP = (
 def user_stacklevel() -> int:
     """``stacklevel`` of the first frame outside captum_ssl (and contextlib),
     so that a warning points at the user's call."""
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_SKIP):
         frame, level = frame.f_back, level + 1
     return level
@@ -251,7 +261,7 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
     with model_lock(forward_func):
         model = root_module(forward_func)
         training = [] if model is None else [m for m in model.modules() if m.training]
-        if training:
+        if training and model is not None:
             names = [n or "(the model)" for n, m in model.named_modules() if m.training]
             warnings.warn(
                 f"{type(model).__name__} is in training mode ({len(training)} "
@@ -367,6 +377,8 @@ def format_inputs(
             f"inputs has shape {tuple(x.shape)}: one unbatched image (C, H, W). "
             "Add the batch dimension: `x.unsqueeze(0)` (or `x[None]`)."
         )
+    check_device(model, inputs)
+    check_patch_grid(model, x)
     if needs_grad and (
         torch.is_inference_mode_enabled() or any(t.is_inference() for t in inputs)
     ):
@@ -379,6 +391,61 @@ def format_inputs(
         )
     check_finite(inputs)
     return inputs
+
+
+def check_device(model: Optional[nn.Module], inputs: Tuple[Tensor, ...]) -> None:
+    """Refuse inputs on another device than the model's weights (which fail
+    deep inside the forward pass, e.g. ``Tensor.item() cannot be called on
+    meta tensors``). DataParallel models scatter their inputs themselves."""
+    if model is None or isinstance(model, nn.DataParallel):
+        return
+    weight = next(model.parameters(), None)
+    if weight is None:
+        return
+    bad = [t.device for t in inputs if t.device != weight.device]
+    if not bad:
+        return
+    if weight.device.type == "meta":
+        raise AttributionInputError(
+            "The model's weights are on the meta device: they were never loaded "
+            "(a model built with device='meta' or empty weights). Load its "
+            "weights (e.g. `model.to_empty(device='cpu')` then "
+            "`load_state_dict`) before explaining it."
+        )
+    raise AttributionInputError(
+        f"inputs are on {bad[0]} but the model's weights are on {weight.device}: "
+        f"move the inputs, `x = x.to('{weight.device}')` (or the model, "
+        f"`model.to('{bad[0]}')`)."
+    )
+
+
+def check_patch_grid(model: Optional[nn.Module], x: Tensor) -> None:
+    """Refuse an image size a timm patch embedding cannot take, naming the
+    sizes that work (timm's own assertion names neither the fix nor them)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if x.dim() != 4 or not isinstance(patch, tuple) or len(patch) != 2:
+        return
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    if getattr(embed, "strict_img_size", False):
+        size = tuple(getattr(embed, "img_size", None) or ())
+        if size and hw != size:
+            raise AttributionInputError(
+                f"inputs are {hw[0]} x {hw[1]} but the model takes {size[0]} x "
+                f"{size[1]} images: resize them (the model's preprocessing), or "
+                "build the timm model with dynamic_img_size=True."
+            )
+        return
+    if getattr(embed, "dynamic_img_pad", False):
+        return
+    if hw[0] % patch[0] or hw[1] % patch[1]:
+        sizes = [f"{(n // p) * p} or {-(-n // p) * p}" for n, p in zip(hw, patch)]
+        raise AttributionInputError(
+            f"inputs are {hw[0]} x {hw[1]}, not a multiple of the model's "
+            f"{patch[0]} x {patch[1]} patches: crop or pad them to a height of "
+            f"{sizes[0]} and a width of {sizes[1]}, or build the timm model "
+            "with dynamic_img_pad=True."
+        )
 
 
 def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
@@ -397,7 +464,7 @@ def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
             )
 
 
-def layer_hint(forward_func: Callable) -> str:
+def layer_hint(forward_func: Optional[Callable]) -> str:
     """A layer of the user's own model for error messages: for a Vision
     Transformer the norm before the last block's attention, named by its
     family adapter as it appears in the model (``model.blocks[-1].norm1``,
@@ -406,7 +473,7 @@ def layer_hint(forward_func: Callable) -> str:
     path); else the usual CNN and timm examples."""
     from captum_ssl.attr._families import find_adapter
 
-    root = root_module(forward_func)
+    root = None if forward_func is None else root_module(forward_func)
     try:
         adapter = None if root is None else find_adapter(root)
     except Exception:  # a message must never fail: fall back to the examples
@@ -414,7 +481,7 @@ def layer_hint(forward_func: Callable) -> str:
     if adapter is None:
         return "`model.layer4` (a ResNet) or `model.blocks[-1].norm1` (a timm ViT)"
     hint = adapter.norm_layer_hint()
-    if hint.startswith("model") and adapter.model is not root:
+    if hint.startswith("model") and root is not None and adapter.model is not root:
         from captum_ssl.models._layers import layer_expression
 
         path = next(n for n, m in root.named_modules() if m is adapter.model)
@@ -472,7 +539,7 @@ def normalize_target(target: TargetType) -> TargetType:
     """
 
     def refuse(what: str) -> AttributionInputError:
-        return AttributionInputError(
+        return AttributionAssertionError(
             f"target {what} is not a class index: pass an int (e.g. target=3), a "
             "list of ints or an integer tensor with one class per sample (e.g. "
             "`labels.long()`)."
@@ -497,19 +564,19 @@ def normalize_target(target: TargetType) -> TargetType:
             target = target[:, 0]
         if target.dim() > 1:
             return _raise(
-                AttributionInputError(
+                AttributionAssertionError(
                     f"target has shape {tuple(target.shape)}: give one class per "
                     "sample as a 1-D tensor (B,) or (B, 1), or one int."
                 )
             )
         return target.long()
     if isinstance(target, tuple):
-        return tuple(normalize_target(t) for t in target)  # type: ignore[return-value]
+        return tuple(normalize_target(t) for t in target)
     if isinstance(target, list):
         out = []
         for t in target:
             if isinstance(t, Tensor) and t.numel() == 1:
-                t = normalize_target(t).item()  # type: ignore[union-attr]
+                t = normalize_target(t).item()
             elif not isinstance(t, (int, tuple)) or isinstance(t, bool):
                 return _raise(
                     refuse(f"entry {t!r} ({type(t).__name__}) in the target list")
@@ -517,7 +584,7 @@ def normalize_target(target: TargetType) -> TargetType:
             out.append(normalize_target(t))
         return out
     return _raise(
-        AttributionInputError(
+        AttributionAssertionError(
             f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
             "a tensor or a list with one entry per sample."
         )
@@ -528,44 +595,61 @@ def _raise(err: Exception) -> Any:
     raise err
 
 
+def check_target_count(target: TargetType, batch: int) -> None:
+    """Raise a clear error when a per-sample ``target`` (normalised) does not
+    hold one entry per sample of a batch of ``batch`` (a single class is fine)."""
+    if isinstance(target, Tensor) and target.numel() not in (1, batch):
+        raise AttributionAssertionError(
+            f"target has {target.numel()} entries for a batch of {batch}: give "
+            "one class index, or one per sample."
+        )
+    if isinstance(target, list) and len(target) != batch:
+        raise AttributionAssertionError(
+            f"target is a list of {len(target)} for a batch of {batch}: give "
+            "one target per sample."
+        )
+
+
 def check_target(output: Tensor, target: TargetType) -> None:
     """Raise a clear error when ``target`` cannot index ``output``."""
     target = normalize_target(target)
     if target is None:
         if output.dim() > 1 and output[0].numel() > 1:
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"The model returns {tuple(output.shape)} scores per batch; pass "
                 "target=<class index> (an int, or one per sample) to choose one."
             )
         return
     batch = output.shape[0]
-    if isinstance(target, Tensor):
-        if target.numel() not in (1, batch):
-            raise AttributionInputError(
-                f"target has {target.numel()} entries for a batch of {batch}: give "
-                "one class index, or one per sample."
+    check_target_count(target, batch)
+    tuples = [target] if isinstance(target, tuple) else []
+    if isinstance(target, list):
+        tuples = [t for t in target if isinstance(t, tuple)]
+    for t in tuples:
+        if len(t) > output.dim() - 1:
+            raise AttributionAssertionError(
+                f"target {t} indexes {len(t)} output dimensions, but the model "
+                f"returns {tuple(output.shape)} ({output.dim() - 1} per sample): "
+                "pass one index per output dimension after the batch, e.g. "
+                f"target={t[: max(output.dim() - 1, 1)]}."
             )
+    if isinstance(target, Tensor):
         indices: Sequence = target.flatten().tolist()
     elif isinstance(target, int):
         indices = [target]
     elif isinstance(target, tuple):
         indices = [target[0]]
     else:
-        if len(target) != batch:
-            raise AttributionInputError(
-                f"target is a list of {len(target)} for a batch of {batch}: give "
-                "one target per sample."
-            )
         indices = [t[0] if isinstance(t, tuple) else t for t in target]
     if output.dim() < 2:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"The model returns one score per sample {tuple(output.shape)}; call "
             "attribute with target=None."
         )
     n = output.shape[1]
     bad = [int(i) for i in indices if not -n <= int(i) < n]
     if bad:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"target {bad[0]} is out of range for a model with {n} outputs: use a "
             f"class index in [0, {n - 1}] (or a negative index down to {-n})."
         )
@@ -595,6 +679,7 @@ def per_sample_targets(target: TargetType, batch: int) -> List[Any]:
     target = normalize_target(target)
     if target is None:
         return [None] * batch
+    check_target_count(target, batch)
     if isinstance(target, Tensor):
         flat = target.flatten()
         return [flat[0 if flat.numel() == 1 else i] for i in range(batch)]
@@ -700,7 +785,7 @@ def layer_errors(
         yield
     except AssertionError as err:
         if "did not obtain any outputs" in str(err):
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
                 "Pass a submodule that the model's forward actually calls (for "
                 f"example {layer_hint(forward_func)}; print(model) lists them), and "
@@ -759,9 +844,13 @@ def resolve_layout(
     layer: nn.Module,
     inputs: Tuple[Tensor, ...],
     layout: Optional[TokenLayout],
+    attribute_to_layer_input: bool = False,
 ) -> TokenLayout:
-    """The layout of ``layer`` for this call (grid follows the input size)."""
-    return layout_for(forward_func, layer, input_hw(inputs), layout)
+    """The layout of ``layer``'s output (or, with ``attribute_to_layer_input``,
+    its input) for this call (the grid follows the input size)."""
+    return layout_for(
+        forward_func, layer, input_hw(inputs), layout, attribute_to_layer_input
+    )
 
 
 def _grid_tuple(
@@ -804,7 +893,8 @@ def layer_activations_and_gradients(
     grad_kwargs: Optional[dict] = None,
     create_graph: bool = False,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
-    """Activations and target gradients of ``layer`` as ``(B, C, h, w)`` grids.
+    """Activations and target gradients of ``layer`` as channels-first grids
+    ``(B, C, *spatial)`` (``(B, C, h, w)`` for token and channels-last layers).
 
     One forward pass with a hook on ``layer`` and one backward pass from the
     selected target down to the layer only (Captum's
@@ -815,7 +905,7 @@ def layer_activations_and_gradients(
     detached, so a loss on a map built from them backpropagates into the
     model's parameters (second-order terms included).
     """
-    lay = resolve_layout(forward_func, layer, inputs, layout)
+    lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     batch = None if device_ids else inputs[0].shape[0]
     if create_graph:
@@ -864,10 +954,11 @@ def layer_activations(
     device_ids: Optional[List[int]] = None,
     attribute_to_layer_input: bool = False,
 ) -> Tuple[Tensor, ...]:
-    """Activations of ``layer`` as ``(B, C, h, w)`` grids, without gradients.
+    """Activations of ``layer`` as channels-first grids ``(B, C, *spatial)``,
+    without gradients.
 
     A ``target`` other than ``None`` is checked against the model's output."""
-    lay = resolve_layout(forward_func, layer, inputs, layout)
+    lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     with layer_errors(layer, forward_func), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(
@@ -963,7 +1054,7 @@ def chunked_scores(
             f"automatic chunk size; got {perturbations_per_eval!r}."
         )
     targets = per_sample_targets(target, batch)
-    scores = torch.empty(total, device=device)
+    scores: Optional[Tensor] = None  # float32, or the model's dtype if wider
     starts = range(0, total, perturbations_per_eval)
     if show_progress:
         from captum._utils.progress import progress
@@ -979,7 +1070,11 @@ def chunked_scores(
             args = rows(additional_forward_args, b_idx.to(device), batch)
             ctx = context(b_idx, j_idx) if context else contextlib.nullcontext()
             with ctx:
-                scores[start : start + len(idx)] = target_scores(
-                    forward_func, batch_inputs, sub_target, args
-                )
+                chunk = target_scores(forward_func, batch_inputs, sub_target, args)
+            if scores is None:
+                dtype = torch.promote_types(chunk.dtype, torch.float32)
+                scores = torch.empty(total, device=device, dtype=dtype)
+            scores[start : start + len(idx)] = chunk
+    if scores is None:  # nothing to evaluate
+        scores = torch.empty(total, device=device)
     return scores.reshape(batch, n_per_sample)
