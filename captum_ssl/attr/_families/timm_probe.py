@@ -18,7 +18,7 @@ head reads the class token, so the class-token methods apply.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, cast
 
 from torch import Tensor, nn
 
@@ -26,6 +26,9 @@ from captum_ssl.attr._families.base import FamilyAdapter, register
 from captum_ssl.attr._families.timm_vit import TimmViTAdapter
 from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
+
+if TYPE_CHECKING:
+    from captum_ssl.models._heads import TokenLinearProbe
 
 
 def patch_mean(P: Propagator) -> Callable[[Tensor], Tensor]:
@@ -44,7 +47,8 @@ class TokenLinearProbeAdapter(FamilyAdapter):
 
     def __init__(self, model: nn.Module, prefix: str = "") -> None:
         super().__init__(model, prefix)
-        self.backbone = model.backbone
+        self.wrapper = cast("TokenLinearProbe", model)
+        self.backbone: Any = self.wrapper.backbone  # a timm VisionTransformer
         #: the backbone's own family (blocks, attention, layout, norms)
         self.inner = TimmViTAdapter(self.backbone, prefix + "backbone.")
 
@@ -73,7 +77,7 @@ class TokenLinearProbeAdapter(FamilyAdapter):
         """LeGrad: the mean token through the final norm, read by the probe
         in place of every token it reads (each class token and the patch
         mean), then the head."""
-        model, norm = self.model, self.backbone.norm
+        model, norm = self.wrapper, self.backbone.norm
         k, mean = model.probe.n_last_blocks, model.probe.patch_mean
 
         def project(z: Tensor) -> Tensor:
@@ -95,7 +99,7 @@ class TokenLinearProbeAdapter(FamilyAdapter):
         return None  # the backbone's global_pool is never used by the probe
 
     def plan(self, P: Propagator, embedding: bool) -> Plan:
-        model = self.model
+        model = self.wrapper
         plan = self.inner.plan(P, embedding)
         plan_leaf(P, plan, model.head, self.prefix + "head")
         mean = patch_mean(P)
