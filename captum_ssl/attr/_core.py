@@ -23,6 +23,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._progress import progress_bar
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 nan = float("nan")
@@ -745,9 +746,7 @@ def chunked_scores(
     scores = torch.empty(total, device=device)
     starts = range(0, total, perturbations_per_eval)
     if show_progress:
-        from captum._utils.progress import progress
-
-        starts = progress(starts, desc=desc, total=len(starts))
+        starts = progress_bar(starts, desc, len(starts), unit="batch")
     # one eval-mode switch (and at most one warning) for the whole loop
     with eval_mode(forward_func):
         for start in starts:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._progress import progress_bar
 from ..models._preprocessing import Preprocessing
 from ._files import UnreadableImageError, image_ids, open_image, skip_warning
 from ._photos import Photos, _preprocessing, bundled_photos
@@ -168,8 +169,9 @@ class ImageNetSamples(Dataset):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         starts = range(0, len(self), batch_size)
-        if progress:
-            starts = _progress(starts, total=len(starts), desc="ImageNet samples")
+        starts = progress_bar(
+            starts, "ImageNet samples", len(starts), progress, unit="batch"
+        )
         for start in starts:
             raws, idx = [], []
             for i in range(start, min(start + batch_size, len(self))):
@@ -189,14 +191,6 @@ class ImageNetSamples(Dataset):
                 raw=raw,
                 accepted=[(label,) for label in labels],
             )
-
-
-def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with quantus
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch")
 
 
 def image_batches(
