@@ -3,6 +3,10 @@ main job's first line comes early, and Score-CAM's channel knob is exact."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,56 @@ def test_score_cam_max_channels_is_softmax_over_the_highest_variance_channels(
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_channels must be an integer"):
             cam.attribute(images, target=targets, max_channels=bad)
+
+
+def test_heartbeat_names_the_step_when_nothing_else_was_said(monkeypatch):
+    from benchmarks.evaluation import pipeline as P
+
+    monkeypatch.setattr(P, "QUIET_SECONDS", 0.2)
+    lines: list = []
+    with P.Progress(lines.append, total=4) as progress:
+        progress.now("scoring the masks")
+        time.sleep(0.8)
+        progress.tick()
+        progress.say("one step done" + progress.status())
+        time.sleep(0.8)
+    quiet = [s for s in lines if s.startswith("  ... scoring the masks")]
+    assert quiet and "time left estimated after the first step" in quiet[0]
+    assert "[1/4 steps" in lines[lines.index(next(s for s in lines if "one step" in s))]
+    assert "s left)" in lines[-1] and "about" in lines[-1]  # estimate once measured
+    n = len(lines)
+    time.sleep(0.5)
+    assert len(lines) == n  # the thread stopped with the block
+
+
+def test_main_job_first_line_comes_early_with_an_estimate_later(tmp_path):
+    """Time to the first line of ``python -m benchmarks.run`` in a subprocess
+    (loading included); 10 s is the aim on 2 quiet cores, the bound here is
+    loose for a busy CI machine. The run is stopped once a line estimates the
+    time left."""
+    cmd = [
+        sys.executable, "-u", "-m", "benchmarks.run", "--out", str(tmp_path),
+        "--limit", "2", "--batch-size", "1", "--methods", "gradcam",
+        "--metrics", "average_drop", "--no-figures",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            seen.append((time.perf_counter() - start, line.rstrip()))
+            if "s left]" in line and "about" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert seen, "no output at all"
+    first_s, first = seen[0]
+    assert first_s < 60, f"first line after {first_s:.1f} s: {first}"
+    assert any("about" in s and "s left]" in s for _, s in seen), seen[-5:]
+    gaps = [b - a for (a, _), (b, _) in zip(seen, seen[1:])]
+    print(f"first line after {first_s:.1f} s; longest silence {max(gaps or [0]):.1f} s")
