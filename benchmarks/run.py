@@ -39,6 +39,7 @@ _T0 = time.perf_counter()  # wall time counts imports too
 import argparse  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Dict, List, Optional, Sequence  # noqa: E402
@@ -168,7 +169,10 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         action="store_true",
         help="regenerate tables and figures from the store, compute nothing",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the command as typed, for the report's settings
+    args.command = shlex.join(sys.argv[1:] if argv is None else list(argv))
+    return args
 
 
 def _configure(args: argparse.Namespace) -> None:

@@ -54,7 +54,8 @@ def main(out: Path) -> None:
     x, raw = photo.images, photo.raw  # (1, 3, 224, 224) input, [0, 1] crop
     model = zoo.load("efficientnet_lite0")  # eval mode, real weights
     with torch.no_grad():
-        pred = int(model(x).argmax(1))
+        probs = model(x).softmax(1)[0]
+    pred = int(probs.argmax())
     print(f"1. EfficientNet-Lite0 sees class {pred} ({class_name(pred)})")
     assert pred in photo.accepted[0], "the real model recognises the cat"
 
@@ -80,16 +81,19 @@ def main(out: Path) -> None:
     vit_cam = LayerGradCam(vit, vit.blocks[-1].norm1).attribute(x, target=pred)
     print(f"3. random-init ViT: Generic Attention / Grad-CAM {tuple(generic.shape)}")
 
-    fig = grid_figure(
+    fig = grid_figure(  # colour bar, labels, prediction; 150 dpi
         raw,
         {
             "Grad-CAM": gradcam,
             "Grad-CAM++": gradcampp,
-            "ViT Generic Attn. (random init)": generic,
-            "ViT Grad-CAM (random init)": vit_cam,
+            "ViT Generic Attn.\n(random init)": generic,
+            "ViT Grad-CAM\n(random init)": vit_cam,
         },
+        row_labels=photo.names,
+        predictions=[(pred, float(probs[pred]))],
+        true_classes=photo.accepted,
     )
-    fig.savefig(out / "tutorial_maps.png", dpi=80)
+    fig.savefig(out / "tutorial_maps.png")
     print(f"   overlays written to {out / 'tutorial_maps.png'}")
 
     # 4. A metric: deleting the most important pixels first should make the

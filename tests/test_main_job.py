@@ -110,6 +110,11 @@ def test_explain_writes_one_figure_and_prints_top_classes(tmp_path, capsys):
     assert fig.is_file() and fig.with_suffix(".svg").is_file()
     with Image.open(fig) as im:  # image + 2 methods, >= 160 px each
         assert im.size[0] >= 3 * 160
+    # the same page as the main job's report, for this photo
+    page = (tmp_path / "explain" / f"{path.stem}.html").read_text()
+    for method in ("gradcam", "eigencam"):
+        assert f'alt="{method} on efficientnet_lite0"' in page
+    assert "top classes" in page and page.count("<img") == 3
     (tmp_path / "broken.jpg").write_text("not an image")
     with pytest.raises(SystemExit, match="cannot read .*broken.jpg"):
         main(["--explain", str(tmp_path / "broken.jpg"), "--out", str(tmp_path)])
@@ -155,3 +160,89 @@ def test_printed_tables_show_the_family_difference(tmp_path):
     assert f"{cmp['diff']:.3f} ± {cmp['diff_ci95']:.3f}" in line
     assert "average_drop ↓" in line and cmp["better"] in line.split()[-1]
     assert max(len(x) for x in text.splitlines()) <= 120  # fits a terminal
+
+
+def test_family_differences_pair_within_each_family(tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from benchmarks.evaluation import tables as T
+    from benchmarks.evaluation.store import ResultStore
+    from benchmarks.evaluation.summary import tables_text
+    from tests.test_evaluation import stored
+
+    # one architecture, two families: pairing by architecture would cross them
+    def spec(name, training, seed, family):
+        return dataclasses.replace(tiny_spec(name, training, seed), family=family)
+
+    specs = [
+        spec("a_sup", "supervised", 0, "vit_s"),
+        spec("b_sup", "supervised", 1, "resnet50"),
+        spec("a_ssl", "self-supervised", 2, "vit_s"),
+        spec("b_ssl1", "self-supervised", 3, "resnet50"),
+        spec("b_ssl2", "self-supervised", 4, "resnet50"),
+    ]
+    plan = P.run(config(tmp_path, specs, limit=3, metrics=["average_drop"]))
+    with ResultStore(tmp_path / P.DB_NAME) as store:
+        tabs = T.build_tables(store, plan)
+    pairs = [
+        (r["family"], r["supervised"], r["self_supervised"]) for r in tabs["comparison"]
+    ]
+    assert pairs == [
+        ("ViT-S", "a_sup", "a_ssl"),
+        ("ResNet-50", "b_sup", "b_ssl1"),
+        ("ResNet-50", "b_sup", "b_ssl2"),
+    ]
+    values = stored(tmp_path)
+    for r in tabs["comparison"]:
+        images = sorted(i for (m, _, _, i) in values if m == r["supervised"])
+        d = [
+            values[r["self_supervised"], "gradcam", "average_drop", i]
+            - values[r["supervised"], "gradcam", "average_drop", i]
+            for i in images
+        ]
+        assert r["n"] == 3 and np.isclose(r["diff"], np.mean(d))
+    text = tables_text(tabs)
+    assert "\nViT-S:\n" in text and "\nResNet-50:\n" in text
+    resnet = text.split("\nResNet-50:\n")[1].split("Cost on")[0]
+    assert "b_ssl2 - b_sup" in resnet and "a_ssl" not in resnet
+
+
+def test_vit_s_family_runs_cams_attention_and_lrp_where_it_applies(
+    tmp_path, monkeypatch
+):
+    """DeiT-S and DINOv2 with registers (its probe wrapper) through the
+    pipeline: CAMs and attention on both, LRP on DeiT-S, skipped with its
+    reason on the wrapper; the pair lands in the ViT-S family."""
+    import dataclasses
+    import functools
+
+    from benchmarks.evaluation import methods as M
+    from benchmarks.evaluation import tables as T
+    from benchmarks.evaluation.store import ResultStore
+    from captum_ssl import models as zoo
+    from tests.test_models import write_official
+
+    monkeypatch.setenv(zoo.WEIGHTS_ENV, str(tmp_path))
+    specs = []
+    for name in ("deit_small", "dinov2_vit_small_reg"):
+        _, kwargs, size = write_official(name, tmp_path)
+        spec = M.registry_model(name)
+        pre = zoo.Preprocessing(size, size, "bicubic")
+        build = functools.partial(zoo.load, name, tmp_path, **kwargs)
+        specs.append(dataclasses.replace(spec, build=build, preprocessing=pre))
+    methods = ["gradcam", "raw_attention", "attnlrp"]
+    plan = P.run(config(tmp_path / "out", specs, methods, ["average_drop"], 2))
+    (skip,) = plan.skipped
+    assert skip[:2] == ("dinov2_vit_small_reg", "attnlrp")
+    assert "linear-probe wrapper" in skip[2] and "LRP" in skip[2]
+    with ResultStore(tmp_path / "out" / P.DB_NAME) as store:
+        tabs = T.build_tables(store, plan)
+    rows = {(r["model"], r["method"]) for r in tabs["per_model"]}
+    assert rows == {("deit_small", m) for m in methods} | {
+        ("dinov2_vit_small_reg", "gradcam"),
+        ("dinov2_vit_small_reg", "raw_attention"),
+    }
+    assert {r["family"] for r in tabs["comparison"]} == {"ViT-S"}
+    assert {r["method"] for r in tabs["comparison"]} == {"gradcam", "raw_attention"}

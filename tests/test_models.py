@@ -44,6 +44,7 @@ SHARED_HEAD = (
 VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 CAIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 XCIT = dict(img_size=32, embed_dim=64, depth=2, num_heads=2)
+DINOV2 = dict(img_size=28, patch_size=14, embed_dim=64, depth=2, num_heads=2)
 SWIN = dict(
     img_size=64,
     window_size=2,
@@ -115,6 +116,43 @@ def _effnet_official(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return dict(zip(names, state.values()))
 
 
+def _backbone_state(m: nn.Module) -> Dict[str, torch.Tensor]:
+    """The timm backbone's tensors of a ``TokenLinearProbe``, in timm naming."""
+    return dict(m.backbone.state_dict())
+
+
+def _dinov2_official(m: nn.Module) -> Dict[str, Any]:
+    """facebookresearch/dinov2 files: the backbone (``mask_token``, and with
+    registers ``register_tokens`` plus a class-token position that timm folds
+    into its class token) and the linear head as a plain ``{weight, bias}``."""
+    state = _backbone_state(m)
+    dim = state["cls_token"].shape[-1]
+    state["mask_token"] = torch.zeros(1, dim)
+    if "reg_token" in state:
+        state["register_tokens"] = state.pop("reg_token")
+        # official cls + official cls position == timm's cls token, bit for bit
+        cls_pos, cls = torch.randn(1, 1, dim), torch.randn(1, 1, dim)
+        m.backbone.cls_token.data = cls + cls_pos
+        state["cls_token"] = cls
+        state["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], dim=1)
+    return {
+        "backbone": state,
+        "head": {"weight": m.head.weight, "bias": m.head.bias},
+    }
+
+
+def _dino_vit_official(m: nn.Module) -> Dict[str, Any]:
+    """DINO ViT files: the teacher backbone in timm naming, the linear weights."""
+    return {
+        "backbone": _backbone_state(m),
+        "head": _dino_head(m.head.weight, m.head.bias),
+    }
+
+
+def _entry_build(name: str, **kw: Any) -> Callable[[], nn.Module]:
+    return lambda: zoo.entry(name).build(**kw)
+
+
 def _torchvision_resnet() -> nn.Module:
     import torchvision
 
@@ -175,6 +213,48 @@ CASES: Dict[str, Tuple[Callable, Dict[str, Any], int, Callable]] = {
             }
         },
     ),
+    "deit_small": (
+        _timm("deit_small_patch16_224", **VIT),
+        VIT,
+        32,
+        lambda m: {"weights": {"model": m.state_dict()}},
+    ),
+    "moco_v3_vit_small": (
+        _entry_build("moco_v3_vit_small", **VIT),
+        VIT,
+        32,
+        lambda m: {
+            "weights": {
+                "epoch": 90,
+                "arch": "vit_small",
+                "state_dict": _prefixed(m.state_dict(), "module."),
+            }
+        },
+    ),
+    "dino_vit_small": (
+        _entry_build("dino_vit_small", **dict(VIT, depth=4)),
+        dict(VIT, depth=4),
+        32,
+        _dino_vit_official,
+    ),
+    "dino_vit_base": (
+        _entry_build("dino_vit_base", **VIT),
+        VIT,
+        32,
+        _dino_vit_official,
+    ),
+    "dinov2_vit_small": (
+        _entry_build("dinov2_vit_small", **DINOV2),
+        DINOV2,
+        28,
+        _dinov2_official,
+    ),
+    "dinov2_vit_small_reg": (
+        _entry_build("dinov2_vit_small_reg", **DINOV2),
+        DINOV2,
+        28,
+        _dinov2_official,
+    ),
     "cait_s24": (
         _timm("cait_s24_224", **CAIT),
         CAIT,
@@ -209,6 +289,14 @@ CASES: Dict[str, Tuple[Callable, Dict[str, Any], int, Callable]] = {
         lambda m: {"weights": _effnet_official(m.state_dict())},
     ),
 }
+
+
+#: class (and register) tokens in the output of the entry's CAM layer
+PREFIX_TOKENS = {
+    "deit_base": 1, "moco_v3_deit_base": 1, "deit_small": 1,
+    "moco_v3_vit_small": 1, "dino_vit_small": 1, "dino_vit_base": 1,
+    "dinov2_vit_small": 1, "dinov2_vit_small_reg": 5,
+}  # fmt: skip
 
 
 def _randomize_norms(model: nn.Module) -> None:
@@ -268,8 +356,8 @@ def test_official_layout_reproduces_source_outputs(name: str, tmp_path: Path) ->
         handle.remove()
     layout = layout_for(model, layer, (size, size), TokenLayout(**e.cam_layout))
     grid = layout.resolve(seen[0].shape).to_grid(seen[0])
-    # every element is a grid cell except the ViT class token
-    prefix = 1 if name in ("deit_base", "moco_v3_deit_base") else 0
+    # every element is a grid cell except the ViT class (and register) tokens
+    prefix = PREFIX_TOKENS.get(name, 0)
     assert grid.dim() == 4 and grid.shape[0] == 2
     assert seen[0].numel() - grid.numel() == 2 * grid.shape[1] * prefix
     if e.attention_layers:
@@ -591,3 +679,162 @@ def test_efficientnet_file_in_timm_naming_loads(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), source(x))
+
+
+# ------------------------------------------------- ViT-S family specifics
+def _dinov2_native_file(folder: Path, name: str, dim: int = 32) -> Dict[str, Any]:
+    """A DINOv2 backbone file as released: 518 px (37 x 37 patch positions), a
+    class-token position, and for ``_reg`` four register tokens."""
+    torch.manual_seed(0)
+    source = zoo.entry(name).build(
+        head=False, img_size=518, embed_dim=dim, depth=1, num_heads=2
+    )
+    state = dict(source.state_dict())
+    state["mask_token"] = torch.zeros(1, dim)
+    if "reg_token" in state:
+        state["register_tokens"] = state.pop("reg_token")
+        state["pos_embed"] = torch.cat([torch.randn(1, 1, dim), state["pos_embed"]], 1)
+    assert state["pos_embed"].shape == (1, 1 + 37 * 37, dim)
+    files = {f.role: f.filename for f in zoo.entry(name).files}
+    torch.save(state, folder / files["backbone"])
+    return state
+
+
+@pytest.mark.parametrize("name", ["dinov2_vit_small", "dinov2_vit_small_reg"])
+def test_dinov2_position_embedding_at_224_px(name: str, tmp_path: Path) -> None:
+    official = _dinov2_native_file(tmp_path, name)
+    model = zoo.load(name, tmp_path, head=False, embed_dim=32, depth=1, num_heads=2)
+    assert model.patch_embed.grid_size == (16, 16)  # 224 px / 14
+    # the official interpolate_pos_encoding at 224 px: bicubic, no antialias,
+    # scale factor (16 + 0.1) / 37 (dinov2/models/vision_transformer.py)
+    pos = official["pos_embed"]
+    grid = pos[:, 1:].reshape(1, 37, 37, 32).permute(0, 3, 1, 2)
+    s = 16.1 / 37
+    grid = F.interpolate(grid, scale_factor=(s, s), mode="bicubic", antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, 256, 32)
+    if name.endswith("_reg"):
+        # registers carry no position; the class token's is folded into it
+        assert torch.equal(model.reg_token, official["register_tokens"])
+        assert model.num_prefix_tokens == 5
+        assert torch.equal(model.pos_embed, grid)
+        assert torch.equal(model.cls_token, official["cls_token"] + pos[:, :1])
+    else:
+        assert torch.equal(model.pos_embed, torch.cat([pos[:, :1], grid], 1))
+        assert torch.equal(model.cls_token, official["cls_token"])
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model(x).shape == (1, 32)
+
+
+def test_dinov2_registers_are_checked(tmp_path: Path) -> None:
+    # a file without registers is not the registers release
+    _dinov2_native_file(tmp_path, "dinov2_vit_small")
+    plain = tmp_path / "dinov2_vits14_pretrain.pth"
+    plain.rename(tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    with pytest.raises(CheckpointMismatchError, match="missing keys.*reg_token"):
+        zoo.load(
+            "dinov2_vit_small_reg", tmp_path, head=False, embed_dim=32, depth=1,
+            num_heads=2,
+        )  # fmt: skip
+
+
+def _block_outputs(model: nn.Module, x: torch.Tensor) -> list:
+    seen: list = []
+    handles = [
+        b.register_forward_hook(lambda m, i, o: seen.append(o))
+        for b in model.backbone.blocks
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [logits, *seen]
+
+
+@pytest.mark.parametrize("name", ["dinov2_vit_small", "dinov2_vit_small_reg"])
+def test_dinov2_head_is_the_official_formula(name: str, tmp_path: Path) -> None:
+    write_official(name, tmp_path)
+    model = zoo.load(name, tmp_path, **DINOV2)
+    assert isinstance(model, zoo.TokenLinearProbe)
+    x = torch.randn(2, 3, 28, 28)
+    logits, *blocks = _block_outputs(model, x)
+    # dinov2/hub/classifiers.py, layers=1: cat(x_norm_clstoken,
+    # x_norm_patchtokens.mean(1)); registers are neither
+    tokens = model.backbone.norm(blocks[-1])
+    regs = 4 if name.endswith("_reg") else 0
+    assert tokens.shape[1] == 1 + regs + 4
+    feats = torch.cat([tokens[:, 0], tokens[:, 1 + regs :].mean(1)], dim=1)
+    head = torch.load(tmp_path / zoo.entry(name).files[1].filename)
+    assert model.head.weight.shape == (1000, 2 * DINOV2["embed_dim"])
+    expected = F.linear(feats, head["weight"], head["bias"])
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_dino_vit_heads_are_the_official_formulas(tmp_path: Path) -> None:
+    # ViT-S/16: class tokens of the last 4 blocks after the final norm
+    _, kwargs, size = write_official("dino_vit_small", tmp_path)
+    model = zoo.load("dino_vit_small", tmp_path, **kwargs)
+    x = torch.randn(2, 3, size, size)
+    logits, *blocks = _block_outputs(model, x)
+    feats = torch.cat([model.backbone.norm(z)[:, 0] for z in blocks[-4:]], dim=-1)
+    w, b = model.head.weight, model.head.bias
+    assert w.shape == (1000, 4 * kwargs["embed_dim"])
+    assert torch.allclose(logits, F.linear(feats, w, b), atol=1e-5)
+    # ViT-B/16: eval_linear.py's avgpool_patchtokens concatenation, as written there
+    _, kwargs, size = write_official("dino_vit_base", tmp_path)
+    model = zoo.load("dino_vit_base", tmp_path, **kwargs)
+    logits, *blocks = _block_outputs(model, x)
+    last = model.backbone.norm(blocks[-1])
+    output = last[:, 0]
+    output = torch.cat(
+        (output.unsqueeze(-1), torch.mean(last[:, 1:], dim=1).unsqueeze(-1)), dim=-1
+    )
+    output = output.reshape(output.shape[0], -1)
+    w, b = model.head.weight, model.head.bias
+    assert torch.allclose(logits, F.linear(output, w, b), atol=1e-5)
+    # headless: the backbone alone, its normed class token
+    backbone = zoo.load("dino_vit_base", tmp_path, head=False, **kwargs)
+    with torch.no_grad():
+        assert torch.equal(backbone(x), last[:, 0])
+
+
+def test_describe_names_files_addresses_family_and_probe(tmp_path: Path) -> None:
+    info = zoo.describe("dinov2_vit_small_reg", tmp_path)
+    assert info["family"] == "vit_s" and zoo.family_name(info["family"]) == "ViT-S"
+    assert (
+        info["probe"] == "class token + mean of the patch tokens after the final norm"
+    )
+    files = {f["role"]: f for f in info["files"]}
+    assert files["backbone"]["filename"] == "dinov2_vits14_reg4_pretrain.pth"
+    assert files["head"]["source"] == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/"
+        "dinov2_vits14_reg4_linear_head.pth"
+    )
+    assert not info["available"]
+    assert zoo.describe("dino_vit_small")["probe"].startswith(
+        "class tokens of the last 4 blocks"
+    )
+
+
+def test_probe_and_head_file_must_agree(tmp_path: Path) -> None:
+    _, kwargs, _ = write_official("dino_vit_small", tmp_path)
+    # a probe on one class token (e.g. the XCiT file) is not the ViT-S/16 probe
+    torch.save(
+        _dino_head(torch.zeros(1000, 64), torch.zeros(1000)),
+        tmp_path / "dino_deitsmall16_linearweights.pth",
+    )
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches.*head"):
+        zoo.load("dino_vit_small", tmp_path, **kwargs)
+    bad = {"fc.weight": torch.zeros(3)}
+    torch.save(bad, tmp_path / "dinov2_vits14_linear_head.pth")
+    _dinov2_native_file(tmp_path, "dinov2_vit_small")
+    with pytest.raises(CheckpointMismatchError, match="'weight' and 'bias'"):
+        zoo.load("dinov2_vit_small", tmp_path, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_moco_v3_vit_small_has_twelve_heads(tmp_path: Path) -> None:
+    model = zoo.entry("moco_v3_vit_small").build()
+    assert {b.attn.num_heads for b in model.blocks} == {12}
+    assert model.blocks[0].attn.head_dim == 32

@@ -1,6 +1,7 @@
 """Every zoo model, loaded from a checkpoint in its official layout, is
 explained by a CAM on its registry layer and, for transformers with attention
-layers, by the attention methods (DeiT, MoCo v3 ViT, CaiT and XCiT class
+layers, by the attention methods (DeiT, MoCo v3 ViT, DINO and DINOv2 ViTs
+through their linear-probe wrapper, registers included, CaiT and XCiT class
 attention)."""
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def test_zoo_model_explained(name: str, tmp_path: Path) -> None:
         return
     for cls in ATTENTION:
         maps = cls(model).attribute(x, target=[1, 7])
-        patch = model.patch_embed.patch_size
+        # a TokenLinearProbe (DINO ViTs, DINOv2) keeps the timm ViT at .backbone
+        patch = getattr(model, "backbone", model).patch_embed.patch_size
         grid = size // (patch[0] if isinstance(patch, tuple) else patch)
         assert maps.shape == (2, 1, grid, grid), cls.__name__
         assert torch.isfinite(maps).all()

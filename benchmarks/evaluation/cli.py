@@ -61,10 +61,14 @@ def select_models(
     names: Optional[List[str]], random_weights: List[str]
 ) -> Tuple[List[M.ModelSpec], List[str], List[str]]:
     """(specs, notes, absent): registry models with their files present
-    (pretrained), plus the ``random_weights`` ones; absent ones are listed."""
+    (pretrained), local models (``timm:NAME=PATH``, ``hf:PATH``), plus the
+    ``random_weights`` ones; absent ones are listed."""
+    from benchmarks.evaluation import local
     from captum_ssl.models import available, list_models
 
     present = available()
+    words = list(names or [])
+    names = None if names is None else [n for n in words if not local.is_local(n)]
     if names is None:
         wanted = list(present)
         if "efficientnet_lite0" not in wanted:
@@ -78,7 +82,15 @@ def select_models(
                 f"unknown model(s) {unknown}; known: {', '.join(list_models())}"
             )
         wanted = list(names)
-    specs = [M.registry_model(n) for n in wanted if n in present]
+    specs = []
+    for word in words or wanted:
+        if local.is_local(word):
+            try:
+                specs.append(local.spec(word))
+            except ValueError as err:
+                raise SystemExit(f"--models {word}: {err}") from None
+        elif word in wanted and word in present:
+            specs.append(M.registry_model(word))
     specs += [M.registry_model(n, random_weights=True) for n in random_weights]
     absent = [
         n for n in (list_models() if names is None else wanted) if n not in present
@@ -115,6 +127,7 @@ def config_from_args(args: argparse.Namespace):
         device=args.device,
         saliency=args.saliency,
         figures=not args.no_figures,
+        command=getattr(args, "command", None),
     )
     return cfg, notes
 

@@ -4,7 +4,9 @@ Each image is explained by every chosen model (``--models``; default: the
 zoo models whose files are present, plus EfficientNet-Lite0) and method
 (``--methods``; default: the quick set) against the model's top class; one
 figure per image (rows: models, columns: methods) is written as PNG and SVG,
-and each model's top classes are printed.
+with the same page the main job writes (``<photo>.html``: the overlays from
+the maps at their native resolution, each model's top classes, the
+settings), and each model's top classes are printed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Dict, List
 import torch
 
 from benchmarks.evaluation import methods as M
+from captum_ssl.viz import as_map
 
 TOP = 5
 
@@ -34,11 +37,13 @@ def read_image(path: Path) -> object:
 def explain_files(args: argparse.Namespace) -> int:
     from benchmarks.evaluation.cli import expand_methods, select_models
     from benchmarks.evaluation.figures import (
-        caption,
+        OverlayRow,
+        OverlaySection,
         overlay_figure,
         safe_name,
         save_figure,
     )
+    from benchmarks.evaluation.report import explain_report
     from captum_ssl.data import class_name
 
     specs, _, absent = select_models(args.models, args.random_weights)
@@ -54,8 +59,8 @@ def explain_files(args: argparse.Namespace) -> int:
         args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
     images = {path: read_image(path) for path in args.explain}
-    rows: Dict[Path, List] = {path: [] for path in images}
-    maps: Dict[Path, List[Dict[str, torch.Tensor]]] = {path: [] for path in images}
+    rows: Dict[Path, List[OverlayRow]] = {path: [] for path in images}
+    top_classes: Dict[Path, Dict[str, List]] = {path: {} for path in images}
     for spec in specs:
         model = spec.build().to(device).eval()
         pre = spec.preprocessing
@@ -68,23 +73,43 @@ def explain_files(args: argparse.Namespace) -> int:
             print(f"{path.name} / {spec.name}: top-{TOP} classes")
             for p, c in zip(top.values.tolist(), top.indices.tolist()):
                 print(f"  {p:6.3f}  {c:4d}  {class_name(c)}")
+            top_classes[path][spec.name] = list(
+                zip(top.indices.tolist(), top.values.tolist())
+            )
             target = top.indices[:1].to(device)
             row = {}
             for label, (name, opts) in labels.items():
                 if M.applies(name, spec) is None:
                     explain = M.build_method(name, opts, model, spec)
-                    row[label] = explain(x, target)[0, 0].detach().float().cpu()
+                    a = as_map(explain(x, target).detach().float())
+                    row[label] = a[0, 0].cpu().numpy()
             pred = (int(top.indices[0]), float(top.values[0]))
-            rows[path].append((raw, spec.name, caption(pred)))
-            maps[path].append(row)
+            rows[path].append(OverlayRow(spec.name, raw, pred, (), row))
         model = None
     folder = args.out / "explain"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
+    settings = [
+        ("command", f"python -m benchmarks.run {getattr(args, 'command', '')}"),
+        ("models", ", ".join(s.name for s in specs)),
+        ("methods", ", ".join(labels)),
+        ("target", "each model's top class"),
+        ("device", str(device)),
+    ]
     for path in images:
-        used = [lab for lab in labels if any(lab in row for row in maps[path])]
-        fig = overlay_figure(rows[path], used, maps[path], path.name)
+        used = [lab for lab in labels if any(lab in r.maps for r in rows[path])]
+        section = OverlaySection(path.name, used, rows[path])
+        fig = overlay_figure(section)
         written += save_figure(fig, folder / f"{safe_name(path.stem)}.png")
+        written.append(
+            explain_report(
+                f"captum_ssl: explanations of {path.name}",
+                [("photo", str(path))] + settings,
+                [section],
+                {f"{path.name} / {m}": t for m, t in top_classes[path].items()},
+                folder / f"{safe_name(path.stem)}.html",
+            )
+        )
     print("Files written:\n" + "\n".join(f"  {p}" for p in written))
     if absent and args.models is None:
         from benchmarks.evaluation.summary import download_line

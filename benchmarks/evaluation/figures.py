@@ -1,14 +1,17 @@
-"""Figures (matplotlib, Agg): overlay grids, ViT per-layer attention, bar charts.
+"""Figures (matplotlib, Agg): overlay grids, ViT per-layer attention, bar
+charts, deletion / insertion curves.
 
-Grids and bar charts are drawn from the store (the maps are kept there at low
-resolution); the per-layer attention figure and ``--saliency`` overlays are
-drawn while the model is loaded.
+Grids, curves and bar charts are drawn from the store (maps at their native
+resolution, curves per image) with ``captum_ssl.viz``, the library's own
+figure functions; the per-layer attention figure and ``--saliency`` overlays
+are drawn while the model is loaded.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.evaluation.store import ResultStore
+from captum_ssl.viz._plot import DPI
 
 
 def _plt():
@@ -33,11 +37,6 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-DPI = 150
-CELL = 1.7  # inches per map: 255 px at 150 dpi
-CMAP = "jet"
-
-
 def save_figure(fig, path: Path, dpi: int = DPI) -> List[Path]:
     """``path`` (PNG) and an SVG beside it; the figure is closed."""
     plt = _plt()
@@ -48,99 +47,23 @@ def save_figure(fig, path: Path, dpi: int = DPI) -> List[Path]:
     return [path, svg]
 
 
-def caption(pred: Optional[Tuple[int, float]]) -> str:
-    """``"pred: tench (0.87)"`` for a predicted class index and probability."""
-    if pred is None:
-        return ""
-    from captum_ssl.data import class_name
-
-    name = class_name(int(pred[0])).split(",")[0]
-    if len(name) > 24:
-        name = name[:23] + "…"
-    return f"pred: {name} ({pred[1]:.2f})"
-
-
-def overlay_figure(
-    rows: Sequence[Tuple[torch.Tensor, str, str]],
-    columns: Sequence[str],
-    maps: Sequence[Dict[str, Any]],
-    title: str = "",
-):
-    r"""Rows of (image, row label, caption) x one overlay per column (method).
-
-    Args:
-        rows: per row the raw ``(3, H, W)`` image in [0, 1], the label drawn on
-                    its y-axis (image / model) and the caption under the image
-                    (the prediction).
-        columns: method names, drawn above the first row.
-        maps: per row, ``{method: (h, w) map}``; a missing method is drawn as
-                    an empty cell marked "n/a".
-        title (str): figure title.
-
-    Every map is ReLU'd, upsampled and min-max normalised to [0, 1], drawn with
-    one colour map and one colour bar (the shared scale).
-
-    Returns:
-        matplotlib Figure.
-    """
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    from captum_ssl.viz import to_heatmap
-    from captum_ssl.viz._plot import _image_np
-
-    plt = _plt()
-    n, m = len(rows), len(columns) + 1
-    fig, axes = plt.subplots(
-        n, m, figsize=(CELL * m + 0.9, CELL * n + 0.5 + (0.3 if title else 0)),
-        squeeze=False, layout="constrained",
-    )  # fmt: skip
-    for i, (image, label, text) in enumerate(rows):
-        img = _image_np(image)
-        ax = axes[i, 0]
-        ax.imshow(img)
-        ax.set_ylabel(label, fontsize=8)
-        ax.set_xlabel(text, fontsize=8)
-        if i == 0:
-            ax.set_title("image", fontsize=9)
-        for j, method in enumerate(columns, start=1):
-            ax = axes[i, j]
-            a = maps[i].get(method)
-            if a is None:
-                ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=8)
-            else:
-                t = torch.as_tensor(np.asarray(a, dtype=np.float32))
-                t = t.reshape(1, 1, *t.shape[-2:])
-                heat = to_heatmap(t, img.shape[:2])[0, 0].numpy()
-                ax.imshow(img)
-                ax.imshow(heat, cmap=CMAP, alpha=0.5, vmin=0.0, vmax=1.0)
-            if i == 0:
-                ax.set_title(method, fontsize=9)
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    bar = fig.colorbar(
-        ScalarMappable(Normalize(0.0, 1.0), cmap=CMAP), ax=axes, shrink=0.8,
-        fraction=0.03, pad=0.01,
-    )  # fmt: skip
-    bar.set_label("attribution, each map scaled to [0, 1]", fontsize=8)
-    bar.ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def save_saliency(folder: Path, batch, idx: Sequence[int], maps: torch.Tensor) -> None:
-    """One overlay PNG per image (the thesis's ``--saliency``)."""
+def save_saliency(
+    folder: Path, batch, idx: Sequence[int], maps: torch.Tensor, title: str = ""
+) -> None:
+    """One overlay PNG per image (the thesis's ``--saliency``), drawn by
+    ``captum_ssl.viz.overlay``: the method as title, the image's name, the
+    colour bar; 150 dpi."""
     from captum_ssl.viz import overlay
 
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
     for k, i in enumerate(idx):
-        fig, ax = plt.subplots(figsize=(3, 3))
-        overlay(batch.raw[i], maps[k].detach().float().cpu(), ax=ax)
-        fig.savefig(folder / f"{safe_name(batch.names[i])}.png", dpi=80)
-        plt.close(fig)
+        ax = overlay(
+            batch.raw[i], maps[k].detach().float().cpu(), title=title or None,
+            label=batch.names[i],
+        )  # fmt: skip
+        ax.figure.savefig(folder / f"{safe_name(batch.names[i])}.png")
+        plt.close(ax.figure)
 
 
 def vit_layer_figure(model, batch, spec, folder: Path, device) -> Path:
@@ -179,45 +102,174 @@ def vit_layer_figure(model, batch, spec, folder: Path, device) -> Path:
     return save_figure(fig, path, dpi=120)[0]
 
 
-def overlay_grids(
-    store: ResultStore, plan, folder: Path, n_images: int = 4
-) -> List[Path]:
-    """Image x method overlays per model, from the stored maps (methods in the
-    order of the command line); PNG and SVG."""
-    folder.mkdir(parents=True, exist_ok=True)
-    by_key = {k: mm for mm, k in plan.map_keys.items()}
+@dataclass
+class OverlayRow:
+    """One row of an overlay grid: an image with its maps of every method."""
+
+    label: str  # the image's name (main job) or the model's (--explain)
+    image: torch.Tensor  # (3, H, W) in [0, 1], as the model saw it
+    prediction: Optional[Tuple[int, float]]  # predicted class, probability
+    true_classes: Tuple[int, ...]  # classes counted as correct; () unknown
+    maps: Dict[str, Optional[np.ndarray]]  # method -> native map (None: n/a)
+
+
+@dataclass
+class OverlaySection:
+    """The overlays of one model (main job) or one photo (``--explain``)."""
+
+    title: str
+    methods: List[str]
+    rows: List[OverlayRow]
+
+
+def stored_overlays(store: ResultStore, plan) -> List[OverlaySection]:
+    """Every image x method map of each pretrained model, at its native
+    resolution, with the model's prediction and the image's classes."""
+    by_key = {k: mm for mm, k in plan.native_keys.items()}
     maps: Dict[str, Dict[str, Dict[str, np.ndarray]]] = defaultdict(
         lambda: defaultdict(dict)
     )
     for r in store.maps(list(by_key)):
         model, method = by_key[r["key"]]
         maps[model][method][r["image"]] = r["map"]
-    paths: List[Path] = []
+    sections: List[OverlaySection] = []
     for spec in plan.model_specs:
         per_method = maps.get(spec.name)
         if not per_method or spec.weights != "pretrained":
             continue
         methods = [m for m in plan.methods if m in per_method]
-        names = [
-            n for n in plan.source.names if all(n in m for m in per_method.values())
-        ][:n_images]
-        if not names:
-            continue
+        have = set().union(*(set(m) for m in per_method.values()))
+        names = [n for n in plan.source.names if n in have]
         pred = {
             r["image"]: (r["target"], r["value"])
             for r in store.results([plan.model_keys[spec.name] + ":pred"])
         }
-        batch = next(plan.source.batches(spec.preprocessing, names, len(names)))
-        rows = [
-            (batch.raw[batch.names.index(n)], n, caption(pred.get(n))) for n in names
-        ]
-        fig = overlay_figure(
-            rows,
-            methods,
-            [{m: per_method[m][n] for m in methods} for n in names],
-            f"{spec.name} ({spec.architecture}, {spec.training})",
+        rows: List[OverlayRow] = []
+        for batch in plan.source.batches(spec.preprocessing, names, 16):
+            accepted = batch.accepted or [
+                (int(v),) if v >= 0 else () for v in batch.labels
+            ]
+            for k, name in enumerate(batch.names):
+                rows.append(
+                    OverlayRow(
+                        name, batch.raw[k], pred.get(name), tuple(accepted[k]),
+                        {m: per_method[m].get(name) for m in methods},
+                    )
+                )  # fmt: skip
+        title = f"{spec.name} ({spec.architecture}, {spec.training})"
+        sections.append(OverlaySection(title, methods, rows))
+    return sections
+
+
+def overlay_figure(section: OverlaySection, n_rows: Optional[int] = None):
+    """``captum_ssl.viz.grid_figure`` of a section (its first ``n_rows``
+    rows; the title says when rows are left out)."""
+    from captum_ssl.viz import grid_figure
+
+    rows = section.rows[:n_rows] if n_rows else section.rows
+    title = section.title
+    if len(rows) < len(section.rows):
+        title += (
+            f": first {len(rows)} of {len(section.rows)} images "
+            "(all of them in report.html)"
         )
-        paths += save_figure(fig, folder / f"{safe_name(spec.name)}_overlays.png")
+    return grid_figure(
+        [r.image for r in rows],
+        {m: [r.maps.get(m) for r in rows] for m in section.methods},
+        row_labels=[r.label for r in rows],
+        predictions=[r.prediction for r in rows],
+        true_classes=[r.true_classes for r in rows],
+        title=title,
+    )
+
+
+def overlay_grids(
+    sections: Sequence[OverlaySection], folder: Path, n_images: int = 4
+) -> List[Path]:
+    """Image x method overlays per model (the first ``n_images`` images;
+    methods in the order of the command line); PNG and SVG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: List[Path] = []
+    for section in sections:
+        if not section.rows:
+            continue
+        name = safe_name(section.title.split(" (")[0])
+        fig = overlay_figure(section, n_images)
+        paths += save_figure(fig, folder / f"{name}_overlays.png")
+    return paths
+
+
+def stored_curves(
+    store: ResultStore, plan
+) -> Dict[Tuple[str, str], Dict[str, np.ndarray]]:
+    """(model, metric) -> {method: (images, points) curves} of the deletion /
+    insertion metrics, pretrained models only."""
+    by_key = {k: mmx for mmx, k in plan.result_keys.items()}
+    pretrained = {s.name for s in plan.model_specs if s.weights == "pretrained"}
+    acc: Dict[Tuple[str, str], Dict[str, List[np.ndarray]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for r in store.curves(list(by_key)):
+        model, method, metric = by_key[r["key"]]
+        if model in pretrained and np.all(np.isfinite(r["curve"])):
+            acc[model, metric][method].append(r["curve"])
+    out: Dict[Tuple[str, str], Dict[str, np.ndarray]] = {}
+    for key, per_method in acc.items():
+        out[key] = {
+            m: np.stack(c)
+            for m, c in per_method.items()
+            if len({len(x) for x in c}) == 1
+        }
+    return out
+
+
+def curve_figure(
+    title: str,
+    curves: Dict[str, np.ndarray],
+    order: Sequence[str] = (),
+    moved: str = "deleted",
+    score: str = "probability",
+):
+    """Mean curve per method with its 95% CI band (Student t over images);
+    x: fraction of pixels ``moved`` (deleted / inserted), y: the ``score``."""
+    from benchmarks.evaluation.tables import mean_ci
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=DPI, layout="constrained")
+    methods = [m for m in order if m in curves] + [m for m in curves if m not in order]
+    for method in methods:
+        c = curves[method]
+        xs = np.linspace(0.0, 1.0, c.shape[1])
+        stats = [mean_ci(c[:, j]) for j in range(c.shape[1])]
+        mean = np.array([s[0] for s in stats])
+        half = np.nan_to_num(np.array([s[1] for s in stats]))
+        (line,) = ax.plot(xs, mean, label=f"{method} (n={c.shape[0]})")
+        ax.fill_between(xs, mean - half, mean + half, alpha=0.2,
+                        color=line.get_color(), linewidth=0)  # fmt: skip
+    ax.set_xlabel(f"fraction of pixels {moved} (most relevant first)", fontsize=9)
+    ax.set_ylabel(f"class {score}", fontsize=9)
+    ax.set_title(f"{title}: mean and 95% CI band over images", fontsize=10)
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def curve_charts(
+    curves: Dict[Tuple[str, str], Dict[str, np.ndarray]], folder: Path, plan
+) -> List[Path]:
+    """One curve figure per (model, deletion / insertion metric); PNG + SVG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: List[Path] = []
+    for (model, metric), per_method in curves.items():
+        name, opts = plan.metrics[metric]
+        moved = "inserted" if name == "insertion" else "deleted"
+        fig = curve_figure(
+            f"{model}, {metric}", per_method, list(plan.methods), moved,
+            str(opts.get("score", "probability")),
+        )  # fmt: skip
+        name = f"curve_{safe_name(model)}_{safe_name(metric)}.png"
+        paths += save_figure(fig, folder / name)
     return paths
 
 
@@ -227,13 +279,24 @@ def bar_charts(
     """One bar chart per metric: methods on the x-axis (in ``order``), one bar
     per model (supervised and self-supervised of a family side by side), 95%
     CIs; PNG and SVG."""
-    plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
-    rows = tables["per_model"]
+    return [
+        p
+        for metric, fig in bar_figures(tables, order)
+        for p in save_figure(fig, folder / f"bar_{safe_name(metric)}.png")
+    ]
+
+
+def bar_figures(
+    tables: Dict[str, Any], order: Sequence[str] = ()
+) -> List[Tuple[str, Any]]:
+    """``(metric, Figure)`` per metric of the accuracy table (see
+    :func:`bar_charts`)."""
+    plt = _plt()
     by_metric: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-    for r in rows:
+    for r in tables["per_model"]:
         by_metric[r["metric"]].append(r)
-    paths: List[Path] = []
+    out: List[Tuple[str, Any]] = []
     for metric, rs in by_metric.items():
         models = sorted(
             {(r["architecture"], r["training"] != "supervised", r["model"]) for r in rs}
@@ -268,5 +331,5 @@ def bar_charts(
         ax.set_title(f"{metric}: mean and 95% CI over {n} images", fontsize=11)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        paths += save_figure(fig, folder / f"bar_{safe_name(metric)}.png")
-    return paths
+        out.append((metric, fig))
+    return out

@@ -89,6 +89,11 @@ class ModelSpec:
         preprocessing (Any): the image preprocessing (a registry
                     ``Preprocessing``), passed to the data loaders.
         fingerprint (dict): what identifies the weights (files, sizes).
+        family (str): the family whose supervised and self-supervised models
+                    the tables pair (``"vit_s"``, ...); "" pairs by
+                    ``architecture``.
+        lrp (str): why the LRP methods do not apply to this model ("" when
+                    they may: a plain timm ViT / DeiT / CaiT).
     """
 
     name: str
@@ -101,6 +106,8 @@ class ModelSpec:
     cam_layout: Dict[str, Any] = field(default_factory=dict)
     preprocessing: Any = None
     fingerprint: Dict[str, Any] = field(default_factory=dict)
+    family: str = ""
+    lrp: str = ""
 
     @property
     def is_vit(self) -> bool:
@@ -156,6 +163,17 @@ def registry_model(name: str, random_weights: bool = False) -> ModelSpec:
         cam_layout=dict(e.cam_layout),
         preprocessing=e.preprocessing,
         fingerprint=fingerprint,
+        family=e.family,
+        lrp=_probe_lrp(e.probe),
+    )
+
+
+def _probe_lrp(probe: Any) -> str:
+    if probe is None:
+        return ""
+    return (
+        f"LRP rules do not cover the linear-probe wrapper ({probe.describe()}) "
+        "around the timm ViT yet"
     )
 
 
@@ -392,6 +410,8 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
         return "attention methods need a ViT with class-token attention layers"
     if base in LRP_METHODS and (not model.is_vit or "XCiT" in model.architecture):
         return "LRP rules cover timm ViT / DeiT / CaiT (not XCiT, Swin or CNNs)"
+    if base in LRP_METHODS and model.lrp:
+        return model.lrp
     if base in ("guided_gradcam", "cam") and not model.is_cnn:
         return f"{base} needs a convolutional (B, C, H, W) CAM layer"
     return None

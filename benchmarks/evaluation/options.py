@@ -152,12 +152,29 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _models(args: argparse.Namespace) -> None:
+    from benchmarks.evaluation import local
     from captum_ssl.models import list_models
 
     known = list_models()
     names = list(getattr(args, "models", None) or [])
     if names == ["none"]:
         names = []
+    labels = []
+    for word in names:
+        if local.is_local(word):
+            try:
+                labels.append(local.check(word).label)
+            except ValueError as err:
+                raise OptionError(f"--models {word}: {err}") from None
+        else:
+            labels.append(word)
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    if twice:
+        raise OptionError(
+            f"--models: two models named {', '.join(twice)}; give each local model "
+            "its own label=NAME"
+        )
+    names = [n for n in names if not local.is_local(n)]
     for flag, given in (
         ("--models", names),
         ("--random-weights", getattr(args, "random_weights", [])),
@@ -166,7 +183,11 @@ def _models(args: argparse.Namespace) -> None:
         if bad:
             raise OptionError(
                 f"{flag} {' '.join(bad)}: unknown model; known: {', '.join(known)}"
-                + (" (or 'none' with --random-weights)" if flag == "--models" else "")
+                + (
+                    " (or timm:NAME=PATH, hf:PATH; 'none' with --random-weights)"
+                    if flag == "--models"
+                    else ""
+                )
             )
 
 

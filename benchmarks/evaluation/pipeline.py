@@ -2,7 +2,9 @@
 
 For each model (its own preprocessing), batch of images, and method: the maps
 are computed once, stored small (``map_size`` x ``map_size``, float16) for the
-agreement tables and figures, and scored by every metric; each finished
+agreement tables and at their native resolution for the figures and the HTML
+report, and scored by every metric (deletion / insertion keep their curves
+too); each finished
 (model, method, metric, image) value is committed at once. Work already in
 the store under the same config key is skipped, so re-running a killed
 command resumes it. Under ``torchrun`` every rank takes every ``world``-th
@@ -29,6 +31,8 @@ from benchmarks.evaluation import methods as M
 from benchmarks.evaluation.store import ResultStore
 
 DB_NAME = "results.sqlite"
+#: metrics whose per-image curves are stored (their value is the curve's area)
+CURVE_METRICS = ("deletion", "insertion")
 
 
 @dataclass
@@ -47,9 +51,13 @@ class EvalConfig:
         metric_batch_size (int): perturbed images per forward pass in metrics.
         device (str, optional): torch device; default CUDA when present.
         saliency (bool): save one overlay PNG per (model, method, image).
-        map_size (int): side of the stored maps.
-        figures (bool): write the figures.
-        figure_images (int): images per overlay grid.
+        map_size (int): side of the small maps the agreement tables use
+                    (the figures use the maps at their native resolution).
+        figures (bool): write the figures, and the overlays and charts of
+                    ``report.html`` (its tables and settings are always
+                    written).
+        figure_images (int): images per overlay grid PNG (``report.html``
+                    shows every image).
         top_k (float): fraction of pixels for the top-k IoU agreement.
         fail_after (int, optional): raise after this many committed result
                     groups (tests simulate a killed run with it).
@@ -58,6 +66,8 @@ class EvalConfig:
                     every key, so timings of different settings never mix.
         unreadable (list[str]): messages of the photos skipped as unreadable
                     during the run (filled by the caller, listed in the report).
+        command (str, optional): the command line's arguments, shown in
+                    ``report.html``'s settings.
     """
 
     models: List[M.ModelSpec]
@@ -78,6 +88,7 @@ class EvalConfig:
     fail_after: Optional[int] = None
     threads: Optional[int] = None
     unreadable: List[str] = field(default_factory=list)
+    command: Optional[str] = None
     _committed: int = field(default=0, repr=False)
 
 
@@ -209,6 +220,7 @@ class Plan:
     source: ImageSource
     model_keys: Dict[str, str] = field(default_factory=dict)
     map_keys: Dict[Tuple[str, str], str] = field(default_factory=dict)
+    native_keys: Dict[Tuple[str, str], str] = field(default_factory=dict)
     result_keys: Dict[Tuple[str, str, str], str] = field(default_factory=dict)
     timing_keys: Dict[Tuple[str, str, str], str] = field(default_factory=dict)
     methods: Dict[str, Tuple[str, Dict[str, Any]]] = field(default_factory=dict)
@@ -223,6 +235,7 @@ class Plan:
         return (
             list(self.model_keys.values())
             + list(self.map_keys.values())
+            + list(self.native_keys.values())
             + list(self.result_keys.values())
             + list(self.timing_keys.values())
         )
@@ -264,6 +277,7 @@ def make_plan(
             model=spec.key_spec(),
             architecture=spec.architecture,
             training=spec.training,
+            family=spec.family,
             runtime=plan.runtime,
         )
         plan.model_keys[spec.name] = store.register("model", {**mk, "what": "top1"})
@@ -275,6 +289,9 @@ def make_plan(
             method = dict(name=mname, options=M.identity(mopts))
             plan.map_keys[spec.name, mlabel] = store.register(
                 "map", {**mk, "method": method, "map_size": cfg.map_size}
+            )
+            plan.native_keys[spec.name, mlabel] = store.register(
+                "map", {**mk, "method": method, "map_size": "native"}
             )
             plan.timing_keys[spec.name, mlabel, ""] = store.register(
                 "timing", {**mk, "method": method, "what": "attribution"}
@@ -580,6 +597,7 @@ def _todo(store: ResultStore, plan: Plan, model: str, names: List[str]) -> set:
         if m != model:
             continue
         need |= wanted - store.done(key, "maps")
+        need |= wanted - store.done(plan.native_keys[m, mlabel], "maps")
         for (m2, ml2, _), rkey in plan.result_keys.items():
             if m2 == model and ml2 == mlabel:
                 need |= wanted - store.done(rkey)
@@ -590,11 +608,15 @@ def _method_batch(
     cfg, store, plan, spec, mlabel, explain, model, batch, x, target, t_dev, fwd,
     device, rank,
 ) -> Optional[float]:  # fmt: skip
+    from captum_ssl.metrics._common import normalized_auc
+    from captum_ssl.viz import as_map
+
     mkey = plan.map_keys[spec.name, mlabel]
     rkeys = {
         xlabel: plan.result_keys[spec.name, mlabel, xlabel] for xlabel in plan.metrics
     }
-    done_map = store.done(mkey, "maps")
+    nkey = plan.native_keys[spec.name, mlabel]
+    done_map = store.done(mkey, "maps") & store.done(nkey, "maps")
     done = {xl: store.done(k) for xl, k in rkeys.items()}
     idx = [
         i
@@ -618,11 +640,13 @@ def _method_batch(
     )  # fmt: skip
     hw = tuple(x.shape[-2:])
     store.add_maps(mkey, spec.name, mlabel, names, small_maps(maps, cfg.map_size, hw))
+    native = as_map(maps.float())[:, 0].cpu().numpy()
+    store.add_maps(nkey, spec.name, mlabel, names, native)
     if cfg.saliency:
         from benchmarks.evaluation.figures import safe_name, save_saliency
 
         folder = cfg.out / "saliency" / safe_name(spec.name) / safe_name(mlabel)
-        save_saliency(folder, batch, idx, maps)
+        save_saliency(folder, batch, idx, maps, mlabel)
     total = seconds
     for xlabel, (xname, xopts) in plan.metrics.items():
         todo = [j for j, n in enumerate(names) if n not in done[xlabel]]
@@ -632,9 +656,15 @@ def _method_batch(
         fn = M.metric_function(xname)
         opts = dict(xopts)
         opts.setdefault("batch_size", cfg.metric_batch_size)
+        curve = xname in CURVE_METRICS  # keep the curve, its area is the value
+        if curve:
+            opts["return_curve"] = True
         run_metric = partial(fn, model, xs[j], maps[j], ts[j], **opts)
         values, secs, _ = _timed(run_metric, device)
         values = values.detach().float().cpu()
+        if curve:
+            store.add_curves(rkeys[xlabel], [names[k] for k in todo], values.numpy())
+            values = normalized_auc(values)
         rows = [
             (names[k], int(ts[k]), int(labels[k]), float(v))
             for k, v in zip(todo, values)
@@ -656,6 +686,7 @@ def _method_batch(
 def report(cfg: EvalConfig, plan: Plan, notes: List[str] = ()) -> Dict[str, Path]:
     """Tables and figures of the plan's keys, regenerated from the store."""
     from benchmarks.evaluation import figures, tables
+    from benchmarks.evaluation.report import write_run_report
 
     with ResultStore(cfg.out / DB_NAME) as store:
         tabs = tables.build_tables(store, plan, cfg.top_k)
@@ -677,11 +708,19 @@ def report(cfg: EvalConfig, plan: Plan, notes: List[str] = ()) -> Dict[str, Path
         paths["per_image"] = tables.write_per_image(
             store, plan, cfg.out / "accuracy_per_image.csv"
         )
+        sections: List[Any] = []
+        charts: List[Path] = []
         if cfg.figures:
             fig_dir = cfg.out / "figures"
-            grids = figures.overlay_grids(store, plan, fig_dir, cfg.figure_images)
-            bars = figures.bar_charts(tabs, fig_dir, list(plan.methods))
-            for i, p in enumerate(grids + bars):
+            order = list(plan.methods)
+            sections = figures.stored_overlays(store, plan)
+            grids = figures.overlay_grids(sections, fig_dir, cfg.figure_images)
+            bars = figures.bar_charts(tabs, fig_dir, order)
+            curves = figures.curve_charts(
+                figures.stored_curves(store, plan), fig_dir, plan
+            )
+            charts = [p for p in bars + curves if p.suffix == ".png"]
+            for i, p in enumerate(grids + bars + curves):
                 paths[f"figure{i}"] = p
             for spec in plan.model_specs:  # drawn during the run (ViTs)
                 p = fig_dir / f"{figures.safe_name(spec.name)}_attention_layers.png"
@@ -689,6 +728,9 @@ def report(cfg: EvalConfig, plan: Plan, notes: List[str] = ()) -> Dict[str, Path
                     paths[f"layers_{spec.name}"] = p
         if cfg.saliency and (cfg.out / "saliency").is_dir():
             paths["saliency"] = cfg.out / "saliency"  # one PNG per image
+        paths["html"] = write_run_report(
+            cfg, plan, tabs, sections, charts, list(head) + list(notes)
+        )
     return paths
 
 

@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS maps (
     height INTEGER NOT NULL,
     width INTEGER NOT NULL,
     data BLOB NOT NULL,           -- float16, row-major (height, width)
+    scale REAL NOT NULL DEFAULT 1.0,  -- the map is data * scale
+    PRIMARY KEY (key, image)
+);
+CREATE TABLE IF NOT EXISTS curves (
+    key TEXT NOT NULL,            -- the key of the metric's result
+    image TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    data BLOB NOT NULL,           -- float32 scores, one per curve point
     PRIMARY KEY (key, image)
 );
 CREATE TABLE IF NOT EXISTS timings (
@@ -142,14 +150,17 @@ class ResultStore:
         try:
             self._retry(lambda c: c.execute("PRAGMA journal_mode=WAL"))
             self._retry(lambda c: c.executescript(SCHEMA))
-            cols = [r[1] for r in self.conn.execute("PRAGMA table_info(results)")]
-            if "status" not in cols:  # a store written before the column
-                self._retry(
-                    lambda c: c.execute(
-                        "ALTER TABLE results ADD COLUMN status TEXT NOT NULL "
-                        "DEFAULT 'ok'"
+            for table, column in (
+                ("results", "status TEXT NOT NULL DEFAULT 'ok'"),
+                ("maps", "scale REAL NOT NULL DEFAULT 1.0"),
+            ):  # a store written before the column: add it
+                info = self.conn.execute(f"PRAGMA table_info({table})")
+                if column.split()[0] not in [r[1] for r in info]:
+                    self._retry(
+                        lambda c, t=table, col=column: c.execute(
+                            f"ALTER TABLE {t} ADD COLUMN {col}"
+                        )
                     )
-                )
         except sqlite3.DatabaseError as err:
             self.conn.close()
             if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
@@ -223,15 +234,38 @@ class ResultStore:
     def add_maps(
         self, key: str, model: str, method: str, images: Sequence[str], maps
     ) -> None:
-        """Store small ``(B, h, w)`` maps (float16) for agreement and figures."""
-        arr = np.asarray(maps, dtype=np.float16)
+        """Store ``(B, h, w)`` maps as float16 for agreement and figures.
+
+        Each map is kept as ``data * scale`` with ``scale`` its largest
+        absolute value (when finite and non-zero), so values far outside
+        float16's range (tiny gradients, large relevances) keep their shape."""
+        arr = np.asarray(maps, dtype=np.float32)
+        data = []
+        for i, img in enumerate(images):
+            peak = float(np.abs(arr[i]).max()) if arr[i].size else 0.0
+            scale = peak if np.isfinite(peak) and peak > 0 else 1.0
+            blob = (arr[i] / scale).astype(np.float16).tobytes()
+            data.append(
+                (key, img, model, method, arr.shape[1], arr.shape[2], blob, scale)
+            )
+        self._retry(
+            lambda c: c.executemany(
+                "INSERT OR IGNORE INTO maps (key, image, model, method, height, "
+                "width, data, scale) VALUES (?,?,?,?,?,?,?,?)",
+                data,
+            )
+        )
+
+    def add_curves(self, key: str, images: Sequence[str], curves) -> None:
+        """Store one perturbation curve per image (``(B, points)``, float32)
+        under the key of the metric's result."""
+        arr = np.asarray(curves, dtype=np.float32)
         data = [
-            (key, img, model, method, arr.shape[1], arr.shape[2], arr[i].tobytes())
-            for i, img in enumerate(images)
+            (key, img, arr.shape[1], arr[i].tobytes()) for i, img in enumerate(images)
         ]
         self._retry(
             lambda c: c.executemany(
-                "INSERT OR IGNORE INTO maps VALUES (?,?,?,?,?,?,?)", data
+                "INSERT OR IGNORE INTO curves VALUES (?,?,?,?)", data
             )
         )
 
@@ -274,12 +308,21 @@ class ResultStore:
         return [dict(zip(names, r)) for r in self._select(sql, keys)]
 
     def maps(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-        sql = "SELECT key, image, model, method, height, width, data FROM maps"
+        sql = "SELECT key, image, model, method, height, width, data, scale FROM maps"
         out = []
-        for key, img, model, method, h, w, blob in self._select(sql, keys):
+        for key, img, model, method, h, w, blob, scale in self._select(sql, keys):
             m = np.frombuffer(blob, dtype=np.float16).reshape(h, w).astype(np.float32)
+            m = m * np.float32(scale)
             out.append(dict(key=key, image=img, model=model, method=method, map=m))
         return out
+
+    def curves(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+        """``{key, image, curve}`` rows (``curve``: float32 array)."""
+        sql = "SELECT key, image, points, data FROM curves"
+        return [
+            dict(key=k, image=img, curve=np.frombuffer(blob, np.float32).copy())
+            for k, img, n, blob in self._select(sql, keys)
+        ]
 
     def timings(self, keys: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         sql = (

@@ -76,27 +76,35 @@ def accuracy_text(tabs: Dict[str, Any]) -> str:
 
 
 def comparison_text(tabs: Dict[str, Any]) -> str:
-    """Self-supervised minus supervised, paired over the same images."""
+    """Self-supervised minus supervised, paired over the same images, one
+    table per family (ResNet-50, ViT-S, ViT-B, XCiT-S12, ...)."""
     rows = tabs.get("comparison") or []
     if not rows:
         return ""
-    body = [
-        [
-            f"{r['self_supervised']} - {r['supervised']}",
-            r["method"],
-            r["metric"] + (" ↑" if r["direction"].startswith("higher") else " ↓"),
-            _pm(r["diff"], r["diff_ci95"]),
-            _num(r["wilcoxon_p"], "{:.2g}"),
-            r["better"],
-        ]
-        for r in rows
+    by_family: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_family[r.get("family", "?")].append(r)
+    out = [
+        "Self-supervised vs supervised within each family (difference paired\n"
+        "over the same images, mean ± 95% CI; Wilcoxon p; better where p < 0.05)"
     ]
-    return (
-        "Self-supervised vs supervised (difference paired over the same images, "
-        "mean ± 95% CI; Wilcoxon p; better where p < 0.05)\n"
-        + text_table(["pair", "method", "metric", "diff", "p", "better"], body)
-        + "\n"
-    )
+    for family, rs in by_family.items():
+        body = [
+            [
+                f"{r['self_supervised']} - {r['supervised']}",
+                r["method"],
+                r["metric"] + (" ↑" if r["direction"].startswith("higher") else " ↓"),
+                _pm(r["diff"], r["diff_ci95"]),
+                _num(r["wilcoxon_p"], "{:.2g}"),
+                r["better"],
+            ]
+            for r in rs
+        ]
+        out += [
+            f"{family}:",
+            text_table(["pair", "method", "metric", "diff", "p", "better"], body),
+        ]
+    return "\n".join(out) + "\n"
 
 
 def cost_text(tabs: Dict[str, Any]) -> str:

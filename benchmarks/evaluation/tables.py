@@ -72,8 +72,17 @@ def _models_info(store: ResultStore, plan) -> Dict[str, Dict[str, Any]]:
             architecture=spec.get("architecture", "?"),
             training=spec.get("training", "?"),
             weights=spec.get("model", {}).get("weights", "?"),
+            family=family_label(spec.get("family") or "", spec.get("architecture")),
         )
     return info
+
+
+def family_label(family: str, architecture: Optional[str] = None) -> str:
+    """The family a model is paired within: the registry's display name
+    (``"vit_s"`` -> ``"ViT-S"``), else its architecture."""
+    from captum_ssl.models import family_name
+
+    return family_name(family) if family else (architecture or "?")
 
 
 def _values(store: ResultStore, plan) -> Dict[Tuple[str, str, str], Dict[str, float]]:
@@ -96,15 +105,18 @@ def _arrow(higher: bool) -> str:
 
 
 def family_pairs(info: Dict[str, Dict[str, Any]]) -> List[Tuple[str, str, str]]:
-    """(architecture, supervised model, self-supervised model) pairs among the
-    models with pretrained weights."""
+    """(family, supervised model, self-supervised model): every supervised
+    model paired with every self-supervised one of its family (ResNet-50,
+    ViT-S, ViT-B, XCiT-S12, ...; the architecture where no family is known),
+    among the models with pretrained weights; families in the order their
+    first model appears."""
     fams: Dict[str, Dict[str, List[str]]] = defaultdict(lambda: defaultdict(list))
     for m, i in info.items():
         if i["weights"] == "pretrained":
-            fams[i["architecture"]][i["training"]].append(m)
+            fams[i.get("family") or i["architecture"]][i["training"]].append(m)
     return [
-        (arch, sup, ssl)
-        for arch, t in fams.items()
+        (family, sup, ssl)
+        for family, t in fams.items()
         for sup in t.get("supervised", [])
         for ssl in t.get("self-supervised", [])
     ]
@@ -130,6 +142,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
             dict(
                 model=model,
                 architecture=info[model]["architecture"],
+                family=info[model]["family"],
                 training=info[model]["training"],
                 method=method,
                 metric=metric,
@@ -159,7 +172,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
         )
     comparison, agreement = [], []
     maps = _maps(store, plan)
-    for arch, sup, ssl in family_pairs(info):
+    for family, sup, ssl in family_pairs(info):
         for (model, method, metric), a in values.items():
             if model != sup or (ssl, method, metric) not in values:
                 continue
@@ -172,7 +185,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 better = ssl if (p["diff"] > 0) == higher else sup
             comparison.append(
                 dict(
-                    architecture=arch,
+                    family=family,
                     supervised=sup,
                     self_supervised=ssl,
                     method=method,
@@ -197,7 +210,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 continue
             agreement.append(
                 dict(
-                    architecture=arch,
+                    family=family,
                     supervised=sup,
                     self_supervised=ssl,
                     method=method,
@@ -205,7 +218,9 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
                 )
             )
     timing = timing_table(store, plan, info)
+    families = list(dict.fromkeys(info[m]["family"] for m in plan.model_keys))
     order = {
+        **{f: i for i, f in enumerate(families)},
         **{m: i for i, m in enumerate(plan.model_keys)},
         **{m: i for i, m in enumerate(plan.methods)},
         **{m: i for i, m in enumerate(plan.metrics)},
@@ -216,7 +231,7 @@ def build_tables(store: ResultStore, plan, top_k: float = 0.2) -> Dict[str, Any]
 
     per_model = by_plan(per_model, "model", "method", "metric")
     comparison = by_plan(
-        comparison, "supervised", "self_supervised", "method", "metric"
+        comparison, "family", "supervised", "self_supervised", "method", "metric"
     )
     agreement = by_plan(agreement, "supervised", "self_supervised", "method")
     timing = by_plan(timing, "model", "method")
@@ -390,8 +405,11 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
         out.append("")
     if tables["comparison"]:
         out += [
-            "## Supervised vs self-supervised (paired over the same images)",
+            "## Supervised vs self-supervised within each family (paired over "
+            "the same images)",
             "",
+            "Every supervised model against every self-supervised model of its "
+            "family (ResNet-50, ViT-S, ViT-B, XCiT-S12, ...). "
             "diff = self-supervised - supervised (mean ± 95% CI); p: paired "
             "t-test and Wilcoxon signed-rank; significant: Wilcoxon p < 0.05; "
             "better: the model with the better value where significant.",
@@ -408,7 +426,7 @@ def markdown(tables: Dict[str, Any], plan=None, notes: Sequence[str] = ()) -> st
             )
             for r in tables["comparison"]
         ]
-        cols = ["architecture", "supervised", "self_supervised", "method", "metric"]
+        cols = ["family", "supervised", "self_supervised", "method", "metric"]
         cols += ["direction", "n", "supervised_mean", "self_supervised_mean", "diff"]
         out += _md_rows(rows, cols + ["t_p", "wilcoxon_p", "significant", "better"])
     if tables["agreement"]:

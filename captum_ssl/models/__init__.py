@@ -38,9 +38,10 @@ from ._checkpoint import (
     read_checkpoint,
     sha256sum,
 )
+from ._heads import TokenLinearProbe, TokenProbe
 from ._layers import get_layer, get_layers
 from ._preprocessing import Preprocessing
-from ._registry import REGISTRY, CheckpointFile, ModelEntry
+from ._registry import FAMILIES, REGISTRY, CheckpointFile, ModelEntry, family_name
 from ._targets import (
     EmbeddingNorm,
     EmbeddingSimilarity,
@@ -49,6 +50,7 @@ from ._targets import (
 )
 
 __all__ = [
+    "FAMILIES",
     "REGISTRY",
     "WEIGHTS_ENV",
     "CheckpointError",
@@ -62,12 +64,15 @@ __all__ = [
     "ModelEntry",
     "NonFiniteWeightsError",
     "Preprocessing",
+    "TokenLinearProbe",
+    "TokenProbe",
     "UnsafeCheckpointError",
     "available",
     "checkpoint_paths",
     "default_weights_dir",
     "describe",
     "entry",
+    "family_name",
     "get_layer",
     "get_layers",
     "headless",

@@ -162,7 +162,8 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
 
     Returns:
         dict: name, architecture, training, method, paper, preprocessing, cam_layer,
-        attention_layers, notes, ``files`` (one dict per file: role, filename,
+        attention_layers, family, probe (the tokens a wrapped linear probe
+        reads, or None), notes, ``files`` (one dict per file: role, filename,
         source, path or None, present) and ``available``.
 
     Examples::
@@ -200,6 +201,8 @@ def describe(name: str, weights_dir: Optional[PathLike] = None) -> Dict[str, Any
         cam_layer=e.cam_layer,
         attention_layers=e.attention_layers,
         embed_dim=e.embed_dim,
+        family=e.family,
+        probe=e.probe.describe() if e.probe is not None else None,
         notes=e.notes,
         files=files,
         available=all(f["present"] and not f["problem"] for f in files),
@@ -224,8 +227,11 @@ def load(
 
     Files are read from ``weights_dir`` (default :func:`default_weights_dir`) with
     weights-only unpickling; nothing is downloaded. Official layouts are converted
-    (MoCo v3 ``module.`` prefixes, DINO backbone + linear head, DeiT/CaiT/XCiT/Swin
-    through timm's converters, torchvision state dicts).
+    (MoCo v3 ``module.`` prefixes, DINO / DINOv2 backbone + linear head,
+    DeiT/CaiT/XCiT/Swin through timm's converters, torchvision state dicts).
+    Where the official linear probe reads more than timm's pooled token (DINO
+    ViTs, DINOv2), the model is a :class:`TokenLinearProbe` around the timm
+    backbone, so every explanation sees the probe's real input.
 
     Args:
         name (str): registry name (:func:`list_models`).
@@ -266,7 +272,7 @@ def load(
         if check_hash and f.sha256:
             check_sha256(path, f.sha256, f.source)
         raw[role] = read_checkpoint(path, f.source)
-    model = e.build(**model_kwargs)
+    model = e.build(head=head, **model_kwargs)
     what = " + ".join(str(p) for p in paths.values())
     try:
         state = e.convert(raw, model)

@@ -1,0 +1,182 @@
+"""A user's own models in the main job's tables: ``--models timm:NAME=PATH`` (a
+timm architecture with a local checkpoint file) and ``--models hf:PATH`` (a
+Hugging Face folder written here with ``save_pretrained``), through the whole
+main job to the family table; their bad paths as one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import benchmarks.run as R
+from benchmarks.evaluation import local
+from tests.test_main_job import _args
+
+transformers = pytest.importorskip("transformers")
+
+
+def _timm_file(folder: Path) -> tuple:
+    import timm
+
+    torch.manual_seed(0)
+    source = timm.create_model("test_vit", pretrained=False).eval()
+    path = folder / "my_test_vit.pth"
+    torch.save(source.state_dict(), path)
+    return source, path
+
+
+def _hf_folder(folder: Path, classifier: bool = True) -> tuple:
+    from transformers import (
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=1000,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = (ViTForImageClassification if classifier else ViTModel)(config).eval()
+    model.save_pretrained(folder)
+    proc = ViTImageProcessor(size={"height": 32, "width": 32}, resample=3)
+    proc.save_pretrained(folder)
+    return model, proc
+
+
+def test_local_timm_and_hf_models_join_the_family_tables(tmp_path, capsys):
+    source, path = _timm_file(tmp_path)
+    hf_dir = tmp_path / "my-hf-vit"
+    hf_model, _ = _hf_folder(hf_dir)
+    timm_word = f"timm:test_vit={path},label=my_vit,family=vit_s,training=supervised"
+    hf_word = f"hf:{hf_dir},label=my_hf,family=vit_s,training=self-supervised"
+    # the specs load the files themselves, not random weights
+    t, h = local.spec(timm_word), local.spec(hf_word)
+    assert (t.name, t.family, t.cam_layer, t.attention_layers, t.lrp) == (
+        "my_vit", "vit_s", "blocks.-1.norm1", "blocks.*.attn", ""
+    )  # fmt: skip
+    assert t.preprocessing.crop == 160 and t.preprocessing.mean == (0.5,) * 3
+    assert (h.preprocessing.crop, h.preprocessing.interpolation) == (32, "bicubic")
+    assert h.cam_layer == "model.vit.layers.-1.layernorm_before"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(h.build()(x), hf_model(pixel_values=x).logits)
+        y = torch.randn(1, 3, 160, 160)
+        assert torch.equal(t.build()(y), source(y))
+
+    out = tmp_path / "out"
+    argv = _args(out, "--threads", "1")
+    i = argv.index("efficientnet_lite0")
+    argv[i : i + 1] = [timm_word, hf_word]
+    argv[argv.index("--methods") + 1] = "gradcam"
+    argv.insert(argv.index("--methods") + 2, "raw_attention")
+    assert R.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "my_vit (test_vit (timm), supervised)" in text
+    assert "my_hf (ViTForImageClassification (Hugging Face), self-supervised)" in text
+    # the family table pairs them; attention methods ran on the timm ViT only
+    assert "\nViT-S:\n" in text and "my_hf - my_vit  gradcam" in text
+    assert "skip my_hf / raw_attention" in text
+    tabs = json.loads((out / "accuracy.json").read_text())
+    rows = {(r["model"], r["method"]) for r in tabs["per_model"]}
+    assert {("my_vit", "gradcam"), ("my_vit", "raw_attention")} <= rows
+    assert ("my_hf", "gradcam") in rows and ("my_hf", "raw_attention") not in rows
+    (cmp,) = {
+        (r["family"], r["supervised"], r["self_supervised"]) for r in tabs["comparison"]
+    }
+    assert cmp == ("ViT-S", "my_vit", "my_hf")
+
+
+BAD = [
+    ("timm:test_vit={tmp}/nothing.pth", ["no such checkpoint file"]),
+    ("timm:test_vit={tmp}", ["is a folder", "hf:PATH"]),
+    ("timm:vit_smol_patch16={tmp}/a.pth", ["not a timm model name"]),
+    ("timm:test_vit", ["timm:NAME=PATH"]),
+    ("timm:vit_small_patch14_dinov2={tmp}/a.pth", ["headless backbone"]),
+    ("timm:test_vit={tmp}/a.pth,family=vit_s", ["training=supervised"]),
+    ("timm:test_vit={tmp}/a.pth,colour=red", ["unknown option", "family"]),
+    ("hf:{tmp}/no-such-folder", ["no such folder", "save_pretrained"]),
+    ("hf:{tmp}/a.pth", ["a file", "model folder"]),
+    ("hf:{tmp}", ["no config.json", "save_pretrained"]),
+    ("hf:{tmp}/backbone", ["ViTModel", "AutoModelForImageClassification"]),
+]
+
+
+def test_two_models_of_one_name_are_refused(tmp_path, capsys):
+    (tmp_path / "a.pth").write_bytes(b"x")
+    words = [f"timm:test_vit={tmp_path}/a.pth,label=res_50", "res_50"]
+    assert R.main(["--models", *words, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "two models named res_50" in err
+    assert "label=NAME" in err
+
+
+@pytest.mark.parametrize("word, words", BAD, ids=[b[0][:30] for b in BAD])
+def test_bad_local_model_one_line(word, words, tmp_path, capsys):
+    (tmp_path / "a.pth").write_bytes(b"x")
+    if "backbone" in word:
+        _hf_folder(tmp_path / "backbone", classifier=False)
+    word = word.format(tmp=tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar is not the job's
+    assert R.main(["--models", word, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"python -m benchmarks.run: error: --models {word}: ")
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "out").exists()
+
+
+def _tiny_hf(kind: str, folder: Path) -> None:
+    import transformers as T
+
+    vit = dict(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=1000,
+    )  # fmt: skip
+    if kind == "convnext":
+        config = T.ConvNextConfig(num_labels=1000, hidden_sizes=[8] * 4, depths=[1] * 4)
+        T.ConvNextForImageClassification(config).save_pretrained(folder)
+        T.ConvNextImageProcessor(size={"shortest_edge": 64}).save_pretrained(folder)
+        return
+    config_cls, model_cls = {
+        "dinov2": (T.Dinov2Config, T.Dinov2ForImageClassification),
+        "dinov2_with_registers": (
+            T.Dinov2WithRegistersConfig,
+            T.Dinov2WithRegistersForImageClassification,
+        ),
+        "deit": (T.DeiTConfig, T.DeiTForImageClassification),
+    }[kind]
+    model_cls(config_cls(**vit)).save_pretrained(folder)
+    T.BitImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+        do_center_crop=True, resample=3,
+    ).save_pretrained(folder)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind, prefix, grid",
+    [("dinov2", 1, 2), ("dinov2_with_registers", 5, 2), ("deit", 2, 2),
+     ("convnext", None, 2)],
+)  # fmt: skip
+def test_hf_layers_layout_and_preprocessing_are_found(kind, prefix, grid, tmp_path):
+    from benchmarks.evaluation import methods as M
+
+    _tiny_hf(kind, tmp_path / kind)
+    s = local.spec(f"hf:{tmp_path / kind}")
+    if prefix is None:  # ConvNeXt: (B, C, H, W) stage; shorter side / crop_pct
+        assert s.cam_layout == {}
+        assert (s.preprocessing.resize, s.preprocessing.crop) == (73, 64)
+    else:
+        assert s.cam_layout == {"grid": (grid, grid), "num_prefix_tokens": prefix}
+        assert (s.preprocessing.resize, s.preprocessing.crop) == (32, 28)
+        assert s.preprocessing.interpolation == "bicubic"
+    size = s.preprocessing.crop
+    maps = M.build_method("gradcam", {}, s.build(), s)(
+        torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    )
+    assert maps.shape == (2, 1, grid, grid) and torch.isfinite(maps).all()
