@@ -32,7 +32,7 @@ from benchmarks.evaluation.store import ResultStore
 
 DB_NAME = "results.sqlite"
 #: metrics whose per-image curves are stored (their value is the curve's area)
-CURVE_METRICS = ("deletion", "insertion")
+CURVE_METRICS = ("deletion_auc", "insertion_auc")
 
 
 @dataclass
