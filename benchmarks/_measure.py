@@ -127,3 +127,26 @@ def peak_memory(device: torch.device) -> Iterator[dict]:
     base = _rss_mib()
     yield out
     out["mib"] = max(0.0, _rss_hwm_mib() - base)
+
+
+class RatioSuite:
+    """A suite whose ``setup`` sets ``self.fns = {"method": ..., "baseline":
+    ...}`` and ``self.device``: ``track_ratio`` is method time / baseline
+    time (fastest of ``repeat`` runs each, in turns: :func:`best_times`),
+    measured once per setup."""
+
+    repeat = 3
+    fns: dict
+    device: torch.device
+
+    def _measure(self) -> dict:
+        if getattr(self, "_times", None) is None:
+            self._times = best_times(self.fns, self.device, self.repeat)
+        return self._times
+
+    def track_ratio(self, *params: object) -> float:
+        """Method time / baseline time."""
+        t = self._measure()
+        return t["method"] / t["baseline"]
+
+    track_ratio.unit = "x baseline"  # type: ignore[attr-defined]

@@ -14,7 +14,9 @@ from functools import cache
 import torch
 
 import captum_ssl.attr._attention as AT
+from benchmarks._families import FAMILIES, FamilySuite
 from benchmarks._measure import best_times, default_device
+from captum_ssl._outputs import model_output
 
 MODEL = "deit_small_patch16_224"
 BATCH = int(os.environ.get("BENCH_ATTN_BATCH", "8"))
@@ -40,7 +42,8 @@ def deit_small(device: str, sharpen: float = 1.0) -> torch.nn.Module:
 def _forward_backward(model: torch.nn.Module, x: torch.Tensor, target: list):
     def run() -> None:
         xx = x.detach().requires_grad_()
-        out = model(xx)[torch.arange(len(target)), torch.tensor(target)]
+        logits = model_output(model(xx))  # Hugging Face: the logits
+        out = logits[torch.arange(len(target)), torch.tensor(target)]
         torch.autograd.grad(out.sum(), xx)
 
     return run
@@ -132,6 +135,35 @@ class AttentionCost:
         return t["unfused"] / t["baseline"]
 
     track_unfused_baseline_ratio.unit = "x baseline"
+
+
+class FamilyAttentionCost(FamilySuite):
+    """The attention methods on Hugging Face DINOv2-S/14 and torchvision
+    ViT-B/16 (random weights, 224 px, batch 8), relative to the same baseline
+    as :class:`AttentionCost`: RawAttention (last layer) and AttentionRollout
+    against one forward pass under ``torch.no_grad`` (target <= 1.1x),
+    GenericAttention against forward + backward (target <= 1.2x). Each
+    model runs its default attention kernel (sdpa for both) in the baseline;
+    the methods compute attention explicitly (the adapters' forwards).
+    """
+
+    params = [FAMILIES, CLASS_AGNOSTIC + ["GenericAttention"], [BATCH]]
+    repeat = REPEAT
+
+    def setup(self, model: str, method: str, batch: int) -> None:
+        net, x, target = self.inputs(model, batch)
+        explainer = getattr(AT, method)(net)
+        if method in GRADIENT:
+            run = lambda: explainer.attribute(x, target=target)  # noqa: E731
+            base = _forward_backward(net, x, target)
+        else:
+            run = lambda: explainer.attribute(x)  # noqa: E731
+
+            def base() -> None:
+                with torch.no_grad():
+                    net(x)
+
+        self.fns = {"method": run, "baseline": base}
 
 
 class AttentionFlowCost:

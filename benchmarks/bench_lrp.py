@@ -12,6 +12,7 @@ import os
 import torch
 
 import captum_ssl.attr._lrp as L
+from benchmarks._families import FAMILIES, FamilySuite
 from benchmarks._measure import best_times, default_device
 from benchmarks.bench_attention import _forward_backward, deit_small
 
@@ -73,3 +74,22 @@ class LRPCost:
         return self._measure()["method"] / batch
 
     track_seconds_per_image.unit = "s"
+
+
+class FamilyLRPCost(FamilySuite):
+    """AttnLRP (at the patch tokens) on Hugging Face DINOv2-S/14 and
+    torchvision ViT-B/16 (random weights, 224 px, batch 8, eight targets)
+    relative to one forward + backward pass of the model with its default
+    (sdpa) attention. Target: <= 1.5x."""
+
+    params = [FAMILIES, ["AttnLRP"], [BATCH]]
+    repeat = REPEAT
+
+    def setup(self, model: str, method: str, batch: int) -> None:
+        net, x, target = self.inputs(model, batch)
+        name, kw = METHODS[method]
+        explainer = getattr(L, name)(net)
+        self.fns = {
+            "method": lambda: explainer.attribute(x, target=target, **kw),
+            "baseline": _forward_backward(net, x, target),
+        }

@@ -45,8 +45,10 @@ from captum_ssl.attr._cam.smoothed_cams import (
 )
 from captum_ssl.attr._core import (
     AttributionInputError,
+    ConcurrentCallError,
     NonFiniteWarning,
     TrainModeWarning,
+    model_lock,
 )
 from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp import LRP, AttnLRP, PartialLRP, TransformerAttribution
@@ -58,6 +60,7 @@ __all__ = [
     "GradientAttentionRollout",
     "RawAttention",
     "AttributionInputError",
+    "ConcurrentCallError",
     "LayerAblationCam",
     "LayerClassActivationMap",
     "LayerEigenCam",
@@ -72,6 +75,7 @@ __all__ = [
     "NonFiniteWarning",
     "TokenLayout",
     "TrainModeWarning",
+    "model_lock",
     "DeepFeatureFactorization",
     "Factorization",
     "FullGrad",

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import sys
+import threading
+import time
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 import torch
 from captum._utils.common import _run_forward, _select_targets
@@ -23,6 +37,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl._progress import progress_bar
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
@@ -41,6 +56,11 @@ class TrainModeWarning(UserWarning):
 
 class NonFiniteWarning(UserWarning):
     """A model output or a map is NaN / Inf; the affected maps are NaN."""
+
+
+class ConcurrentCallError(RuntimeError):
+    """Another thread kept explaining the same model for longer than the
+    caller's ``timeout``; the message names the fix."""
 
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # captum_ssl/
@@ -62,6 +82,152 @@ def user_stacklevel() -> int:
     return level
 
 
+# ---------------------------------------------------------------- concurrency
+#: per thread holding models: the module-id sets of its nested calls
+_HELD: Dict[int, List[Set[int]]] = {}
+_HELD_CHANGED = threading.Condition()
+#: a wait longer than this warns once (a deadlock would otherwise be silent)
+LOCK_WAIT_WARNING_S = 60.0
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (DataLoader worker) has only the forking thread: the
+    other threads' calls do not exist there, and the condition's lock may
+    have been held by one of them at the fork."""
+    global _HELD_CHANGED
+    me = threading.get_ident()
+    for ident in [t for t in _HELD if t != me]:
+        del _HELD[ident]
+    _HELD_CHANGED = threading.Condition()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def models_behind(forward_func: Any) -> List[nn.Module]:
+    """The modules an explanation of ``forward_func`` can run and change.
+
+    ``forward_func`` itself or a bound method's owner (:func:`root_module`);
+    for a plain function (a ``lambda`` or ``def`` wrapping the model) or a
+    ``functools.partial``, the modules it refers to: its closure variables,
+    the global names its code reads, the partial's arguments.
+    """
+    model = root_module(forward_func)
+    if model is not None:
+        return [model]
+    if isinstance(forward_func, functools.partial):
+        found = models_behind(forward_func.func)
+        parts = [*forward_func.args, *forward_func.keywords.values()]
+        return found + [m for m in parts if isinstance(m, nn.Module)]
+    code = getattr(forward_func, "__code__", None)
+    if code is None:
+        return []
+    values = []
+    for cell in getattr(forward_func, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            values.append(cell.cell_contents)
+    names = getattr(forward_func, "__globals__", {})
+    values += [names[n] for n in code.co_names if n in names]
+    return [m for m in values if isinstance(m, nn.Module)]
+
+
+@contextlib.contextmanager
+def model_lock(forward_func: Any, timeout: Optional[float] = None) -> Iterator[None]:
+    """Within the block, no other thread runs an explanation of this model.
+
+    Every attribution and metric of captum_ssl runs inside this lock (entered
+    by :func:`attribution_call` and :func:`eval_mode`), because a call changes
+    the model while it runs: hooks on its layers, which fire for every
+    thread's forward pass; parameters frozen; attention flags and a few
+    modules' ``forward`` replaced; training-mode modules switched to eval.
+    Two calls on one model from two threads therefore run one after the
+    other, each giving the result it gives alone, and the model is exactly
+    as before once both have returned. Calls on different models run in
+    parallel. The lock covers every module of ``forward_func``'s model
+    (:func:`models_behind`), so a wrapper (``EmbeddingSimilarity(vit, refs)``,
+    ``nn.Sequential(normalize, vit)``, a ``lambda x: vit(x)``) and the model
+    it wraps share it. It is re-entrant: nested calls of one thread (a metric
+    running an attribution, Captum's ``NoiseTunnel``) do not wait. Nothing is
+    stored on the model (it stays picklable and copyable), and a forked
+    process (a DataLoader worker) starts with no lock held.
+
+    Use it for your own code that runs the model while other threads explain
+    it (a forward pass for a prediction), or to bound the wait::
+
+        >>> with model_lock(model):
+        ...     logits = model(x)  # never sees another call's hooks or modes
+        >>> with model_lock(model, timeout=5.0):  # ConcurrentCallError after 5 s
+        ...     maps = LayerGradCam(model, model.layer4).attribute(x, target=3)
+
+    Args:
+        forward_func (Callable): the model, or a function or wrapper that
+                    runs it.
+        timeout (float, optional): seconds to wait for other threads' calls
+                    on the model; ``None`` waits as long as they run (with a
+                    warning after :data:`LOCK_WAIT_WARNING_S`). Default: None
+
+    Raises:
+        ConcurrentCallError: the wait exceeded ``timeout``.
+    """
+    roots = models_behind(forward_func)
+    me = threading.get_ident()
+    held = _HELD.get(me)  # only this thread changes its own entry
+    if held and all(any(id(r) in s for s in held) for r in roots):
+        mine: Set[int] = set()  # nested in a call that holds the model already
+    else:
+        mine = {id(m) for root in roots for m in root.modules()}
+    start = time.monotonic()
+    warned = False
+    with _HELD_CHANGED:
+        while True:
+            busy = [t for t, sets in _HELD.items() if t != me and _overlaps(sets, mine)]
+            if not busy:
+                break
+            waited = time.monotonic() - start
+            if timeout is not None and waited >= timeout:
+                raise ConcurrentCallError(_busy_message(forward_func, busy, waited))
+            if not warned and waited >= LOCK_WAIT_WARNING_S:
+                warned = True
+                warnings.warn(
+                    _busy_message(forward_func, busy, waited) + " Still waiting.",
+                    stacklevel=user_stacklevel(),
+                )
+            limits = [LOCK_WAIT_WARNING_S - waited] if not warned else []
+            if timeout is not None:
+                limits.append(timeout - waited)
+            _HELD_CHANGED.wait(max(0.0, min(limits)) if limits else None)
+        _HELD.setdefault(me, []).append(mine)
+    try:
+        yield
+    finally:
+        with _HELD_CHANGED:
+            stack = _HELD.get(me, [])
+            if stack:
+                stack.pop()
+            if not stack:
+                _HELD.pop(me, None)
+            _HELD_CHANGED.notify_all()
+
+
+def _overlaps(sets: List[Set[int]], mine: Set[int]) -> bool:
+    return any(not s.isdisjoint(mine) for s in sets)
+
+
+def _busy_message(forward_func: Any, busy: List[int], waited: float) -> str:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    models = models_behind(forward_func)
+    what = type(models[0]).__name__ if models else "this model"
+    return (
+        f"{what} is being explained by another thread "
+        f"({', '.join(names.get(t, str(t)) for t in busy)}) for {waited:.0f} s: "
+        "calls on one model run one at a time (each call changes the model while "
+        "it runs). For explanations in parallel, give each thread its own model "
+        "(`copy.deepcopy(model)`); to wait longer, use "
+        "`with captum_ssl.attr.model_lock(model, timeout=None):`."
+    )
+
+
 # ------------------------------------------------------------ the model's mode
 #: rows of the explained batch whose model output was not finite (per call)
 _BAD_ROWS: contextvars.ContextVar[Optional[List[Tensor]]] = contextvars.ContextVar(
@@ -80,27 +246,30 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
     naming ``model.eval()``, and each module gets its own mode back on exit,
     also when the block raises. Nested calls (a metric running an
     attribution) warn only once: the inner call finds the model in eval mode.
-    Without a module behind ``forward_func`` this is a no-op.
+    Without a module behind ``forward_func`` this is a no-op. The block runs
+    inside :func:`model_lock`: no other thread's call sees the switch.
     """
-    model = root_module(forward_func)
-    training = [] if model is None else [m for m in model.modules() if m.training]
-    if training:
-        names = [n or "(the model)" for n, m in model.named_modules() if m.training]
-        warnings.warn(
-            f"{type(model).__name__} is in training mode ({len(training)} modules, "
-            f"e.g. {', '.join(names[:3])}): {what} runs it in eval mode for this "
-            "call (BatchNorm statistics untouched, dropout off) and restores the "
-            "mode afterwards. Call model.eval() first to make this explicit.",
-            TrainModeWarning,
-            stacklevel=user_stacklevel(),
-        )
-    for m in training:
-        m.training = False
-    try:
-        yield
-    finally:
+    with model_lock(forward_func):
+        model = root_module(forward_func)
+        training = [] if model is None else [m for m in model.modules() if m.training]
+        if training:
+            names = [n or "(the model)" for n, m in model.named_modules() if m.training]
+            warnings.warn(
+                f"{type(model).__name__} is in training mode ({len(training)} "
+                f"modules, e.g. {', '.join(names[:3])}): {what} runs it in eval "
+                "mode for this call (BatchNorm statistics untouched, dropout off) "
+                "and restores the mode afterwards. Call model.eval() first to make "
+                "this explicit.",
+                TrainModeWarning,
+                stacklevel=user_stacklevel(),
+            )
         for m in training:
-            m.training = True
+            m.training = False
+        try:
+            yield
+        finally:
+            for m in training:
+                m.training = True
 
 
 @contextlib.contextmanager
@@ -112,12 +281,17 @@ def attribution_call(
     :func:`finish_maps`. Nested scopes share the outermost record.
 
     ``keep_mode=True`` (differentiable maps, ``create_graph=True``, computed
-    inside a training step) leaves every module's mode as the caller set it."""
+    inside a training step) leaves every module's mode as the caller set it.
+    Either way the call holds :func:`model_lock`: calls on one model from
+    several threads run one after the other."""
     outer = _BAD_ROWS.get()
     record: List[Tensor] = [] if outer is None else outer
     token = _BAD_ROWS.set(record) if outer is None else None
     try:
-        with contextlib.nullcontext() if keep_mode else eval_mode(forward_func):
+        with (
+            model_lock(forward_func),
+            contextlib.nullcontext() if keep_mode else eval_mode(forward_func),
+        ):
             yield record
     finally:
         if token is not None:
@@ -224,18 +398,43 @@ def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
             )
 
 
+def layer_hint(forward_func: Callable) -> str:
+    """A layer of the user's own model for error messages: for a Vision
+    Transformer the norm before the last block's attention, named by its
+    family adapter as it appears in the model (``model.blocks[-1].norm1``,
+    ``model.vit.layers[-1].layernorm_before``, ``model.encoder.layers[-1].ln_1``
+    ...; through a wrapper such as EmbeddingSimilarity with the wrapper's
+    path); else the usual CNN and timm examples."""
+    from captum_ssl.attr._families import find_adapter
+
+    root = root_module(forward_func)
+    try:
+        adapter = None if root is None else find_adapter(root)
+    except Exception:  # a message must never fail: fall back to the examples
+        adapter = None
+    if adapter is None:
+        return "`model.layer4` (a ResNet) or `model.blocks[-1].norm1` (a timm ViT)"
+    hint = adapter.norm_layer_hint()
+    if hint.startswith("model") and adapter.model is not root:
+        from captum_ssl.models._layers import layer_expression
+
+        path = next(n for n, m in root.named_modules() if m is adapter.model)
+        hint = layer_expression(path) + hint[len("model") :]
+    return f"`{hint}`" if hint.startswith("model") else hint
+
+
 def check_layer(forward_func: Callable, layer: Any) -> None:
     """Refuse a layer that is not a module, and a ``torch.compile``d model."""
     model = root_module(forward_func)
     if isinstance(layer, str):
         raise AttributionInputError(
             f"layer must be the module itself, not the string {layer!r}: pass "
-            f"`model.get_submodule({layer!r})` (or e.g. `model.layer4`)."
+            f"`model.get_submodule({layer!r})` (or e.g. {layer_hint(forward_func)})."
         )
     if not isinstance(layer, nn.Module):
         raise AttributionInputError(
             f"layer must be an nn.Module of the model, got {type(layer).__name__}: "
-            "pass e.g. `model.layer4` or `model.blocks[-1].norm1`."
+            f"pass e.g. {layer_hint(forward_func)}."
         )
     check_not_compiled(model)
 
@@ -417,10 +616,11 @@ def stack_targets(targets: List[Any]) -> TargetType:
 def checked_forward(forward_func: Callable, target: TargetType) -> Callable:
     """``forward_func`` that validates ``target`` against its output (for one
     forward pass of the whole explained batch: rows whose output is not
-    finite are recorded for :func:`finish_maps`)."""
+    finite are recorded for :func:`finish_maps`). A Hugging Face
+    ``ModelOutput`` is read as a tensor (:func:`~captum_ssl._outputs.model_output`)."""
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if isinstance(out, Tensor):
             check_target(out, target)
             _record_bad_rows(out)  # a full-batch forward: see finish_maps
@@ -445,11 +645,13 @@ def selecting_forward(
     ``batch_rows``, the output rows are those of the explained batch, and the
     rows whose output is not finite are recorded for :func:`finish_maps`.
     With ``select=False`` (gradient-free methods without a target) the output
-    is returned whole.
+    is returned whole. A Hugging Face ``ModelOutput`` is read as a tensor
+    first (:func:`~captum_ssl._outputs.model_output`: a classifier's
+    ``logits``, a backbone's ``pooler_output`` or class token).
     """
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if not isinstance(out, Tensor):
             return out
         if batch_rows:
@@ -490,8 +692,11 @@ def rows(value: Any, index: Tensor, batch: int) -> Any:
 
 # --------------------------------------------------------------- layer access
 @contextlib.contextmanager
-def layer_errors(layer: nn.Module) -> Iterator[None]:
-    """Turn Captum's and autograd's generic failures into errors naming the fix."""
+def layer_errors(
+    layer: nn.Module, forward_func: Optional[Callable] = None
+) -> Iterator[None]:
+    """Turn Captum's and autograd's generic failures into errors naming the fix
+    (and a layer of ``forward_func``'s model)."""
     try:
         yield
     except AssertionError as err:
@@ -499,8 +704,8 @@ def layer_errors(layer: nn.Module) -> Iterator[None]:
             raise AttributionInputError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
                 "Pass a submodule that the model's forward actually calls (for "
-                "example `model.layer4` or `model.blocks[-1].norm1`; print(model) "
-                "lists them), and the same model instance as forward_func."
+                f"example {layer_hint(forward_func)}; print(model) lists them), and "
+                "the same model instance as forward_func."
             ) from err
         raise
     except RuntimeError as err:
@@ -534,16 +739,20 @@ def record_from_layer_only(forward_func: Callable) -> Iterator[None]:
     to the layer; Captum's hook makes the layer's output require grad, so only
     the ops after it are recorded. The flags are restored on exit, also when
     the block raises. Without a module behind ``forward_func`` this is a no-op.
+    The block runs inside :func:`model_lock`.
     """
-    model = root_module(forward_func)
-    params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
+    with model_lock(forward_func):
+        model = root_module(forward_func)
+        params = (
+            [] if model is None else [p for p in model.parameters() if p.requires_grad]
+        )
         for p in params:
-            p.requires_grad_(True)
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def resolve_layout(
@@ -556,7 +765,11 @@ def resolve_layout(
     return layout_for(forward_func, layer, input_hw(inputs), layout)
 
 
-def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
+def _grid_tuple(
+    layout: TokenLayout,
+    batch: Optional[int] = None,
+    forward_func: Optional[Callable] = None,
+) -> Callable:
     def to_grids(tensors: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
         for t in tensors:
             if batch is not None and t.dim() > 0 and t.shape[0] != batch:
@@ -567,7 +780,14 @@ def _grid_tuple(layout: TokenLayout, batch: Optional[int] = None) -> Callable:
                     "Explain the block or its norm instead, e.g. "
                     "`layers[-1].blocks[-1].norm1`."
                 )
-        return tuple(layout.to_grid(t) for t in tensors)
+        try:
+            return tuple(layout.to_grid(t) for t in tensors)
+        except ValueError as err:
+            if forward_func is None or "Unsupported layer output" not in str(err):
+                raise
+            raise AttributionInputError(
+                f"{err} In this model: {layer_hint(forward_func)}."
+            ) from err
 
     return to_grids
 
@@ -609,7 +829,7 @@ def layer_activations_and_gradients(
         else record_from_layer_only(forward_func)
     )
     mode = contextlib.nullcontext() if create_graph else eval_mode(forward_func)
-    with layer_errors(layer), record, mode:
+    with layer_errors(layer, forward_func), record, mode:
         grads, acts = compute_layer_gradients_and_eval(
             selecting_forward(forward_func, target),
             layer,
@@ -618,7 +838,7 @@ def layer_activations_and_gradients(
             additional_forward_args,
             device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
-            output_fn=_grid_tuple(lay, batch),
+            output_fn=_grid_tuple(lay, batch, forward_func),
             grad_kwargs=grad_kwargs,
         )
     if not create_graph and all(bool((g == 0).all()) for g in grads):
@@ -626,7 +846,7 @@ def layer_activations_and_gradients(
             f"All gradients at the layer {layer.__class__.__name__} are zero for "
             "this target, so gradient-based maps are empty. With a class-token "
             "head the last block's patch tokens do not reach the output: use an "
-            "earlier layer such as `blocks[-1].norm1`.",
+            f"earlier layer such as {layer_hint(forward_func)}.",
             stacklevel=3,
         )
     if create_graph:
@@ -650,7 +870,7 @@ def layer_activations(
     A ``target`` other than ``None`` is checked against the model's output."""
     lay = resolve_layout(forward_func, layer, inputs, layout)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
-    with layer_errors(layer), torch.no_grad(), eval_mode(forward_func):
+    with layer_errors(layer, forward_func), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(
             selecting_forward(forward_func, target, select=target is not None),
             inputs,
@@ -659,7 +879,8 @@ def layer_activations(
             device_ids=device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-    return _grid_tuple(lay, None if device_ids else inputs[0].shape[0])(acts)
+    batch = None if device_ids else inputs[0].shape[0]
+    return _grid_tuple(lay, batch, forward_func)(acts)
 
 
 @contextlib.contextmanager

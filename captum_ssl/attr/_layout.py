@@ -287,6 +287,8 @@ def layout_for(
             patch_grid = _grid_from_embed(embed, input_hw)
         if k is None and isinstance(getattr(model, "num_prefix_tokens", None), int):
             k = model.num_prefix_tokens
+        if patch_grid is None and k is None:
+            patch_grid, k = _family_layout(model, input_hw)
     return replace(
         layout,
         num_prefix_tokens=k,
@@ -295,6 +297,17 @@ def layout_for(
         input_size=layout.input_size or input_hw,
         tie_break=layout.tie_break or _tie_break(layer, model),
     )
+
+
+def _family_layout(model: nn.Module, input_hw) -> Tuple[Optional[Tuple], Optional[int]]:
+    """Patch grid and prefix tokens that ``model``'s ViT family adapter
+    declares (torchvision, open_clip, ... models without timm's attributes)."""
+    from captum_ssl.attr._families import declared_layout
+
+    declared = declared_layout(model, input_hw)
+    if declared is None:
+        return None, None
+    return declared.patch_grid, declared.num_prefix_tokens
 
 
 _CHANNELS_FIRST = (

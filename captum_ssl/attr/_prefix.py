@@ -30,6 +30,7 @@ layer is the same in every evaluation, so it is computed once per image here:
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
@@ -38,6 +39,7 @@ from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._core import (
     checked_forward,
     chunked_scores,
@@ -84,8 +86,11 @@ def _record(layer: nn.Module, forward: Callable[[], Any]) -> _Recording:
     # each frame: [module, completed child calls as (module, output)]
     stack: List[List[Any]] = []
     top: List[Tuple[nn.Module, Any]] = []
+    me = threading.get_ident()  # the hooks are global: other threads' calls pass
 
     def pre(module: nn.Module, _args: Any) -> None:
+        if threading.get_ident() != me:
+            return
         if module is layer:
             rec.layer_calls += 1
             if rec.layer_calls == 1:
@@ -97,6 +102,8 @@ def _record(layer: nn.Module, forward: Callable[[], Any]) -> _Recording:
         stack.append([module, []])
 
     def post(module: nn.Module, _args: Any, out: Any) -> None:
+        if threading.get_ident() != me:
+            return
         if not stack or stack[-1][0] is not module:
             raise _NotReplayable("module calls do not nest")
         stack.pop()
@@ -294,7 +301,7 @@ def layer_output_scores(
     if output_transform is not None:
 
         def fwd(*args: Any, **kwargs: Any) -> Any:
-            return output_transform(forward_func(*args, **kwargs))
+            return output_transform(model_output(forward_func(*args, **kwargs)))
 
     batch = inputs[0].shape[0]
     device = inputs[0].device

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output, tensor_forward
 from captum_ssl.attr._core import (
     AttributionInputError,
     NonFiniteWarning,
@@ -212,7 +213,7 @@ def resolve_target(
     preds = []
     with torch.no_grad(), eval_mode(model, "scoring"):
         for start in range(0, inputs.shape[0], batch_size):
-            out = model(inputs[start : start + batch_size])
+            out = model_output(model(inputs[start : start + batch_size]))
             if out.dim() < 2 or out.shape[1] < 2:
                 raise MetricInputError(
                     "The model returns one score per sample; these metrics need "
@@ -229,8 +230,10 @@ def score_forward(model: Callable, score: ScoreType) -> Callable:
     ``"probability"``: softmax over classes; ``"logit"``: the raw output;
     ``"accuracy"``: one-hot top-1 prediction (so the target's entry is 1 when
     the target is the top-1 class); a callable maps the output ``(B, K)`` to
-    ``(B, K)`` scores.
+    ``(B, K)`` scores. A Hugging Face ``ModelOutput`` is read as a tensor
+    first (:func:`~captum_ssl._outputs.model_output`).
     """
+    model = tensor_forward(model)
     if callable(score):
         return lambda x: score(model(x))
     if score == "probability":

@@ -10,6 +10,8 @@ still uses but numpy 2.x removed, only for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
@@ -18,6 +20,8 @@ import torch
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import TensorOutput
+from captum_ssl.attr._core import model_lock
 from captum_ssl.metrics._common import (
     MetricInputError,
     explain,
@@ -43,6 +47,10 @@ DEFAULT_METRICS = (
 # metrics/robustness/continuity.py -> np.NaN (removed in 2.0).
 _COMPAT = {"trapz": "trapezoid", "NaN": "nan"}
 
+#: Quantus runs change process-wide state (numpy's names, its global RNG,
+#: the warnings filters): one run at a time in the process, whatever the model
+_QUANTUS_RUN = threading.RLock()
+
 
 @contextlib.contextmanager
 def numpy_compat() -> Iterator[None]:
@@ -51,24 +59,27 @@ def numpy_compat() -> Iterator[None]:
     Sets the old names to their numpy 2 equivalents (``np.trapezoid``,
     ``np.nan``) on entry and deletes them again on exit, also on error, so
     numpy itself is neither pinned nor edited and code outside the block sees
-    the installed numpy unchanged. Names that exist are left alone. Not
-    thread-safe: another thread could see the names while the block runs.
+    the installed numpy unchanged. Names that exist are left alone. Blocks
+    of several threads run one at a time (a process-wide lock), so one
+    thread's exit never removes the names while another's block runs; code
+    outside any block in another thread can see the names meanwhile.
 
     Examples::
 
         >>> with numpy_compat():
         ...     scores = quantus.IROF(return_aggregate=False)(model=..., ...)
     """
-    added = []
-    for old, new in _COMPAT.items():
-        if not hasattr(np, old) and hasattr(np, new):
-            setattr(np, old, getattr(np, new))
-            added.append(old)
-    try:
-        yield
-    finally:
-        for old in added:
-            delattr(np, old)
+    with _QUANTUS_RUN:
+        added = []
+        for old, new in _COMPAT.items():
+            if not hasattr(np, old) and hasattr(np, new):
+                setattr(np, old, getattr(np, new))
+                added.append(old)
+        try:
+            yield
+        finally:
+            for old in added:
+                delattr(np, old)
 
 
 def quantus_explain_func(method: Any, **attribute_kwargs: Any) -> Callable:
@@ -147,6 +158,21 @@ def _to_tensor(values: Any, device: torch.device) -> Tensor:
     return torch.as_tensor(arr, dtype=torch.float32, device=device)
 
 
+def _one_run(fn: Callable) -> Callable:
+    """``fn(model, ...)`` holding the process-wide Quantus lock, then the
+    model's :func:`~captum_ssl.attr.model_lock` (other threads' explanations
+    of the model wait: Quantus' forward passes would meet their hooks).
+    Always in this order, so the two locks cannot deadlock each other."""
+
+    @functools.wraps(fn)
+    def run(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with _QUANTUS_RUN, model_lock(model):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+@_one_run
 def quantus_faithfulness(
     model: nn.Module,
     inputs: Tensor,
@@ -250,7 +276,7 @@ def quantus_faithfulness(
             with numpy_compat(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = metric(
-                    model=model,
+                    model=TensorOutput(model),  # Hugging Face: the logits
                     x_batch=x_np,
                     y_batch=y_np,
                     a_batch=a_np,

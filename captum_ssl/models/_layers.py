@@ -55,6 +55,20 @@ def get_layer(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
+def layer_expression(path: str, root: str = "model") -> str:
+    r"""The Python expression of the layer at a dotted path (for messages).
+
+    Examples::
+
+        >>> layer_expression("vit.layers.11.layernorm_before")
+        'model.vit.layers[11].layernorm_before'
+    """
+    parts = [p for p in path.split(".") if p]
+    return root + "".join(
+        f"[{p}]" if p.lstrip("-").isdigit() else f".{p}" for p in parts
+    )
+
+
 def get_layers(model: nn.Module, pattern: str) -> List[nn.Module]:
     r"""All sub-modules matching a dotted path in which ``*`` stands for every child.
 

@@ -14,13 +14,27 @@ so every attribution method of this package runs on it unchanged:
 from __future__ import annotations
 
 import warnings
+from typing import Any, Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
+from captum_ssl.models._layers import layer_expression
 
-def _flat(embedding: Tensor) -> Tensor:
+
+def _flat(embedding: Any) -> Tensor:
+    """The backbone's output as ``(B, D)`` embeddings: a Hugging Face
+    ``ModelOutput`` by its ``pooler_output``, else its class token
+    (:func:`~captum_ssl._outputs.model_output`)."""
+    embedding = model_output(embedding)
+    if not isinstance(embedding, Tensor):
+        raise ValueError(
+            f"the backbone must output (B, D) embeddings as a tensor, got "
+            f"{type(embedding).__name__}: wrap it so that it returns one, e.g. "
+            "`lambda x: backbone(x)[0]`"
+        )
     if embedding.dim() > 2:
         embedding = embedding.flatten(1)
     if embedding.dim() != 2:
@@ -42,7 +56,12 @@ class EmbeddingSimilarity(nn.Module):
 
     Args:
         backbone (nn.Module): headless model mapping images to ``(B, D)``
-                    embeddings (``captum_ssl.models.load(name, head=False)``).
+                    embeddings (``captum_ssl.models.load(name, head=False)``,
+                    :func:`headless`). A Hugging Face backbone is read by its
+                    ``pooler_output`` where it has one (``Dinov2Model``,
+                    ``CLIPVisionModel``: the normed class token; ``ViTModel``:
+                    its tanh pooler), else by the class token of
+                    ``last_hidden_state`` (``ViTMAEModel``).
         references (Tensor): ``(R, D)`` or ``(D,)`` reference embeddings, e.g.
                     from :func:`reference_embeddings`. Stored as a buffer, so
                     the module moves with ``.to(device)``.
@@ -178,17 +197,98 @@ def reference_embeddings(
     return out
 
 
-def headless(model: nn.Module) -> nn.Module:
-    """Remove the classifier in place: timm's ``reset_classifier(0)`` or ``fc``."""
-    if hasattr(model, "reset_classifier"):
-        model.reset_classifier(0)
-    elif isinstance(getattr(model, "fc", None), nn.Linear):
-        model.fc = nn.Identity()
-    else:
-        raise ValueError(
-            f"cannot find the classifier of {type(model).__name__} to remove"
-        )
+def _identity(*names: str) -> Callable[[nn.Module], nn.Module]:
+    def remove(model: nn.Module) -> nn.Module:
+        for name in names:
+            setattr(model, name, nn.Identity())
+        return model
+
+    return remove
+
+
+def _reset_classifier(model: nn.Module) -> nn.Module:
+    model.reset_classifier(0)  # type: ignore[operator]
     return model
+
+
+def _is_open_clip(model: nn.Module, cls: str) -> bool:
+    return type(model).__module__.startswith("open_clip") and any(
+        c.__name__ == cls for c in type(model).__mro__
+    )
+
+
+#: (does the model have this head, remove it), tried in order
+_HEADS: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = [
+    # timm
+    (lambda m: hasattr(m, "reset_classifier"), _reset_classifier),
+    # open_clip: the image tower of a CLIP model; the tower itself is headless
+    (lambda m: _is_open_clip(m, "CLIP") and hasattr(m, "visual"), lambda m: m.visual),
+    (lambda m: _is_open_clip(m, "VisionTransformer"), lambda m: m),
+    # torchvision ResNet / ViT
+    (lambda m: isinstance(getattr(m, "fc", None), nn.Linear), _identity("fc")),
+    (lambda m: isinstance(getattr(m, "heads", None), nn.Module), _identity("heads")),
+    # Hugging Face: DeiT with teacher, then every *ForImageClassification
+    (
+        lambda m: isinstance(getattr(m, "distillation_classifier", None), nn.Module),
+        _identity("cls_classifier", "distillation_classifier"),
+    ),
+    (
+        lambda m: isinstance(getattr(m, "classifier", None), nn.Linear),
+        _identity("classifier"),
+    ),
+]
+
+
+def headless(model: nn.Module) -> nn.Module:
+    r"""The model without its classifier: it returns ``(B, D)`` embeddings.
+
+    The classifier is removed in place (replaced by ``nn.Identity``), so the
+    embedding is what the classifier read:
+
+    - timm: ``reset_classifier(0)`` (the pooled features);
+    - torchvision: ResNet's ``fc``, ViT's ``heads`` (the normed class token);
+    - Hugging Face ``*ForImageClassification``: ``classifier`` (ViT: the class
+      token; DINOv2: class token and mean patch token, concatenated), DeiT with
+      teacher: both classifiers (the mean of class and distillation token).
+      The output stays an ``ImageClassifierOutput`` whose ``logits`` hold the
+      embedding;
+    - open_clip: a ``CLIP`` model gives its image tower ``model.visual`` (the
+      returned module, not ``model``), whose output is the projected image
+      embedding; the tower itself is returned as it is.
+
+    Args:
+        model (nn.Module): a classifier of one of the families above.
+
+    Returns:
+        nn.Module: the headless model (``model`` itself, or open_clip's tower).
+
+    Raises:
+        ValueError: no known classifier; the message names the model's last
+            linear layer to replace.
+
+    Examples::
+
+        >>> import torchvision
+        >>> backbone = headless(torchvision.models.vit_b_16())
+        >>> backbone(torch.randn(1, 3, 224, 224)).shape
+        torch.Size([1, 768])
+    """
+    for has_head, remove in _HEADS:
+        if has_head(model):
+            return remove(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    fix = (
+        f"replace its classifier yourself, e.g. `{layer_expression(linears[-1])} = "
+        "torch.nn.Identity()` (its last linear layer), "
+        if linears
+        else ""
+    )
+    raise ValueError(
+        f"cannot find the classifier of {type(model).__name__} to remove (known: "
+        "timm's reset_classifier, torchvision's `fc` / `heads`, Hugging Face's "
+        "`classifier`, open_clip's CLIP): "
+        f"{fix}or pass a backbone whose forward returns (B, D) embeddings."
+    )
 
 
 __all__ = [

@@ -2,25 +2,27 @@
 
 Every attention method of this package gets its attention maps (and, where it
 needs them, the target's gradients with respect to those maps) from
-:func:`attention_forward`. It works on stock timm modules:
+:func:`attention_forward`. The attention modules and what they compute come
+from the model's family adapter (:mod:`captum_ssl.attr._families`): for the
+duration of one call each selected module runs its family's attention forward
+written in the Propagator primitives (a *plain* propagator: no rule, the
+ordinary result), whose ``attend`` records the softmaxed probabilities. The
+forward is the same one LRP runs, so capture and LRP cannot disagree, and a
+fused / sdpa kernel never hides the maps. Shapes:
 
-* ``timm.layers.Attention`` (ViT, DeiT, DeiT distilled, MoCo v3 and DINO ViTs:
-  ``model.blocks[i].attn``): ``softmax(Q K^T / sqrt(d))`` of shape
+* self-attention (timm ``Attention``, EVA, BEiT, ``nn.MultiheadAttention``):
   ``(B, heads, N, N)``;
-* ``timm.models.cait.ClassAttn`` (CaiT ``model.blocks_token_only[i].attn`` and
-  XCiT ``model.cls_attn_blocks[i].attn``): only the class token queries, so
-  the probabilities are ``(B, heads, 1, N)``;
-* ``timm.models.xcit.XCA`` (XCiT ``model.blocks[i].attn``): cross-covariance
-  attention over channels, ``(B, heads, C/heads, C/heads)``. It is captured
-  (:func:`capture_attention`) but it is not a token map, so the attribution
-  methods refuse it.
+* class attention (CaiT ``blocks_token_only[i].attn``, XCiT
+  ``cls_attn_blocks[i].attn``): only the class token queries, ``(B, heads,
+  1, N)``;
+* XCiT's cross-covariance attention (XCA): ``(B, heads, C/heads, C/heads)``,
+  captured (:func:`capture_attention`) but not a token map, so the
+  attribution methods refuse it.
 
-How: for the duration of one call, each touched module's own ``fused_attn``
-flag is set to ``False`` (timm then computes the softmax explicitly and passes
-it through ``attn_drop``, an identity in eval mode) and a forward hook on
-``attn_drop`` records its input. The global timm setting is never changed, and
-the flags and hooks are restored in ``finally`` blocks, also when the forward
-pass raises.
+Nothing of the model is changed but the instance attribute ``forward`` of the
+selected modules, removed again in a ``finally`` block, also when the forward
+pass raises; timm's ``fused_attn`` flags (per module and global) are never
+touched.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from captum._utils.common import _run_forward
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._core import (
     AttributionInputError,
     check_not_compiled,
@@ -47,37 +50,32 @@ from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 LayerSpec = Union[None, int, nn.Module, Sequence[Union[int, nn.Module]]]
 
-#: What a user may pass; named in every "unsupported" error.
-SUPPORTED = (
-    "timm ViT / DeiT / MoCo v3 / DINO self-attention (timm.layers.Attention, "
-    "`model.blocks[i].attn`), CaiT class attention (`model.blocks_token_only[i]"
-    ".attn`) and XCiT class attention (`model.cls_attn_blocks[i].attn`), both "
-    "timm.models.cait.ClassAttn"
-)
-
 SELF, CLASS, CHANNEL = "self", "class", "channel"
 
 
-def _attention_types() -> Dict[type, str]:
-    from timm.layers import Attention
-    from timm.models.cait import ClassAttn
-    from timm.models.xcit import XCA
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED":  # computed: every registered family
+        from captum_ssl.attr._families import supported
 
-    return {Attention: SELF, ClassAttn: CLASS, XCA: CHANNEL}
+        return supported()
+    raise AttributeError(name)
 
 
 def attention_kind(module: nn.Module) -> Optional[str]:
     """``"self"``, ``"class"``, ``"channel"`` (XCiT XCA) or ``None`` (unsupported)."""
-    for cls, kind in _attention_types().items():
-        if isinstance(module, cls):
-            return kind
-    return None
+    from captum_ssl.attr._families import attention_impl
+
+    impl = attention_impl(module)
+    return None if impl is None else impl.kind
 
 
 def attention_modules(model: nn.Module) -> List[nn.Module]:
-    """All supported attention modules of ``model`` in definition (= execution)
-    order, XCiT's channel-attention (XCA) modules included."""
-    return [m for m in model.modules() if attention_kind(m) is not None]
+    """All supported attention modules of ``model`` in execution order,
+    XCiT's channel-attention (XCA) modules included."""
+    from captum_ssl.attr._families import find_adapter
+
+    adapter = find_adapter(model)
+    return [] if adapter is None else [s.module for s in adapter.attention_sites()]
 
 
 def _model_of(forward_func: Callable) -> nn.Module:
@@ -108,13 +106,16 @@ def resolve_layers(
     Returns:
         list of nn.Module, in the order given (``None``: execution order).
     """
+    from captum_ssl.attr._families import adapter_for, supported
+
     model = _model_of(forward_func)
-    found = attention_modules(model)
+    adapter = adapter_for(model)
+    found = [s.module for s in adapter.attention_sites()]
     if not found:
         raise AttributionInputError(
             f"{type(model).__name__} has no supported attention module. Supported: "
-            f"{SUPPORTED}. For CNNs (and as an alternative on ViTs) use the CAMs, "
-            "e.g. LayerGradCam(model, model.blocks[-1].norm1)."
+            f"{supported()}. For CNNs (and as an alternative on ViTs) use the CAMs, "
+            f"e.g. LayerGradCam on {adapter.norm_layer_hint()}."
         )
     if layers is None:
         chosen = [m for m in found if attention_kind(m) != CHANNEL]
@@ -149,9 +150,11 @@ def resolve_layers(
                 inner = getattr(module, "attn", None)
                 if isinstance(inner, nn.Module) and attention_kind(inner) is not None:
                     hint = " Pass its `.attn` submodule."
+                names = ", ".join(f"`{s.name}`" for s in adapter.attention_sites()[:2])
                 raise AttributionInputError(
                     f"{type(module).__name__} is not a supported attention module of "
-                    f"this model.{hint} Supported: {SUPPORTED}."
+                    f"this model.{hint} Pass one of its attention modules ({names}, "
+                    "...) or an index into them."
                 )
         if token_maps and attention_kind(module) == CHANNEL:
             raise AttributionInputError(
@@ -167,14 +170,17 @@ def resolve_layers(
 # --------------------------------------------------------------------- capture
 @contextlib.contextmanager
 def capture_attention(
-    modules: Sequence[nn.Module],
+    modules: Sequence[nn.Module], propagator: Optional[Any] = None
 ) -> Iterator[Dict[int, List[Tensor]]]:
     """Record the attention probabilities of ``modules`` during the block.
 
     Yields a dict ``{position in modules: [tensor per call]}``. Each tensor is
     the module's softmaxed attention as computed in the forward pass (part of
-    the autograd graph when grad is enabled). The modules' ``fused_attn`` flags
-    and the hooks are restored on exit, also when the block raises.
+    the autograd graph when grad is enabled). Each module runs its family's
+    attention forward for the duration of the block (see the module
+    docstring); without ``propagator`` a plain one (no rule), with one (an LRP
+    call that has installed its forwards already) that one records. Restored
+    on exit, also when the block raises.
 
     Example::
 
@@ -182,40 +188,34 @@ def capture_attention(
         ...     model(x)
         >>> store[0][0].shape  # (B, heads, N, N)
     """
-    store: Dict[int, List[Tensor]] = {i: [] for i in range(len(modules))}
-    saved: List[Tuple[nn.Module, bool, Any]] = []
-    handles = []
+    from captum_ssl.attr._families import attention_impl, supported
+    from captum_ssl.attr._lrp.propagate import Propagator, installed
+
+    P = propagator if propagator is not None else Propagator.plain()
+    plan = []
+    for module in modules:
+        impl = attention_impl(module)
+        if impl is None:
+            raise AttributionInputError(
+                f"{type(module).__name__} is not a supported attention module. "
+                f"Supported: {supported()}."
+            )
+        drop = getattr(module, "attn_drop", None)
+        p = getattr(drop, "p", getattr(module, "dropout", 0.0))
+        if module.training and p > 0:
+            warnings.warn(
+                "The model is in training mode with attention dropout: the "
+                "captured attention is taken before dropout. Call model.eval().",
+                stacklevel=3,
+            )
+        if propagator is None:
+            plan.append((module, impl.forward(P, module)))
+    store = P.watch(modules)
     try:
-        for i, module in enumerate(modules):
-            if attention_kind(module) is None:
-                raise AttributionInputError(
-                    f"{type(module).__name__} is not a supported attention module. "
-                    f"Supported: {SUPPORTED}."
-                )
-            drop = module.attn_drop
-            if drop.training and drop.p > 0:
-                warnings.warn(
-                    "The model is in training mode with attention dropout: the "
-                    "captured attention is taken before dropout. Call model.eval().",
-                    stacklevel=3,
-                )
-            own = "fused_attn" in module.__dict__
-            saved.append((module, own, module.__dict__.get("fused_attn")))
-            module.fused_attn = False
-
-            def hook(_m: nn.Module, args: Tuple[Tensor, ...], _out: Any, i=i) -> None:
-                store[i].append(args[0])
-
-            handles.append(drop.register_forward_hook(hook))
-        yield store
+        with installed(plan):
+            yield store
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, own, value in reversed(saved):
-            if own:
-                module.fused_attn = value
-            else:
-                del module.fused_attn
+        P.unwatch()
 
 
 @dataclass
@@ -250,7 +250,7 @@ def attention_forward(
     record: List[Tensor] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        out = forward_func(*args, **kwargs)
+        out = model_output(forward_func(*args, **kwargs))
         if isinstance(out, Tensor) and out.dim() > 0 and out.is_floating_point():
             record.append(~torch.isfinite(out.reshape(out.shape[0], -1)).all(1))
         return out

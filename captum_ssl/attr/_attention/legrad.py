@@ -32,19 +32,12 @@ from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 
 def default_score_projection(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """Class logits of intermediate tokens ``(B, N, C)`` for a timm ViT: the
-    mean token through the final norm and the classifier (LeGrad's and
-    torchcam's pooling)."""
-    norm, head = getattr(model, "norm", None), getattr(model, "head", None)
-    if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module):
-        raise AttributionInputError(
-            f"{type(model).__name__} has no `norm` and `head` to score intermediate "
-            "tokens: pass score_projection=<function (B, N, C) tokens -> (B, "
-            "classes) logits>."
-        )
-    fc_norm = getattr(model, "fc_norm", None) or nn.Identity()
-    head_drop = getattr(model, "head_drop", None) or nn.Identity()
-    return lambda z: head(head_drop(fc_norm(norm(z.mean(dim=1)))))
+    """Class logits of intermediate tokens ``(B, N, C)``: the mean token
+    through the model's final norm and classifier (LeGrad's and torchcam's
+    pooling), as the model's family adapter reads them."""
+    from captum_ssl.attr._families import adapter_for
+
+    return adapter_for(model).score_projection()
 
 
 def _parent(model: nn.Module, child: nn.Module) -> nn.Module:
@@ -140,10 +133,7 @@ class LeGrad(_AttentionAttribution):
         model = root_module(self.forward_func)
         blocks = [_parent(model, m) for m in modules]  # type: ignore[arg-type]
         outputs: List[List[Tensor]] = [[] for _ in blocks]
-        handles = [
-            blk.register_forward_hook(lambda _m, _i, o, i=i: outputs[i].append(o))
-            for i, blk in enumerate(blocks)
-        ]
+        handles = []
         grads = []
         try:
             with (
@@ -151,6 +141,13 @@ class LeGrad(_AttentionAttribution):
                 capture_attention(modules) as store,
                 torch.enable_grad(),
             ):
+                # on under the call's model lock: no other thread's pass meets them
+                handles += [
+                    blk.register_forward_hook(
+                        lambda _m, _i, o, i=i: outputs[i].append(o)
+                    )
+                    for i, blk in enumerate(blocks)
+                ]
                 x = tuple(
                     t.detach().requires_grad_() if t.is_floating_point() else t
                     for t in inputs

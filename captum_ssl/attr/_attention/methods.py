@@ -28,7 +28,7 @@ from captum_ssl.attr._attention.capture import (
 )
 from captum_ssl.attr._attention.flow import layered_max_flows
 from captum_ssl.attr._core import AttributionInputError, TensorOrTuple, finish_maps
-from captum_ssl.attr._layout import TokenLayout, explained_model
+from captum_ssl.attr._layout import TokenLayout
 
 HEAD_FUSIONS = ("mean", "max", "min")
 Query = Union[int, str]
@@ -48,22 +48,34 @@ def fuse_heads(attn: Tensor, head_fusion: str) -> Tensor:
 
 
 def _query_index(query: Query, forward_func: Callable, cap: Captured) -> int:
+    from captum_ssl.attr._families import adapter_for
+
     n = cap.attentions[0].shape[-1]
+    adapter = adapter_for(forward_func)
+    roles = adapter.token_roles()
     if query == "cls":
-        if getattr(explained_model(forward_func), "cls_token", True) is None:
+        if "cls" not in roles:
             raise AttributionInputError(
                 "This model has no class token (timm class_token=False), so "
                 "query='cls' has no row to read: pass query=<token index>."
             )
-        return 0
+        why = adapter.class_token_unread()
+        if why is not None:
+            raise AttributionInputError(
+                f"{why}: its head never reads the class token, so the class "
+                "token's attention row does not explain its output. Use a method "
+                "that follows the head: LeGrad (scores the mean token), AttnLRP "
+                "(if the family has rules) or the CAMs; or pass query=<token "
+                "index> to read that token's row on purpose."
+            )
+        return roles["cls"]
     if query == "dist":
-        model = explained_model(forward_func)
-        if getattr(model, "dist_token", None) is None:
+        if "dist" not in roles:
             raise AttributionInputError(
                 "query='dist' needs a distilled model (a DeiT with `dist_token`); "
                 "this model has none. Use query='cls' or a token index."
             )
-        return 1
+        return roles["dist"]
     if isinstance(query, bool) or not isinstance(query, int):
         raise AttributionInputError(
             f"query must be 'cls', 'dist' or a token index, got {query!r}."

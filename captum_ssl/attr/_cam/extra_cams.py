@@ -29,6 +29,7 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._cam.base import LayerGradCam, _finish, _LayerActivationCam
 from captum_ssl.attr._core import (
     AttributionInputError,
@@ -407,7 +408,7 @@ class LayerShapleyCam(LayerGradCam):
         handle = _layer_leaf(self.layer, attribute_to_layer_input, store)
         try:
             with (
-                layer_errors(self.layer),
+                layer_errors(self.layer, self.forward_func),
                 record_from_layer_only(self.forward_func),
                 unfused_attention(self.forward_func),
                 torch.enable_grad(),
@@ -427,7 +428,7 @@ class LayerShapleyCam(LayerGradCam):
                 "exactly once (the model's own instance, not a shared module)."
             )
         act = store[0]
-        with layer_errors(self.layer), torch.enable_grad():
+        with layer_errors(self.layer, self.forward_func), torch.enable_grad():
             (grad,) = torch.autograd.grad(out.sum(), act, create_graph=True)
             if grad.requires_grad:
                 (hvp,) = torch.autograd.grad(
@@ -570,7 +571,7 @@ class LayerFinerCam(LayerGradCam):
         forward_func = self.forward_func
 
         def finer_forward(*args: Any) -> Tensor:
-            out = forward_func(*args)
+            out = model_output(forward_func(*args))
             check_target(out, target)
             tgt = torch.as_tensor(classes, device=out.device) % out.shape[1]
             return finer_score(out, tgt, comparison_categories, alpha)

@@ -17,6 +17,7 @@ from captum.attr import Attribution, GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from captum_ssl._outputs import model_output
 from captum_ssl.attr._cam.base import _finish
 from captum_ssl.attr._cam.gradient_cams import LayerGradCamPlusPlus
 from captum_ssl.attr._core import (
@@ -197,7 +198,9 @@ class FullGrad(GradientAttribution):
             layer.register_forward_hook(hook_for(layer)) for layer in self.layers
         ]
         try:
-            with layer_errors(self.layers[0] if self.layers else nn.Identity()):
+            with layer_errors(
+                self.layers[0] if self.layers else nn.Identity(), self.forward_func
+            ):
                 with record_from_layer_only(self.forward_func), torch.enable_grad():
                     out = _run_forward(
                         selecting_forward(self.forward_func, target),
@@ -581,6 +584,6 @@ def _chunks(seq: Union[range, List[int]], size: int) -> List[List[int]]:
 
 def _softmax_of(forward_func: Callable) -> Callable:
     def forward(*args: Any) -> Tensor:
-        return torch.softmax(forward_func(*args), dim=-1)
+        return torch.softmax(model_output(forward_func(*args)), dim=-1)
 
     return forward

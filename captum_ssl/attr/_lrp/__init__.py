@@ -6,12 +6,11 @@ from captum_ssl.attr._lrp.methods import (
     PartialLRP,
     TransformerAttribution,
 )
-from captum_ssl.attr._lrp.propagate import SUPPORTED_MODELS, relevance_rules
+from captum_ssl.attr._lrp.propagate import relevance_rules
 from captum_ssl.attr._lrp.rules import AttnLRPRules, CheferRules
 
 __all__ = [
     "LRP",
-    "SUPPORTED_MODELS",
     "AttnLRP",
     "AttnLRPRules",
     "CheferRules",

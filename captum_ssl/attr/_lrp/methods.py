@@ -39,7 +39,7 @@ from captum_ssl.attr._core import (
     record_from_layer_only,
 )
 from captum_ssl.attr._layout import TokenLayout, layout_for
-from captum_ssl.attr._lrp.propagate import relevance_rules, unsupported_model
+from captum_ssl.attr._lrp.propagate import relevance_rules
 from captum_ssl.attr._lrp.rules import AttnLRPRules, CheferRules, Rules, State
 
 ATS = ("patches", "pixels")
@@ -89,9 +89,9 @@ class _LRPAttribution(Attribution):
     ) -> None:
         super().__init__(forward_func)
         self.layout = layout
-        why = unsupported_model(_model_of(forward_func))
-        if why is not None:
-            raise AttributionInputError(why)
+        from captum_ssl.attr._families import lrp_adapter
+
+        lrp_adapter(_model_of(forward_func))
 
     def _propagate(
         self,
@@ -106,25 +106,28 @@ class _LRPAttribution(Attribution):
     ) -> _Pass:
         """One forward pass with ``rules``; relevance (and gradients) of the
         attention maps (``attention``) or of the patch tokens / pixels (``to``)."""
+        from captum_ssl.attr._families import adapter_for
+
         inputs = format_inputs(inputs, True, self.forward_func)
         model = _model_of(self.forward_func)
+        adapter = adapter_for(model)
         modules = resolve_layers(self.forward_func, None) if attention else []
         state = State(mode="grad", need_grad=gradients)
         res = _Pass()
         patches: List[Tensor] = []
         handle = None
-        if to == "patches":
-            handle = model.patch_embed.register_forward_hook(
-                lambda _m, _a, out: patches.append(out)
-            )
         try:
             with (
                 attribution_call(self.forward_func) as record,
                 record_from_layer_only(self.forward_func),
-                relevance_rules(model, rules, state, embedding=to is not None),
-                capture_attention(modules) as store,
+                relevance_rules(model, rules, state, embedding=to is not None) as P,
+                capture_attention(modules, P) as store,
                 torch.enable_grad(),
             ):
+                if to == "patches":  # on under the call's model lock, not before
+                    handle = adapter.patch_tokens().register_forward_hook(
+                        lambda _m, _a, out: patches.append(out)
+                    )
                 xs = tuple(
                     x.detach().requires_grad_() if x.is_floating_point() else x
                     for x in inputs
@@ -171,7 +174,7 @@ class _LRPAttribution(Attribution):
             res.layout = lay.resolve(torch.Size((1, attns[0].shape[-1], 1)))
         elif to == "patches":
             res.layout = layout_for(
-                self.forward_func, model.patch_embed, hw, self.layout
+                self.forward_func, adapter.patch_tokens(), hw, self.layout
             )
         return res
 

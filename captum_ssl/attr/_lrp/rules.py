@@ -32,7 +32,8 @@ Rule = Callable[..., Tuple[Optional[Tensor], ...]]
 class State:
     """Shared by all rule applications of one call."""
 
-    mode: str = "rel"  # "rel": relevance backward; "grad": true gradients
+    mode: str = "rel"  # "rel": relevance backward; "grad": true gradients;
+    # "plain": no rule at all, the operations run as they are (attention capture)
     need_grad: bool = False  # build the true graph (for a "grad" backward)
 
 
@@ -56,6 +57,8 @@ def apply_rule(
     state: State, rule: Rule, fn: Callable[..., Tensor], *xs: Tensor
 ) -> Tensor:
     """``fn(*xs)`` whose backward is ``rule`` in relevance mode."""
+    if state.mode == "plain":
+        return fn(*xs)
     with torch.set_grad_enabled(state.need_grad and torch.is_grad_enabled()):
         y = fn(*xs)
     if not torch.is_grad_enabled():
@@ -69,10 +72,11 @@ def _per_sample_sum(t: Tensor) -> Tensor:
 
 def chefer_div(a: Tensor, b: Tensor) -> Tensor:
     """``a / b`` stabilised by 1e-9 towards b's sign, 0 where ``b == 0``
-    (the reference implementation's ``safe_divide``)."""
-    den = b.clamp(min=1e-9) + b.clamp(max=1e-9)
-    den = den + den.eq(0).to(den.dtype) * 1e-9
-    return a / den * b.ne(0).to(b.dtype)
+    (the reference implementation's ``safe_divide``: its denominator
+    ``b.clamp(min=1e-9) + b.clamp(max=1e-9)`` is ``b + 1e-9``, moved off 0)."""
+    den = b + 1e-9
+    den = torch.where(den == 0, 1e-9, den)
+    return torch.where(b != 0, a / den, 0.0)
 
 
 def eps_div(a: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -92,11 +96,22 @@ class Rules:
     #: where the relevance starts: "one_hot" (1 at the target) or "logit"
     start = "logit"
 
-    def linear(self, r: Tensor, y: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    def linear(
+        self, r: Tensor, y: Tensor, x: Tensor, weight: Tensor, bias=None
+    ) -> Tensor:
+        """``y = x W^T + bias``."""
         raise NotImplementedError
 
     def norm(self, r: Tensor, y: Tensor, x: Tensor, module) -> Tensor:
         raise NotImplementedError
+
+    def linear_map(
+        self, r: Tensor, y: Tensor, x: Tensor, vjp: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        r"""A fixed linear map ``y = A x`` given by its vector-Jacobian product
+        ``vjp(s) = A^T s`` (EVA's rotary embedding): the z-rule
+        :math:`R_x = x \odot A^\top (R / y)` (epsilon-stabilised)."""
+        return x * vjp(eps_div(r, y, getattr(self, "eps", 1e-9)))
 
     def elementwise(self, r: Tensor, y: Tensor, x: Tensor) -> Tensor:
         """Activations, constant and learned scales: the identity rule."""
@@ -140,20 +155,28 @@ class CheferRules(Rules):
     def __init__(self, alpha: float = 1.0) -> None:
         self.alpha = alpha
 
-    def linear(self, r, y, x, weight):
-        px, nx = x.clamp(min=0), x.clamp(max=0)
-        pw, nw = weight.clamp(min=0), weight.clamp(max=0)
+    def linear(self, r, y, x, weight, bias=None):
+        # with x = x+ + x-, W = W+ + W-:
+        #   x+ W+ + x- W- = (x W + |x| |W|) / 2   (x W = y - bias, from the forward)
+        #   x+ (s W+) + x- (s W-) = (x (s W) + |x| (s |W|)) / 2
+        # (and with the signs of the |.| terms flipped for x+ W- + x- W+)
+        # so the positive part costs one product forward and two backward
+        ax, aw = x.abs(), weight.abs()
+        z = y if bias is None else y - bias
 
-        def share(w1: Tensor, w2: Tensor) -> Tensor:
-            s = chefer_div(r, F.linear(px, w1) + F.linear(nx, w2))
-            return px * (s @ w1) + nx * (s @ w2)
+        def share(sign: float) -> Tensor:
+            # >= 0 exactly; the clamp removes rounding below 0
+            zp = ((sign * z + F.linear(ax, aw)) / 2).clamp_(min=0)
+            s = chefer_div(r, zp)
+            return (x * (s @ weight) + sign * ax * (s @ aw)) / 2
 
-        out = share(pw, nw)
+        out = share(1.0)
         beta = self.alpha - 1
         if self.alpha != 1:
             out = out * self.alpha
         if beta:
-            out = out - beta * share(nw, pw)
+            # x+ W- + x- W+ = (|x| |W| - x W) / 2
+            out = out - beta * share(-1.0)
         return out
 
     def norm(self, r, y, x, module):
@@ -218,7 +241,7 @@ class AttnLRPRules(Rules):
         self.eps = epsilon
         self.cp = cp
 
-    def linear(self, r, y, x, weight):
+    def linear(self, r, y, x, weight, bias=None):
         return x * (eps_div(r, y, self.eps) @ weight)
 
     def norm(self, r, y, x, module):

@@ -1,0 +1,460 @@
+"""Hugging Face ``transformers`` families: ViT, DeiT, DINOv2 (with and without
+registers), CLIP vision, ViT-MAE (refused, see :data:`MAE_REFUSAL`).
+
+Every one of them computes attention the same way (``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj`` / ``out_proj``; ``softmax(q k^T * scaling) v`` through
+the eager, sdpa or flash kernel that ``config._attn_implementation`` names),
+so one attention forward serves all; what differs is data: where the blocks
+are, the names inside a block, the prefix tokens and what the head reads
+(:data:`FAMILIES`, :data:`HEADS`). The attention forward below replaces the
+module's own for one call only, whatever kernel the config names, so eager
+and sdpa models give the same maps and the config is never touched.
+
+Nothing here imports ``transformers``: classes are recognised by name and
+module, and an attention class is looked up only once its module has been
+imported (a model of it exists).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from captum_ssl.attr._core import AttributionInputError
+from captum_ssl.attr._families.base import (
+    SELF,
+    AttentionImpl,
+    FamilyAdapter,
+    Site,
+    register,
+    register_attention,
+)
+from captum_ssl.attr._families.timm_vit import conv_forward, position_forward
+from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
+
+
+# ------------------------------------------------------------ the families
+@dataclass(frozen=True)
+class Block:
+    """Names inside one encoder layer (``None``: the layer has no such part)."""
+
+    norm1: str
+    attn: str
+    norm2: str
+    scale1: Optional[str] = None  # layer scale (DINOv2)
+    scale2: Optional[str] = None
+    drop: Optional[str] = None  # dropout after attention and MLP (ViT)
+    drop_path: Optional[str] = None  # stochastic depth (DINOv2)
+
+
+VIT_BLOCK = Block("layernorm_before", "attention", "layernorm_after", drop="dropout")
+DINO_BLOCK = Block(
+    "norm1",
+    "attention",
+    "norm2",
+    scale1="layer_scale1",
+    scale2="layer_scale2",
+    drop_path="drop_path",
+)
+CLIP_BLOCK = Block("layer_norm1", "self_attn", "layer_norm2")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face backbone class (paths relative to the backbone)."""
+
+    module: str  # transformers.models.<module>.modeling_<module>
+    attention: str  # its attention class
+    blocks: str  # the layer list
+    block: Block
+    #: module whose output are the patch tokens, and the patch convolution
+    patches: str = "embeddings.patch_embeddings"
+    proj: str = "embeddings.patch_embeddings.projection"
+    #: the module that receives the tokens plus position embeddings
+    after_pos: str = "embeddings.dropout"
+    norm: str = "layernorm"  # the final norm (LeGrad reads tokens through it)
+    leaves: Tuple[str, ...] = ()  # other leaves of the backbone (pooler)
+    distilled: bool = False  # DeiT: a distillation token after the class token
+    registers: bool = False  # DINOv2 with registers
+
+
+POOLER = ("pooler.dense", "pooler.activation")
+
+#: backbone class name -> its family
+FAMILIES: Dict[str, Family] = {
+    "ViTModel": Family("vit", "ViTAttention", "layers", VIT_BLOCK, leaves=POOLER),
+    "DeiTModel": Family(
+        "deit", "DeiTAttention", "layers", VIT_BLOCK, leaves=POOLER, distilled=True
+    ),
+    "Dinov2Model": Family("dinov2", "Dinov2Attention", "encoder.layer", DINO_BLOCK),
+    "Dinov2WithRegistersModel": Family(
+        "dinov2_with_registers",
+        "Dinov2WithRegistersAttention",
+        "encoder.layer",
+        DINO_BLOCK,
+        registers=True,  # they join after the positions, before the dropout
+    ),
+    "CLIPVisionModel": Family(
+        "clip",
+        "CLIPAttention",
+        "encoder.layers",
+        CLIP_BLOCK,
+        patches="embeddings.patch_embedding",
+        proj="embeddings.patch_embedding",
+        after_pos="pre_layrnorm",
+        norm="post_layernorm",
+    ),
+    "ViTMAEModel": Family("vit_mae", "ViTMAEAttention", "layers", VIT_BLOCK),
+}
+
+#: classifier class name -> (attribute of its backbone, what its head reads)
+HEADS: Dict[str, Tuple[str, str]] = {
+    "ViTForImageClassification": ("vit", "cls"),
+    "DeiTForImageClassification": ("deit", "cls"),
+    "DeiTForImageClassificationWithTeacher": ("deit", "cls+dist"),
+    "Dinov2ForImageClassification": ("dinov2", "cls+mean"),
+    "Dinov2WithRegistersForImageClassification": (
+        "dinov2_with_registers",
+        "cls+mean",
+    ),
+    "CLIPForImageClassification": ("vision_model", "mean"),
+}
+
+MAE_REFUSAL = (
+    "ViTMAEModel drops config.mask_ratio of the patches at random and shuffles "
+    "the others in every forward pass (also with mask_ratio=0), so its tokens "
+    "are no patch grid and two calls see different images. Its encoder has "
+    "the keys of ViTModel: explain `vit = transformers.ViTModel(transformers."
+    "ViTConfig(**mae.config.to_dict()), add_pooling_layer=False)` after "
+    "`vit.load_state_dict(mae.state_dict(), strict=False)` (same weights, all "
+    "patches, in order)."
+)
+
+
+def _hf_class(model: nn.Module, names: Any) -> Optional[str]:
+    """The name of ``model``'s transformers class if it is in ``names``."""
+    cls = type(model)
+    if cls.__module__.startswith("transformers.") and cls.__name__ in names:
+        return cls.__name__
+    return None
+
+
+def _get(module: Any, path: str) -> Any:
+    """The submodule at a dotted path; ``None`` where a part is ``None`` (a
+    ViTModel built with ``add_pooling_layer=False``)."""
+    for part in path.split("."):
+        module = getattr(module, part) if module is not None else None
+    return module
+
+
+# ------------------------------------------------------ attention forward
+def hf_attention_forward(P: Propagator, m: nn.Module) -> Callable:
+    """Every Hugging Face ViT attention: ``q_proj`` / ``k_proj`` / ``v_proj``,
+    ``softmax(q k^T * scaling) v``, ``o_proj`` (CLIP: ``out_proj``); returns
+    ``(output, None)`` as the module does when no kernel returns weights."""
+    out_proj = m.o_proj if hasattr(m, "o_proj") else m.out_proj
+    scale = getattr(m, "scaling", None) or m.scale
+
+    def forward(
+        hidden_states: Tensor, attention_mask: Any = None, **_: Any
+    ) -> Tuple[Tensor, None]:
+        if attention_mask is not None:
+            raise AttributionInputError(
+                "The attention methods and LRP support unmasked self-attention "
+                "only: call the model without attention_mask."
+            )
+        b, n, _c = hidden_states.shape
+
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(b, n, -1, m.head_dim).transpose(1, 2)
+
+        q = heads(P.leaf(m.q_proj, hidden_states))
+        k = heads(P.leaf(m.k_proj, hidden_states))
+        v = heads(P.leaf(m.v_proj, hidden_states))
+        out = P.attend(m, q, k, v, scale=scale)
+        return P.leaf(out_proj, out.transpose(1, 2).reshape(b, n, -1)), None
+
+    return forward
+
+
+def _loader(family: Family) -> Callable[[], Optional[type]]:
+    def load() -> Optional[type]:
+        mod = f"transformers.models.{family.module}.modeling_{family.module}"
+        return getattr(sys.modules.get(mod), family.attention, None)
+
+    return load
+
+
+for _family in FAMILIES.values():
+    register_attention(
+        _loader(_family),
+        AttentionImpl(
+            SELF,
+            hf_attention_forward,
+            f"transformers {_family.attention} (`{_family.blocks}[i]."
+            f"{_family.block.attn}`)",
+        ),
+    )
+
+
+# ----------------------------------------------------------- LRP forwards
+def mlp_forward(P: Propagator, m: nn.Module) -> Callable:
+    """``fc2(act(fc1(x)))`` (ViT, DeiT, DINOv2, CLIP) or DINOv2's SwiGLU
+    ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    if hasattr(m, "gate_proj"):
+
+        def swiglu(x: Tensor) -> Tensor:
+            gate = P.elementwise(m.act_fn, P.leaf(m.gate_proj, x))
+            return P.leaf(m.down_proj, P.mul(gate, P.leaf(m.up_proj, x)))
+
+        return swiglu
+
+    def forward(x: Tensor) -> Tensor:
+        return P.leaf(m.fc2, P.elementwise(m.activation_fn, P.leaf(m.fc1, x)))
+
+    return forward
+
+
+def block_forward(P: Propagator, m: nn.Module, names: Block) -> Callable:
+    attn, mlp = getattr(m, names.attn), m.mlp
+
+    def part(h: Tensor, scale: Optional[str]) -> Tensor:
+        if scale is not None:
+            h = P.scale(h, getattr(m, scale).lambda1)
+        for drop in (names.drop, names.drop_path):
+            if drop is not None:
+                h = getattr(m, drop)(h)  # identities in eval mode
+        return h
+
+    def forward(hidden_states: Tensor, attention_mask: Any = None, **kw: Any):
+        x = hidden_states
+        h, _ = attn(getattr(m, names.norm1)(x), attention_mask, **kw)
+        x = P.add(part(h, names.scale1), x)
+        h = mlp(getattr(m, names.norm2)(x))
+        return P.add(part(h, names.scale2), x)
+
+    return forward
+
+
+def head_forward(P: Propagator, model: nn.Module, base: str, reads: str) -> Callable:
+    """The classifier's forward (``logits`` of an ``ImageClassifierOutput``)
+    with its reading of the tokens routed through the rules."""
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    backbone = getattr(model, base)
+    registers = getattr(model.config, "num_register_tokens", 0)
+
+    def mean(tokens: Tensor) -> Tensor:
+        return P.linear_map(lambda t: t.mean(dim=1), tokens)
+
+    def forward(pixel_values: Tensor, *args: Any, **kwargs: Any):
+        kwargs.pop("labels", None)
+        seq = backbone(pixel_values, *args, **kwargs).last_hidden_state
+        if reads == "cls":
+            logits = P.leaf(model.classifier, seq[:, 0])
+        elif reads == "cls+dist":
+            a = P.leaf(model.cls_classifier, seq[:, 0])
+            d = P.leaf(model.distillation_classifier, seq[:, 1])
+            logits = P.add(P.scale(a, 0.5), P.scale(d, 0.5))
+        else:  # DINOv2: class token and mean patch token
+            cat = torch.cat([seq[:, 0], mean(seq[:, 1 + registers :])], dim=1)
+            logits = P.leaf(model.classifier, cat)
+        return ImageClassifierOutput(logits=logits)
+
+    return forward
+
+
+# ----------------------------------------------------------------- adapter
+@register
+class HFViTAdapter(FamilyAdapter):
+    label = (
+        "Hugging Face transformers ViTModel / ViTForImageClassification, DeiT "
+        "(with teacher), Dinov2Model / Dinov2ForImageClassification (with and "
+        "without registers), CLIPVisionModel (eager, sdpa)"
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        head = _hf_class(model, HEADS)
+        self.reads = HEADS[head][1] if head else None
+        self.base_name = HEADS[head][0] if head else ""
+        self.base = getattr(model, self.base_name) if head else model
+        self.family = FAMILIES[type(self.base).__name__]
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if _hf_class(model, FAMILIES) is not None:
+            return True
+        head = _hf_class(model, HEADS)
+        return head is not None and isinstance(
+            _hf_class(getattr(model, HEADS[head][0], None), FAMILIES), str
+        )
+
+    def _path(self, path: str) -> str:
+        return f"{self.base_name}.{path}" if self.base_name else path
+
+    def _blocks(self) -> nn.ModuleList:
+        return _get(self.base, self.family.blocks)
+
+    def _refuse_mae(self) -> None:
+        if self.family.module == "vit_mae":
+            raise AttributionInputError(MAE_REFUSAL)
+
+    # ------------------------------------------------------------ structure
+    def attention_sites(self):
+        self._refuse_mae()
+        return [
+            Site(
+                self._path(f"{self.family.blocks}.{i}.{self.family.block.attn}"),
+                getattr(blk, self.family.block.attn),
+                SELF,
+            )
+            for i, blk in enumerate(self._blocks())
+        ]
+
+    def norm_layer_hint(self) -> str:
+        from captum_ssl.models._layers import layer_expression
+
+        blocks = layer_expression(self._path(self.family.blocks))
+        return f"{blocks}[-1].{self.family.block.norm1}"
+
+    # ---------------------------------------------------------------- tokens
+    def prefix_tokens(self) -> int:
+        config = self.base.config
+        return (
+            1
+            + int(self.family.distilled)
+            + (config.num_register_tokens if self.family.registers else 0)
+        )
+
+    def layout(self, input_hw) -> Optional[TokenLayout]:
+        self._refuse_mae()
+        patch = self.base.config.patch_size
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        grid = None if input_hw is None else (input_hw[0] // ph, input_hw[1] // pw)
+        return TokenLayout(
+            fmt="NLC", num_prefix_tokens=self.prefix_tokens(), patch_grid=grid
+        )
+
+    def token_roles(self) -> Dict[str, int]:
+        return {"cls": 0, "dist": 1} if self.family.distilled else {"cls": 0}
+
+    def class_token_unread(self) -> Optional[str]:
+        if self.reads == "mean":
+            return f"{type(self.model).__name__} averages the patch tokens"
+        return None
+
+    def score_projection(self) -> Callable[[Tensor], Tensor]:
+        """LeGrad: the mean token through the backbone's final norm and the
+        classifier, read as the classifier reads its tokens."""
+        if self.reads is None:
+            raise AttributionInputError(
+                f"{type(self.model).__name__} has no classifier to score "
+                "intermediate tokens: pass score_projection=<function (B, N, C) "
+                "tokens -> (B, classes) logits>."
+            )
+        model, reads = self.model, self.reads
+        norm = _get(self.base, self.family.norm)
+
+        def project(z: Tensor) -> Tensor:
+            t = norm(z.mean(dim=1))
+            if reads == "cls+dist":
+                return (model.cls_classifier(t) + model.distillation_classifier(t)) / 2
+            if reads == "cls+mean":
+                t = torch.cat([t, t], dim=1)
+            return model.classifier(t)
+
+        return project
+
+    # ------------------------------------------------------------------- LRP
+    def lrp_unsupported(self) -> Optional[str]:
+        if self.family.module == "vit_mae":
+            return MAE_REFUSAL
+        why = self.class_token_unread()
+        if why is not None:
+            return (
+                f"{why}; LRP supports heads that read the class token (ViT, DeiT, "
+                "DINOv2 classifiers, backbones). Use LeGrad or the CAMs."
+            )
+        return None
+
+    def plan(self, P: Propagator, embedding: bool) -> Plan:
+        fam, plan = self.family, []
+        for i, blk in enumerate(self._blocks()):
+            where = self._path(f"{fam.blocks}.{i}")
+            attn = getattr(blk, fam.block.attn)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                P.check_leaf(getattr(attn, name), f"{where}.{fam.block.attn}.{name}")
+            plan.append((attn, hf_attention_forward(P, attn)))
+            plan.append((blk.mlp, mlp_forward(P, blk.mlp)))
+            plan.append((blk, block_forward(P, blk, fam.block)))
+            for name in (fam.block.norm1, fam.block.norm2):
+                plan_leaf(P, plan, getattr(blk, name), f"{where}.{name}")
+        for path in (fam.norm,) + fam.leaves:
+            leaf = _get(self.base, path)
+            if leaf is None:
+                continue  # e.g. ViTModel(add_pooling_layer=False)
+            if _is_activation(leaf):
+                plan.append((leaf, lambda x, f=leaf: P.elementwise(f, x)))
+            else:
+                plan_leaf(P, plan, leaf, self._path(path))
+        if self.reads is not None:
+            head = head_forward(P, self.model, self.base_name, self.reads)
+            plan.append((self.model, head))
+        if embedding:
+            plan.extend(self._embedding_plan(P))
+        return plan
+
+    def _embedding_plan(self, P: Propagator) -> Plan:
+        """The patch convolution and the position-embedding add (computed for
+        the input's size, so interpolated embeddings are handled: DINOv2 at
+        any size, ``interpolate_pos_encoding=True``)."""
+        fam, base = self.family, self.base
+        proj = _get(base, fam.proj)
+        after = _get(base, fam.after_pos)
+        plan: Plan = [(proj, conv_forward(P, proj))]
+        add = position_forward(P, self._positions, 0, [])  # always this call's
+        if isinstance(after, nn.LayerNorm):  # CLIP: the add, then its norm
+            plan.append((after, lambda x: P.leaf(after, add(x))))
+        else:
+            plan.append((after, add))
+        return plan
+
+    def _positions(self) -> Tensor:
+        """The position embedding the model added for the current input
+        (its size recorded by :meth:`hooks`), as the model computes it; zeros
+        at the register tokens, which join after it."""
+        config, (h, w) = self.base.config, self._input_hw
+        patch = config.patch_size
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        registers = config.num_register_tokens if self.family.registers else 0
+        weight = _get(self.base, self.family.proj).weight
+        n = self.prefix_tokens() - registers + (h // ph) * (w // pw)
+        like = weight.new_zeros(1, n, weight.shape[0])
+        pos = self.base.embeddings.interpolate_pos_encoding(like, h, w)
+        if registers:
+            pad = pos.new_zeros(1, registers, pos.shape[-1])
+            pos = torch.cat([pos[:, :1], pad, pos[:, 1:]], dim=1)
+        return pos
+
+    def hooks(self, P: Propagator) -> list:
+        """Record the input size for :meth:`_positions`."""
+
+        def size(_m: nn.Module, args: Tuple[Any, ...]) -> None:
+            self._input_hw = tuple(args[0].shape[-2:])
+
+        return [self.base.embeddings.register_forward_pre_hook(size)]
+
+    def patch_tokens(self) -> nn.Module:
+        return _get(self.base, self.family.patches)
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return type(m).__module__ == "transformers.activations" or isinstance(
+        m, (nn.Tanh, nn.GELU, nn.SiLU, nn.ReLU)
+    )

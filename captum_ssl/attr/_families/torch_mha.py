@@ -1,0 +1,312 @@
+"""``torch.nn.MultiheadAttention`` families: torchvision's ``VisionTransformer``
+(``vit_b_16`` ...; ``encoder.layers[i].self_attention``) and open_clip's
+visual tower (``open_clip.transformer.VisionTransformer``;
+``transformer.resblocks[i].attn``).
+
+The attention forward (:func:`mha_forward`) is the packed-projection
+self-attention ``nn.MultiheadAttention`` computes (``in_proj_weight``,
+``in_proj_bias``, ``1/sqrt(head_dim)`` scaling, ``out_proj``), batch-first or
+not; cross-attention, masks, ``bias_k`` / ``bias_v`` and ``add_zero_attn`` are
+refused with a message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from captum_ssl.attr._core import AttributionInputError
+from captum_ssl.attr._families.base import (
+    SELF,
+    AttentionImpl,
+    FamilyAdapter,
+    loaded_class,
+    register,
+    register_attention,
+)
+from captum_ssl.attr._families.timm_vit import conv_forward
+from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._lrp.propagate import Plan, Propagator, no_mask, plan_leaf
+
+
+def _check_mha(m: nn.MultiheadAttention) -> None:
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise AttributionInputError(
+            "Only nn.MultiheadAttention with one packed q/k/v projection and no "
+            "bias_k / bias_v / add_zero_attn is supported (as in torchvision's "
+            "and open_clip's ViTs)."
+        )
+
+
+def mha_forward(P: Propagator, m: nn.Module) -> Callable:
+    """``nn.MultiheadAttention`` self-attention in the Propagator primitives."""
+
+    def forward(
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        no_mask(attn_mask, is_causal, key_padding_mask=key_padding_mask)
+        if key is not query or value is not query:
+            raise AttributionInputError(
+                "nn.MultiheadAttention is supported as self-attention only "
+                "(query, key and value the same tensor)."
+            )
+        _check_mha(m)
+        x = query if m.batch_first else query.transpose(0, 1)
+        b, n, e = x.shape
+        h = m.num_heads
+        d = e // h
+        qkv = P.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(b, n, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        kept: List[Tensor] = []
+        out = P.attend(m, q, k, v, scale=d**-0.5, keep=kept)
+        out = P.leaf(m.out_proj, out.transpose(1, 2).reshape(b, n, e))
+        if not m.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = kept[0].mean(dim=1) if average_attn_weights else kept[0]
+        return out, weights
+
+    return forward
+
+
+register_attention(
+    lambda: nn.MultiheadAttention,
+    AttentionImpl(
+        SELF,
+        mha_forward,
+        "torch.nn.MultiheadAttention (torchvision ViT "
+        "`encoder.layers[i].self_attention`, open_clip `transformer.resblocks[i]"
+        ".attn`)",
+    ),
+)
+
+
+def _mlp_sequential(P: Propagator, m: nn.Module) -> Callable:
+    """An ``nn.Sequential`` MLP (Linear, activation, dropout, Linear, ...)."""
+
+    def forward(x: Tensor) -> Tensor:
+        for child in m:
+            if type(child).__name__ == "QuickGELU":  # open_clip
+                x = P.elementwise(lambda t: t * torch.sigmoid(1.702 * t), x)
+            else:
+                x = P.leaf(child, x)
+        return x
+
+    return forward
+
+
+def _check_mlp(P: Propagator, m: nn.Module, where: str) -> None:
+    for name, child in m.named_children():
+        if type(child).__name__ != "QuickGELU":
+            P.check_leaf(child, f"{where}.{name}")
+
+
+def _scale(P: Propagator, ls: nn.Module, x: Tensor) -> Tensor:
+    """open_clip's ``LayerScale`` (``x * gamma``) or an identity."""
+    gamma = getattr(ls, "gamma", None)
+    return x if gamma is None else P.scale(x, gamma)
+
+
+# ---------------------------------------------------------------- torchvision
+def _tv_block_forward(P: Propagator, m: nn.Module) -> Callable:
+    def forward(inp: Tensor) -> Tensor:
+        x = P.leaf(m.ln_1, inp)
+        x, _ = m.self_attention(x, x, x, need_weights=False)
+        x = P.add(P.leaf(m.dropout, x), inp)
+        return P.add(x, m.mlp(P.leaf(m.ln_2, x)))
+
+    return forward
+
+
+def _tv_encoder_forward(P: Propagator, m: nn.Module, embedding: bool) -> Callable:
+    def forward(inp: Tensor) -> Tensor:
+        pos = m.pos_embedding
+        x = P.add_const(inp, pos) if embedding else inp + pos
+        return P.leaf(m.ln, m.layers(P.leaf(m.dropout, x)))
+
+    return forward
+
+
+@register
+class TorchvisionViTAdapter(FamilyAdapter):
+    label = "torchvision VisionTransformer (vit_b_16 ..., nn.MultiheadAttention)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        cls = loaded_class("torchvision.models.vision_transformer", "VisionTransformer")
+        return cls is not None and isinstance(model, cls)
+
+    def layout(self, input_hw) -> Optional[TokenLayout]:
+        p = self.model.patch_size
+        h, w = input_hw or (self.model.image_size, self.model.image_size)
+        return TokenLayout(fmt="NLC", num_prefix_tokens=1, patch_grid=(h // p, w // p))
+
+    def norm_layer_hint(self) -> str:
+        n = len(self.model.encoder.layers)
+        return f"model.encoder.layers[{n - 1}].ln_1"
+
+    def score_projection(self) -> Callable[[Tensor], Tensor]:
+        ln, heads = self.model.encoder.ln, self.model.heads
+        return lambda z: heads(ln(z.mean(dim=1)))
+
+    def patch_tokens(self) -> nn.Module:
+        return self.model.conv_proj
+
+    def plan(self, P: Propagator, embedding: bool) -> Plan:
+        model, plan = self.model, []
+        enc = model.encoder
+        for i, blk in enumerate(enc.layers):
+            where = f"encoder.layers.{i}"
+            for name in ("ln_1", "dropout", "ln_2"):
+                P.check_leaf(getattr(blk, name), f"{where}.{name}")
+            _check_mha(blk.self_attention)
+            P.check_leaf(blk.self_attention.out_proj, f"{where}.self_attention")
+            _check_mlp(P, blk.mlp, where + ".mlp")
+            plan.append((blk.self_attention, mha_forward(P, blk.self_attention)))
+            plan.append((blk.mlp, _mlp_sequential(P, blk.mlp)))
+            plan.append((blk, _tv_block_forward(P, blk)))
+        plan.append((enc, _tv_encoder_forward(P, enc, embedding)))
+        for name, child in model.heads.named_children():
+            plan_leaf(P, plan, child, f"heads.{name}")
+        if embedding:
+            if type(model.conv_proj) is not nn.Conv2d:
+                raise AttributionInputError(
+                    "No LRP rule for the convolutional stem of this torchvision ViT "
+                    "(conv_stem_configs): relevance to the patches / pixels needs a "
+                    "single Conv2d patch projection. Use TransformerAttribution or "
+                    "the attention methods."
+                )
+            plan.append((model.conv_proj, conv_forward(P, model.conv_proj)))
+        return plan
+
+
+# ------------------------------------------------------------------ open_clip
+def _oc_block_forward(P: Propagator, m: nn.Module) -> Callable:
+    def forward(
+        q_x: Tensor,
+        k_x: Optional[Tensor] = None,
+        v_x: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        no_mask(attn_mask, False, k_x=k_x, v_x=v_x)
+        h = P.leaf(m.ln_1, q_x)
+        h = m.attn(h, h, h, need_weights=False)[0]
+        x = P.add(q_x, _scale(P, m.ls_1, h))
+        return P.add(x, _scale(P, m.ls_2, m.mlp(P.leaf(m.ln_2, x))))
+
+    return forward
+
+
+def _oc_forward(P: Propagator, m: nn.Module, embedding: bool) -> Callable:
+    """open_clip ``VisionTransformer.forward`` (class-token pooling)."""
+
+    def forward(x: Tensor) -> Any:
+        x = m.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = m.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        pos = m.positional_embedding.to(x.dtype)
+        x = P.add_const(x, pos) if embedding else x + pos
+        x = P.leaf(m.ln_pre, m.patch_dropout(x))
+        x = m.transformer(x)
+        if m.final_ln_after_pool:
+            pooled, tokens = P.leaf(m.ln_post, x[:, 0]), x[:, 1:]
+        else:
+            x = P.leaf(m.ln_post, x)
+            pooled, tokens = x[:, 0], x[:, 1:]
+        if m.proj is not None:
+            pooled = P.linear(pooled, m.proj.t())
+        return (pooled, tokens) if m.output_tokens else pooled
+
+    return forward
+
+
+@register
+class OpenClipViTAdapter(FamilyAdapter):
+    label = (
+        "open_clip VisionTransformer (CLIP visual tower, nn.MultiheadAttention; "
+        "class-token pooling)"
+    )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        cls = loaded_class("open_clip.transformer", "VisionTransformer")
+        return cls is not None and isinstance(model, cls)
+
+    def layout(self, input_hw) -> Optional[TokenLayout]:
+        ph, pw = self.model.patch_size
+        if input_hw is None:
+            grid = tuple(self.model.grid_size)
+        else:
+            grid = (input_hw[0] // ph, input_hw[1] // pw)
+        return TokenLayout(fmt="NLC", num_prefix_tokens=1, patch_grid=grid)
+
+    def class_token_unread(self) -> Optional[str]:
+        m = self.model
+        if m.attn_pool is not None:
+            return "This open_clip VisionTransformer pools with attentional pooling"
+        if m.pool_type != "tok":
+            return (
+                f"This open_clip VisionTransformer pools with pool_type={m.pool_type!r}"
+            )
+        return None
+
+    def norm_layer_hint(self) -> str:
+        n = len(self.model.transformer.resblocks)
+        return f"model.transformer.resblocks[{n - 1}].ln_1"
+
+    def score_projection(self) -> Callable[[Tensor], Tensor]:
+        m = self.model
+
+        def project(z: Tensor) -> Tensor:
+            pooled = m.ln_post(z.mean(dim=1))
+            return pooled if m.proj is None else pooled @ m.proj
+
+        return project
+
+    def patch_tokens(self) -> nn.Module:
+        return self.model.conv1
+
+    def lrp_unsupported(self) -> Optional[str]:
+        why = self.class_token_unread()
+        if why is not None:
+            return (
+                f"{why}; LRP supports class-token pooling (pool_type='tok'). Use "
+                "LeGrad or the CAMs."
+            )
+        blocks = self.model.transformer.resblocks
+        if any(
+            not isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
+            for b in blocks
+        ):
+            return (
+                "LRP supports open_clip's ResidualAttentionBlock with "
+                "nn.MultiheadAttention; this tower uses custom attention blocks."
+            )
+        return None
+
+    def plan(self, P: Propagator, embedding: bool) -> Plan:
+        model, plan = self.model, []
+        for i, blk in enumerate(model.transformer.resblocks):
+            where = f"transformer.resblocks.{i}"
+            for name in ("ln_1", "ln_2"):
+                P.check_leaf(getattr(blk, name), f"{where}.{name}")
+            _check_mha(blk.attn)
+            _check_mlp(P, blk.mlp, where + ".mlp")
+            plan.append((blk.attn, mha_forward(P, blk.attn)))
+            plan.append((blk.mlp, _mlp_sequential(P, blk.mlp)))
+            plan.append((blk, _oc_block_forward(P, blk)))
+        if embedding:
+            plan.append((model.conv1, conv_forward(P, model.conv1)))
+        plan.append((model, _oc_forward(P, model, embedding)))
+        return plan
