@@ -302,7 +302,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.bench = [b for b in args.bench if b not in PROTOCOLS]
         if not args.bench:
             return 0
-    return _main(args)
+    from benchmarks.evaluation.store import StoreError
+
+    try:
+        return _main(args)
+    except StoreError as err:  # a damaged store, a full disk: one line
+        print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _main(args: argparse.Namespace) -> int:

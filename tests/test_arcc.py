@@ -136,3 +136,20 @@ def test_arcc_errors():
         M.arcc(model, x, maps, t, method=lambda i, c: maps, mean="median")
     with pytest.raises(M.MetricInputError, match="percentiles"):
         M.road_combined(model, x, maps, t, percentiles=[0, 50])
+
+
+def test_complexity_of_a_uniform_map_is_one_as_documented():
+    """Before: min-max scaling made a uniform map 0, the best (lowest) score."""
+    model, _, x, _, _, _, _ = _case("cnn")
+    b = x.shape[0]
+    uniform = torch.full((b, 1, 4, 4), 0.7)
+    torch.testing.assert_close(M.complexity(model, x, uniform), torch.ones(b))
+    torch.testing.assert_close(  # an empty map (all <= 0 after ReLU) stays 0
+        M.complexity(model, x, torch.full((b, 1, 4, 4), -1.0)), torch.zeros(b)
+    )
+    # mean |S| of a map that is 1 on one cell of 16 and 0 elsewhere, no resize
+    one = torch.zeros(b, 1, *x.shape[-2:])
+    one[:, :, 0, 0] = 1.0
+    torch.testing.assert_close(
+        M.complexity(model, x, one), torch.full((b,), 1 / one[0, 0].numel())
+    )

@@ -242,3 +242,66 @@ def test_availability_check_runs_nothing_from_the_file(tmp_path):
     path.write_bytes(pickle.dumps(_Planted(marker), protocol=2))
     assert "res_50" not in zoo.available(tmp_path)
     assert not marker.exists()
+
+
+def _declaring(path, declared: int, legacy: bool = False):
+    """A small checkpoint whose pickle declares ``declared`` float32 elements
+    for its 123456-element tensor 'features.weight' (nothing of that size is
+    ever allocated here)."""
+    import zipfile
+
+    numel = 123456
+    buf = io.BytesIO()
+    state = {"features.weight": torch.zeros(numel), "fc.bias": torch.ones(3)}
+    torch.save(state, buf, _use_new_zipfile_serialization=not legacy)
+    old, new = b"J" + numel.to_bytes(4, "little"), b"J" + declared.to_bytes(4, "little")
+    if legacy:
+        path.write_bytes(buf.getvalue().replace(old, new, 1))
+        return path
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(old, new)
+            dst.writestr(info, data)
+    return path
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_declared_tensor_larger_than_the_file_is_refused_before_loading(
+    tmp_path, legacy, monkeypatch
+):
+    """A 0.5 MB file declaring an 8 GiB tensor: refused naming the tensor,
+    without torch.load (which would allocate the declared size first)."""
+    from captum_ssl.models._checkpoint import CorruptCheckpointError, read_checkpoint
+
+    path = _declaring(tmp_path / "w.pth", 2**31 - 1, legacy)
+
+    def no_load(*a, **k):
+        raise AssertionError("torch.load ran on a file declaring 8 GiB")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(
+        CorruptCheckpointError, match=r"'features\.weight' declares 8,589,934,588"
+    ):
+        read_checkpoint(path)
+    monkeypatch.undo()
+    ok = read_checkpoint(_declaring(tmp_path / "ok.pth", 123456, legacy))
+    assert ok["features.weight"].shape == (123456,)
+
+
+def test_renamed_tensor_is_refused_even_when_its_init_coincides(tmp_path):
+    """One tensor renamed to a name the model lacks, the real one missing: its
+    value (a fresh BatchNorm variance, all ones) equals the model's own."""
+    model = zoo.entry("res_50").build()
+    state = {
+        ("layer1.0.bn1.running_vars" if k == "layer1.0.bn1.running_var" else k): v
+        for k, v in model.state_dict().items()
+    }
+    assert torch.equal(state["layer1.0.bn1.running_vars"], torch.ones(64))
+    with pytest.raises(
+        zoo.CheckpointMismatchError,
+        match=r"missing keys \(layer1\.0\.bn1\.running_var\)",
+    ):
+        zoo.load("res_50", files=_save(state, tmp_path / "w.pth"))

@@ -56,15 +56,22 @@ from captum_ssl.attr import (
 from captum_ssl.attr import __all__ as ATTR_EXPORTS
 from captum_ssl.metrics import (
     MetricInputError,
+    accuracy,
+    arcc,
     average_drop,
     average_increase,
     class_probability,
+    coherency,
+    complexity,
+    content_heatmap,
     deletion_auc,
     explanation_consistency,
     insertion_auc,
     perturbation_auc,
+    quantus_faithfulness,
     randomization_sanity,
     road,
+    road_combined,
 )
 
 
@@ -226,7 +233,8 @@ METHODS = {
         False,
         {},
         skip=dict.fromkeys(
-            ["train_mode", "nan_logits", "layer_string", "compiled"], MODEL_FREE
+            ["train_mode", "nan_logits", "layer_string", "compiled", "device"],
+            MODEL_FREE,
         ),
     ),
     "LeGrad": attention(A.LeGrad, True),
@@ -386,6 +394,30 @@ def test_unbatched_image_names_unsqueeze(name):
         method.attribute(inputs(name)[0], target=1, **spec.kwargs)
 
 
+@pytest.mark.parametrize("name", names_for("device"))
+def test_inputs_on_another_device_than_the_model_name_the_fix(name):
+    """Before: ``Tensor.item() cannot be called on meta tensors`` or a device
+    error from deep inside the forward pass."""
+    spec, model, method = build(name)
+    with pytest.raises(AttributionInputError, match=r"meta.*cpu|cpu.*meta"):
+        run(spec, method, inputs(name).to("meta"))
+
+
+VIT_NAMES = [n for n in METHODS if METHODS[n].model is vit]
+
+
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_vit_input_not_divisible_by_the_patch_names_the_sizes(name):
+    """Before: timm's ``Input height (65) should be divisible by patch size``
+    from inside the forward pass, naming neither the fix nor the sizes."""
+    spec = METHODS[name]
+    model = make_tiny_vit(depth=2, num_classes=5, dynamic_img_size=True)
+    method = spec.make(model, spec.layer(model))
+    x = torch.randn(1, 3, 65, 97)
+    with pytest.raises(AttributionInputError, match="64 or 72.*96 or 104"):
+        method.attribute(x, target=1, **spec.kwargs)
+
+
 @pytest.mark.parametrize("name", names_for("layer_string"))
 def test_layer_given_as_a_string_names_the_module_to_pass(name):
     spec = METHODS[name]
@@ -435,15 +467,51 @@ METRICS = {
     "average_drop": lambda m, x, a, t: average_drop(m, x, a, t),
     "average_increase": lambda m, x, a, t: average_increase(m, x, a, t),
     "class_probability": lambda m, x, a, t: class_probability(m, x, a, t),
+    "accuracy": lambda m, x, a, t: accuracy(m, x, a, t),
     "explanation_consistency": lambda m, x, a, t: explanation_consistency(
         m, x, _explain(m), t, attributions=a
     ),
     "randomization_sanity": lambda m, x, a, t: randomization_sanity(
         m, x, _explain, t, layers=1
     ),
+    "road_combined": lambda m, x, a, t: road_combined(m, x, a, t, percentiles=(60,)),
+    "coherency": lambda m, x, a, t: coherency(m, x, a, t, method=_explain(m)),
+    "arcc": lambda m, x, a, t: arcc(m, x, a, t, method=_explain(m), percentiles=(60,)),
+    "complexity": lambda m, x, a, t: complexity(m, x, a, t),
+    "quantus_faithfulness": lambda m, x, a, t: quantus_faithfulness(
+        m, x, a, t, metrics=["PixelFlipping"], steps=4
+    )["PixelFlipping"],
+    "content_heatmap": lambda m, x, a, t: content_heatmap(
+        x, a, [[(0.0, 0.0, 6.0, 6.0)]] * x.shape[0]
+    ),
 }
 #: metrics that take the maps (a NaN map must give a NaN value)
 TAKES_MAPS = [n for n in METRICS if n != "randomization_sanity"]
+#: metrics without a model or a target: case -> why it does not apply
+METRIC_SKIP = {
+    "complexity": {"target", "train_mode", "nan_logits"},
+    "content_heatmap": {"target", "train_mode", "nan_input", "nan_logits"},
+    # these explain transformed images (no pixel of image 1 left to poison by)
+    "explanation_consistency": {"nan_logits"},
+    "randomization_sanity": {"nan_logits"},
+    "coherency": {"nan_logits"},
+    "arcc": {"nan_logits"},
+    # Quantus itself refuses a model in training mode (tested below)
+    "quantus_faithfulness": {"train_mode"},
+}
+
+
+def metric_names(case: str) -> list:
+    return [n for n in METRICS if case not in METRIC_SKIP.get(n, ())]
+
+
+def test_every_exported_metric_is_in_the_matrix():
+    import captum_ssl.metrics as metrics
+
+    exported = {
+        n for n in metrics.__all__ if hasattr(getattr(metrics, n), "higher_is_better")
+    }
+    assert exported <= set(METRICS), sorted(exported - set(METRICS))
 
 
 def metric_case():
@@ -454,7 +522,7 @@ def metric_case():
     return model, x, maps
 
 
-@pytest.mark.parametrize("name", list(METRICS))
+@pytest.mark.parametrize("name", metric_names("train_mode"))
 def test_metric_train_mode_runs_in_eval_once_and_changes_nothing(name):
     model, x, maps = metric_case()
     expected = METRICS[name](model, x, maps, [1, 4])
@@ -470,16 +538,54 @@ def test_metric_train_mode_runs_in_eval_once_and_changes_nothing(name):
     torch.testing.assert_close(got, expected)
 
 
+NON_FINITE_MAPS = {
+    "all NaN": lambda m: m.fill_(float("nan")),
+    "one NaN pixel": lambda m: m[0, 2, 3].fill_(float("nan")),
+    "one +Inf pixel": lambda m: m[0, 2, 3].fill_(float("inf")),
+}
+
+
+@pytest.mark.parametrize("what", list(NON_FINITE_MAPS))
 @pytest.mark.parametrize("name", TAKES_MAPS)
-def test_metric_of_a_nan_map_is_nan_with_a_warning(name):
+def test_metric_of_a_nan_map_is_nan_with_a_warning(name, what):
     model, x, maps = metric_case()
-    maps[0] = float("nan")
+    NON_FINITE_MAPS[what](maps[0])
     with pytest.warns(NonFiniteWarning, match=r"image\(s\) \[0\]"):
         values = METRICS[name](model, x, maps, [1, 4])
     assert torch.isnan(values[0]) and torch.isfinite(values[1])
 
 
-@pytest.mark.parametrize("name", list(METRICS))
+@pytest.mark.parametrize("name", TAKES_MAPS)
+def test_metric_refuses_a_map_of_another_aspect_ratio(name):
+    """A 97 x 65 map (or a 7 x 3 one) for 65 x 97 images was stretched to fit."""
+    model, _, _ = metric_case()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 13, 19)
+    METRICS[name](model, x, torch.rand(2, 1, 3, 4), [1, 4])  # a layer map fits
+    for hw in ((19, 13), (7, 3)):
+        with pytest.raises(MetricInputError, match=rf"{hw[0]} x {hw[1]}.*13 x 19"):
+            METRICS[name](model, x, torch.rand(2, 1, *hw), [1, 4])
+
+
+@pytest.mark.parametrize("name", metric_names("nan_logits"))
+def test_metric_nan_logits_of_one_image_give_nan_for_it(name):
+    model, x, maps = metric_case()
+    x[1] = 1e35  # finite, but the model's logits for it (and its copies) are NaN
+
+    def hook(_m, inp, out):
+        bad = inp[0].abs().flatten(1).amax(1) > 1e30
+        return out.masked_fill(bad[:, None], float("nan"))
+
+    handle = model.register_forward_hook(hook)
+    try:
+        with pytest.warns(NonFiniteWarning, match=r"\[1\]"):
+            values = METRICS[name](model, x, maps, [1, 4])
+    finally:
+        handle.remove()
+    assert torch.isnan(values[1]) and torch.isfinite(values[0]), name
+
+
+@pytest.mark.parametrize("name", metric_names("nan_input"))
 def test_metric_nan_input_is_an_error(name):
     model, x, maps = metric_case()
     x[1, 0, 0, 0] = float("inf")
@@ -487,14 +593,24 @@ def test_metric_nan_input_is_an_error(name):
         METRICS[name](model, x, maps, [1, 4])
 
 
-@pytest.mark.parametrize("name", list(METRICS))
+@pytest.mark.parametrize("name", metric_names("target"))
 def test_metric_target_rule(name):
     model, x, maps = metric_case()
     ref = METRICS[name](model, x, maps, [1, 4])
     for target in ([1, -1], torch.tensor([[1], [4]]), torch.tensor([-4, -1])):
         torch.testing.assert_close(METRICS[name](model, x, maps, target), ref)
+    last = METRICS[name](model, x, maps, 4)  # -1 is the last of 5 classes
+    torch.testing.assert_close(METRICS[name](model, x, maps, -1), last)
     for bad in (True, 1.0, torch.tensor([1.0, 4.0])):
         with pytest.raises(AttributionInputError, match="not a class index"):
+            METRICS[name](model, x, maps, bad)
+    wrong_length = {
+        "a list of 3": ([1, 4, 2], "list of 3 for a batch of 2"),
+        "a tensor of 3": (torch.tensor([1, 4, 2]), "3 entries for a batch of 2"),
+        "a (2, 2) tensor": (torch.tensor([[1, 4], [2, 3]]), r"shape \(2, 2\)"),
+    }
+    for what, (bad, message) in wrong_length.items():  # noqa: B007
+        with pytest.raises(AttributionInputError, match=message):
             METRICS[name](model, x, maps, bad)
 
 
@@ -538,3 +654,67 @@ def test_eigen_cams_give_nan_only_for_the_sample_with_nan_activations(cls):
         handle.remove()
     assert torch.isnan(maps[1]).all()  # before: nan_to_num made it a finite map
     torch.testing.assert_close(maps[0], clean[0])
+
+
+# ------------------------------------------------ the CLI's option values
+def _cli_names():
+    from benchmarks.evaluation import methods as M
+
+    return [("--methods", n) for n in M.method_names()] + [
+        ("--metrics", n) for n in M.METRICS
+    ]
+
+
+def _signature_options(flag, name):
+    """(option, default) of every option the CLI lets ``name`` take."""
+    import inspect
+
+    import captum.attr as CA
+
+    from benchmarks.evaluation import methods as M
+    from benchmarks.evaluation import options as O
+
+    if flag == "--metrics":
+        fn = M.metric_function(name)
+        allowed = O._params(fn) - O._METRIC_FIXED - {"return_curve"}
+    else:
+        base = name.partition("+")[0]
+        ours = {**M.CAMS, **M.OTHER_CAMS, **M.ATTENTION, **M.LRP_METHODS}
+        cls = getattr(A, ours[base]) if base in ours else getattr(CA, M.GRADIENT[base])
+        fn = cls.attribute
+        allowed = O.method_options(name)
+    params = inspect.signature(fn).parameters
+    return {k: p.default for k, p in params.items() if allowed is None or k in allowed}
+
+
+#: string options that take free text (not one of a few words)
+FREE_TEXT: set = set()
+
+
+@pytest.mark.parametrize("flag, name", _cli_names(), ids=lambda v: str(v))
+def test_cli_option_values_are_parsed_strictly(flag, name):
+    """Every method and metric of the CLI: a bool option takes true / false in
+    any case (``false`` was a non-empty string, i.e. true) and refuses other
+    words; a word option is checked against its choices before anything
+    loads; every word option has its choices listed."""
+    from benchmarks.evaluation import methods as M
+    from benchmarks.evaluation import options as O
+
+    check = O.check_method if flag == "--methods" else O.check_metric
+    choices = O.choices()
+    for option, default in _signature_options(flag, name).items():
+        if isinstance(default, bool):
+            for word, value in (("false", False), ("TRUE", True), ("False", False)):
+                assert M.parse_spec(f"{name}:{option}={word}")[1] == {option: value}
+                check(f"{name}:{option}={word}")
+            with pytest.raises(O.OptionError, match="true or false"):
+                check(f"{name}:{option}=yes")
+        elif isinstance(default, str):
+            assert option in choices or option in FREE_TEXT, (
+                f"{name}: the word option {option!r} has no choices in "
+                "options.choices()"
+            )
+            if option in choices:
+                check(f"{name}:{option}={default}")
+                with pytest.raises(O.OptionError, match="must be one of"):
+                    check(f"{name}:{option}={default}x")

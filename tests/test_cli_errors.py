@@ -58,6 +58,16 @@ CASES = [
     (["--bench", "camz"], ["--bench camz", "cams", "evaluation"]),
     (["--filter", "(["], ["--filter", "regular expression"]),
     (["--data", "{tmp}/no-such-folder"], ["--data", "no such folder"]),
+    # issue 22: tracebacks or silently wrong runs before
+    (["--threads", "0"], ["--threads", "at least 1", "leave --threads out"]),
+    (["--threads", "-1"], ["--threads", "at least 1"]),
+    (["--data", "{tmp}/empty"], ["--data", "no <wnid>_<name>.JPEG"]),
+    (["--data", "{tmp}/a-file"], ["--data", "is a file, not a folder"]),
+    (["--methods", "raw_attention:head_fusion=maen"], ["mean, max, min", "mean?"]),
+    (["--methods", "gradcam:relu_attributions=yes"], ["true or false", "'yes'"]),
+    (["--metrics", "deletion:step=0"], ["step must be an integer >= 1"]),
+    (["--metrics", "deletion:substrate=blurr"], ["zero, blur", "blur?"]),
+    (["--metrics", "road_morf:order=morff"], ["morf, lerf"]),
     (["--out", "{tmp}/a-file"], ["a-file", "is a file", "pass a folder"]),
     (["--out", "{tmp}/a-file/sub"], ["a-file", "is a file"]),
     (["--out", "{tmp}/bad-store"], ["results.sqlite", "damaged", "mv "]),
@@ -90,6 +100,7 @@ def test_bad_option_one_line_before_any_work(
     argv, words, tmp_path, capsys, nothing_runs
 ):
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
     _bad_store(tmp_path / "bad-store")
     argv = [a.format(tmp=tmp_path) for a in argv]
     if not any(a == "--out" for a in argv):
@@ -283,3 +294,34 @@ def test_every_registered_method_name_passes_validation():
     for name in M.method_names():
         if "+" not in name:
             assert name in str(err.value)
+
+
+def test_disk_full_is_one_line_naming_the_folder_and_the_store_stays_intact(
+    tmp_path, capsys, monkeypatch
+):
+    """Before: a ``sqlite3.OperationalError`` traceback. The disk is made
+    full for SQLite with ``max_page_count`` (SQLITE_FULL, as a full disk)."""
+    path = tmp_path / P.DB_NAME
+    store = ResultStore(path)
+    key = store.register("result", {"m": 1})
+    store.add_results(key, "m", "gradcam", "deletion", [("a", 1, 1, 0.5)])
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")
+    rows = [(f"img{i}", 1, 1, 0.25) for i in range(5000)]
+    with pytest.raises(StoreError, match=rf"{tmp_path}: the disk is full.*MiB free"):
+        store.add_results(key, "m", "gradcam", "deletion", rows)
+    store.close()
+    check_file(path)  # intact, with the rows written before
+    again = ResultStore(path)
+    assert [r["image"] for r in again.results()] == ["a"]
+    again.add_results(key, "m", "gradcam", "deletion", rows)  # the rerun completes
+    assert len(again.results()) == 5001
+    again.close()
+
+    def full(_args):
+        raise StoreError(f"{tmp_path}: the disk is full (0.0 MiB free) ...")
+
+    monkeypatch.setattr(R, "_main", full)
+    assert R.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the disk is full" in err

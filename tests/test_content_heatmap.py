@@ -72,3 +72,73 @@ def test_content_heatmap_extremes():
     assert flat == pytest.approx(16 / 64)
     with pytest.raises(MetricInputError, match="boxes per image"):
         content_heatmap(x, inside, [box, box])
+
+
+def _xml(tmp_path, size="<width>40</width><height>20</height>", box=None, name="a"):
+    box = box or "<xmin>3</xmin><ymin>5</ymin><xmax>12</xmax><ymax>10</ymax>"
+    path = tmp_path / f"{name}.xml"
+    path.write_text(
+        f"<annotation><size>{size}<depth>3</depth></size><object>"
+        f"<name>n01440764</name><bndbox>{box}</bndbox></object></annotation>"
+    )
+    return path
+
+
+BAD_BOXES = {
+    "no xmin": (
+        "<ymin>5</ymin><xmax>12</xmax><ymax>10</ymax>",
+        r"object> 0 \('n01440764'\).*no <xmin>",
+    ),
+    "inverted": (
+        "<xmin>30</xmin><ymin>5</ymin><xmax>12</xmax><ymax>10</ymax>",
+        r"object> 0 .*inverted box \(xmin 30, xmax 12",
+    ),
+    "not a number": (
+        "<xmin>3</xmin><ymin>five</ymin><xmax>12</xmax><ymax>10</ymax>",
+        r"bad <ymin> \('five'\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_BOXES))
+def test_bad_box_is_refused_naming_file_and_object(tmp_path, what):
+    """Before: a box without <xmin> was read as NaN, an inverted one as an
+    empty box, and the content heatmap of a perfect map was 0 without a word."""
+    box, message = BAD_BOXES[what]
+    path = _xml(tmp_path, box=box)
+    with pytest.raises(MetricInputError, match=message) as err:
+        read_boxes(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ("<width>40</width><height>0</height>", r"<height> is '0'.*whole number"),
+        ("<width>4.5</width><height>20</height>", r"<width> is '4.5'"),
+        ("<width>40</width>", r"<height> is ''"),
+    ],
+)
+def test_bad_size_is_refused_naming_the_field(tmp_path, size, message):
+    with pytest.raises(MetricInputError, match=message):
+        read_boxes(_xml(tmp_path, size=size))
+    # a whole number written as a float is that number
+    ok = "<width>40.0</width><height>375.0</height>"
+    assert read_boxes(_xml(tmp_path, size=ok, name="ok"))[1] == (375, 40)
+
+
+def test_image_without_a_box_of_the_class_scores_nan_with_a_warning(tmp_path):
+    from captum_ssl.attr import NonFiniteWarning
+
+    boxes, _ = read_boxes(_xml(tmp_path), names=["n02102040"])  # another class
+    assert boxes == []
+    x = torch.zeros(2, 3, 20, 40)
+    maps = torch.rand(2, 1, 20, 40)
+    with pytest.warns(NonFiniteWarning, match=r"\[1\] is NaN: they have no box"):
+        got = content_heatmap(x, maps, [[(0.0, 0.0, 20.0, 10.0)], boxes])
+    assert torch.isfinite(got[0]) and torch.isnan(got[1])
+
+
+def test_empty_batch_is_refused():
+    with pytest.raises(MetricInputError, match="empty batch"):
+        content_heatmap(torch.zeros(0, 3, 8, 8), torch.zeros(0, 1, 8, 8), [])

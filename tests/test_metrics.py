@@ -613,3 +613,67 @@ def test_sanity_check_separates_trained_and_randomised_real_model(real_setup):
     same = M.spearman(maps["gradcam"], maps["gradcam"])
     assert same == pytest.approx([1.0] * 4)
     assert sim.mean().item() < 0.5, sim
+
+
+# ------------------------------------------- the Quantus adapter's bad inputs
+class _Saturating(torch.nn.Module):
+    """Class 0 takes all the probability for an image whose first channel is
+    bright; a dark image's scores are about uniform."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 5)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.bias.zero_()
+            self.fc.weight[0, 0] = 5.0
+            self.fc.weight[2, 1] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+def test_quantus_monotonicity_correlation_with_a_near_zero_score():
+    """Quantus 0.6.0 raised a NumPy boolean-indexing error when some but not
+    all target probabilities are below its eps (1e-5); per-image batches give
+    its values."""
+    import quantus
+
+    model = _Saturating().eval()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 12, 12)
+    x[0, 0] = 10.0  # image 0: p(class 1) ~ 1e-22
+    maps = torch.rand(2, 1, 12, 12)
+    got = M.quantus_faithfulness(
+        model, x, maps, [1, 1], metrics=["MonotonicityCorrelation"]
+    )["MonotonicityCorrelation"]
+    kw = M._quantus.default_kwargs("MonotonicityCorrelation", x.shape)
+    ref = []
+    for i in range(2):  # Quantus itself, one image at a time
+        np.random.seed(0)
+        with M.numpy_compat():
+            ref += quantus.MonotonicityCorrelation(**kw)(
+                model=model,
+                x_batch=x[i : i + 1].numpy(),
+                y_batch=np.array([1]),
+                a_batch=maps[i : i + 1].numpy(),
+                device="cpu",
+                batch_size=1,
+            )
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], torch.tensor(ref[0], dtype=got.dtype))
+
+
+def test_quantus_targets_are_checked_and_names_suggested(tiny_cnn, images):
+    maps = torch.rand(3, 1, 8, 8)
+    with pytest.raises(M.MetricInputError.__mro__[1], match="out of range"):
+        M.quantus_faithfulness(tiny_cnn, images, maps, [1, 2, 7])
+    with pytest.raises(M.MetricInputError, match="did you mean 'PixelFlipping'"):
+        M.quantus_faithfulness(tiny_cnn, images, maps, 1, metrics=["PixelFliping"])
+    one = M.quantus_faithfulness(
+        tiny_cnn, images, maps, 4, metrics=["PixelFlipping"], steps=4
+    )["PixelFlipping"]
+    last = M.quantus_faithfulness(
+        tiny_cnn, images, maps, -1, metrics=["PixelFlipping"], steps=4
+    )["PixelFlipping"]
+    torch.testing.assert_close(one, last)

@@ -213,3 +213,33 @@ def test_recipro_cam_masks_patch_tokens_of_a_vit():
         h.remove()
     assert attr.shape == (3, 1, 4, 4)
     torch.testing.assert_close(attr[b, 0].flatten()[pos], p)
+
+
+@pytest.mark.parametrize("copy_first", [True, False], ids=["deepcopy", "fresh"])
+def test_float64_model_replays(copy_first, monkeypatch):
+    """Issue 22: a float64 model (``copy.deepcopy(model).double()`` of one
+    explained before, or a fresh one) fell back to full passes: the replayed
+    scores were kept in float32 and comparing them with the float64 recorded
+    ones raised inside the proof. (The fallback warns once per process, which
+    hid it for the second model.)"""
+    import copy
+
+    from captum_ssl.attr import _prefix
+
+    monkeypatch.setattr(_prefix, "_WARNED", set())
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    if copy_first:
+        A.LayerAblationCam(model, model.features[3]).attribute(X, target=TARGETS)
+        model = copy.deepcopy(model).double()
+    else:
+        model = model.double()
+    cam = A.LayerAblationCam(model, model.features[3])
+    x = X.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        cached = cam.attribute(x, target=TARGETS, perturbations_per_eval=8)
+    cam.prefix_cache = False
+    full = cam.attribute(x, target=TARGETS, perturbations_per_eval=8)
+    assert cached.dtype == torch.float64
+    torch.testing.assert_close(cached, full, rtol=1e-9, atol=1e-12)

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 
 def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
-    """``"name:a=1,b='x'"`` -> ``("name", {"a": 1, "b": "x"})``."""
+    """``"name:a=1,b='x'"`` -> ``("name", {"a": 1, "b": "x"})``; ``true`` /
+    ``false`` in any case are booleans."""
     name, _, rest = text.partition(":")
     opts: Dict[str, Any] = {}
     if rest:
@@ -35,6 +36,9 @@ def parse_spec(text: str) -> Tuple[str, Dict[str, Any]]:
                     f"{text!r}: options are written name:option=value,option=value"
                 )
             k, v = part.split("=", 1)
+            if v.strip().lower() in ("true", "false"):  # any case, as a shell user
+                opts[k.strip()] = v.strip().lower() == "true"
+                continue
             try:
                 opts[k.strip()] = ast.literal_eval(v.strip())
             except (ValueError, SyntaxError):

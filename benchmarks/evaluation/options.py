@@ -10,6 +10,7 @@ anything but a probe file that is removed at once.
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import os
 import pkgutil
@@ -30,7 +31,46 @@ POSITIVE_INTS = (
     "nt_samples",
     "n_steps",
     "batch_size",
+    "step",
 )
+
+
+def choices() -> Dict[str, tuple]:
+    """The options (of the methods and metrics the CLI runs) whose value is
+    one of a few words, with those words: the library's own tuples, so a new
+    choice needs no change here. An option name means the same in every
+    method and metric that has it."""
+    from captum.attr._utils.approximation_methods import SUPPORTED_METHODS
+
+    from captum_ssl.attr._attention.methods import DISCARDS, HEAD_FUSIONS
+    from captum_ssl.attr._cam.extra_cams import KERNELS
+    from captum_ssl.attr._cam.multi_cams import POOLS
+    from captum_ssl.attr._lrp.methods import ATS
+    from captum_ssl.metrics._arcc import MEANS
+    from captum_ssl.metrics._common import SCORES
+    from captum_ssl.metrics._perturbation import MODES
+    from captum_ssl.metrics._road import ORDERS
+
+    return {
+        "head_fusion": HEAD_FUSIONS,
+        "discard": DISCARDS,
+        "at": ATS,
+        "mean": MEANS,
+        "score": SCORES,
+        "kernel": KERNELS,  # KPCA-CAM's
+        "pool": POOLS,  # SESS's
+        "method": tuple(SUPPORTED_METHODS),  # Captum's integral approximations
+        "interpolate_mode": ("nearest", "nearest-exact", "bilinear", "bicubic", "area"),
+        "mode": tuple(MODES),
+        "order": tuple(ORDERS),
+        # a word, or a number (a token index, a constant substrate)
+        "query": ("cls", "dist"),
+        "substrate": ("zero", "blur", "blur_gaussian", "mean"),
+    }
+
+
+#: options of :func:`choices` that also take a number
+NUMBER_TOO = ("query", "substrate")
 #: arguments the pipeline passes itself
 _FIXED = {"self", "inputs", "target", "additional_forward_args"}
 _METRIC_FIXED = {"model", "inputs", "attributions", "target"}
@@ -58,12 +98,7 @@ def validate(args: argparse.Namespace) -> None:
         check_method(word)
     for word in getattr(args, "metrics", None) or []:
         check_metric(word)
-    data = getattr(args, "data", None)
-    if data is not None and not Path(data).is_dir():
-        raise OptionError(
-            f"--data {data}: no such folder; pass the folder of the ImageNet "
-            "sample photos (<wnid>_<name>.JPEG), or leave --data out"
-        )
+    _data(getattr(args, "data", None))
     if not getattr(args, "list", False):
         check_out(Path(args.out))
 
@@ -82,12 +117,38 @@ def _numbers(args: argparse.Namespace) -> None:
         "batch_size": "e.g. --batch-size 8",
         "metric_batch_size": "e.g. --metric-batch-size 64",
         "repeat": "e.g. --repeat 3",
+        "threads": "e.g. --threads 4, or leave --threads out (one per core)",
     }
     for name, hint in hints.items():
         v = getattr(args, name, None)
         if v is not None and v < 1:
             flag = "--" + name.replace("_", "-")
             raise OptionError(f"{flag} must be at least 1 (got {v}); {hint}")
+
+
+# -------------------------------------------------------------------- data
+
+
+def _data(data: Optional[Path]) -> None:
+    """``--data``: a folder holding at least one ``<wnid>_<name>.JPEG``."""
+    if data is None:
+        return
+    fix = (
+        "pass the folder of the ImageNet sample photos (<wnid>_<name>.JPEG), "
+        "or leave --data out"
+    )
+    path = Path(data)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "no such folder"
+        raise OptionError(f"--data {data}: {what}; {fix}")
+    from captum_ssl.data import sample_files
+
+    try:
+        found = sample_files(path)
+    except (ValueError, OSError) as err:
+        raise OptionError(f"--data {data}: {err}; {fix}") from None
+    if not found:
+        raise OptionError(f"--data {data}: holds no <wnid>_<name>.JPEG photo; {fix}")
 
 
 # ------------------------------------------------------------------ device
@@ -220,7 +281,7 @@ def check_method(word: str) -> None:
             f"name+{'/'.join(M.NOISE_TUNNELS)})"
         )
     allowed = method_options(name)
-    _check_opts("--methods", word, opts, allowed)
+    _check_opts("--methods", word, opts, allowed, _method_bools(name))
 
 
 def method_options(name: str) -> Optional[Set[str]]:
@@ -265,7 +326,27 @@ def check_metric(word: str) -> None:
     allowed = _params(M.metric_function(name))
     if allowed is not None:
         allowed = allowed - _METRIC_FIXED - {"return_curve"}
-    _check_opts("--metrics", word, opts, allowed)
+    _check_opts("--metrics", word, opts, allowed, _bools(M.metric_function(name)))
+
+
+def _bools(fn) -> Set[str]:
+    """Parameters of ``fn`` whose default is a bool (their value must be one)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if isinstance(p.default, bool)}
+
+
+def _method_bools(name: str) -> Set[str]:
+    import captum.attr as CA
+
+    import captum_ssl.attr as A
+
+    base = name.partition("+")[0]
+    ours = {**M.CAMS, **M.OTHER_CAMS, **M.ATTENTION, **M.LRP_METHODS}
+    cls = getattr(A, ours[base]) if base in ours else getattr(CA, M.GRADIENT[base])
+    defaults = M.method_defaults(base) if base in ours else {}
+    return _bools(cls.attribute) | {
+        k for k, v in defaults.items() if isinstance(v, bool)
+    }
 
 
 def _params(fn) -> Optional[Set[str]]:
@@ -276,7 +357,11 @@ def _params(fn) -> Optional[Set[str]]:
 
 
 def _check_opts(
-    flag: str, word: str, opts: Dict[str, Any], allowed: Optional[Iterable[str]]
+    flag: str,
+    word: str,
+    opts: Dict[str, Any],
+    allowed: Optional[Iterable[str]],
+    bools: Iterable[str] = (),
 ) -> None:
     if allowed is not None:
         bad = sorted(k for k in opts if k not in allowed)
@@ -285,6 +370,23 @@ def _check_opts(
                 f"{flag} {word}: unknown option {', '.join(bad)}; this one takes: "
                 f"{', '.join(sorted(allowed)) or 'no options'}"
             )
+    for k in bools:
+        if k in opts and not isinstance(opts[k], bool):
+            raise OptionError(f"{flag} {word}: {k} is true or false (got {opts[k]!r})")
+    for k, words in choices().items():
+        v = opts.get(k)
+        if v is None or v in words:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k in NUMBER_TOO and number:
+            continue
+        close = difflib.get_close_matches(str(v), words, n=1)
+        raise OptionError(
+            f"{flag} {word}: {k} must be one of {', '.join(words)}"
+            + (" or a number" if k in NUMBER_TOO else "")
+            + f" (got {v!r}"
+            + (f"; did you mean {close[0]}?)" if close else ")")
+        )
     for k in POSITIVE_INTS:
         v = opts.get(k, 1)
         if v is None and k in ("perturbations_per_eval", "internal_batch_size"):

@@ -183,12 +183,29 @@ class ResultStore:
                 with self.conn:  # one transaction: committed or rolled back
                     return fn(self.conn)
             except sqlite3.OperationalError as err:
+                if "full" in str(err):  # SQLITE_FULL: rolled back, store intact
+                    raise self._disk_full() from None
                 if "locked" not in str(err) and "busy" not in str(err):
                     raise
                 if i == attempts - 1:
                     raise
                 time.sleep(0.05 * (i + 1))
         return None
+
+    def _disk_full(self) -> StoreError:
+        """The one-line error of a write that found the disk full."""
+        import shutil
+
+        folder = self.path.parent
+        free = shutil.disk_usage(folder).free
+        size = self.path.stat().st_size if self.path.exists() else 0
+        need = max(64 << 20, size // 4)  # new pages, the WAL and its checkpoint
+        return StoreError(
+            f"{folder}: the disk is full ({free / 2**20:.1f} MiB free) while "
+            f"writing {self.path.name}; free at least {need / 2**20:.0f} MiB there "
+            "(or pass another --out) and run the same command again: the store "
+            "is intact and the run resumes where it stopped"
+        )
 
     def register(self, kind: str, spec: Dict[str, Any]) -> str:
         """Record a config and return its key."""

@@ -368,6 +368,8 @@ def format_inputs(
             f"inputs has shape {tuple(x.shape)}: one unbatched image (C, H, W). "
             "Add the batch dimension: `x.unsqueeze(0)` (or `x[None]`)."
         )
+    check_device(model, inputs)
+    check_patch_grid(model, x)
     if needs_grad and (
         torch.is_inference_mode_enabled() or any(t.is_inference() for t in inputs)
     ):
@@ -380,6 +382,61 @@ def format_inputs(
         )
     check_finite(inputs)
     return inputs
+
+
+def check_device(model: Optional[nn.Module], inputs: Tuple[Tensor, ...]) -> None:
+    """Refuse inputs on another device than the model's weights (which fail
+    deep inside the forward pass, e.g. ``Tensor.item() cannot be called on
+    meta tensors``). DataParallel models scatter their inputs themselves."""
+    if model is None or isinstance(model, nn.DataParallel):
+        return
+    weight = next(model.parameters(), None)
+    if weight is None:
+        return
+    bad = [t.device for t in inputs if t.device != weight.device]
+    if not bad:
+        return
+    if weight.device.type == "meta":
+        raise AttributionInputError(
+            "The model's weights are on the meta device: they were never loaded "
+            "(a model built with device='meta' or empty weights). Load its "
+            "weights (e.g. `model.to_empty(device='cpu')` then "
+            "`load_state_dict`) before explaining it."
+        )
+    raise AttributionInputError(
+        f"inputs are on {bad[0]} but the model's weights are on {weight.device}: "
+        f"move the inputs, `x = x.to('{weight.device}')` (or the model, "
+        f"`model.to('{bad[0]}')`)."
+    )
+
+
+def check_patch_grid(model: Optional[nn.Module], x: Tensor) -> None:
+    """Refuse an image size a timm patch embedding cannot take, naming the
+    sizes that work (timm's own assertion names neither the fix nor them)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if x.dim() != 4 or not isinstance(patch, tuple) or len(patch) != 2:
+        return
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    if getattr(embed, "strict_img_size", False):
+        size = tuple(getattr(embed, "img_size", None) or ())
+        if size and hw != size:
+            raise AttributionInputError(
+                f"inputs are {hw[0]} x {hw[1]} but the model takes {size[0]} x "
+                f"{size[1]} images: resize them (the model's preprocessing), or "
+                "build the timm model with dynamic_img_size=True."
+            )
+        return
+    if getattr(embed, "dynamic_img_pad", False):
+        return
+    if hw[0] % patch[0] or hw[1] % patch[1]:
+        sizes = [f"{(n // p) * p} or {-(-n // p) * p}" for n, p in zip(hw, patch)]
+        raise AttributionInputError(
+            f"inputs are {hw[0]} x {hw[1]}, not a multiple of the model's "
+            f"{patch[0]} x {patch[1]} patches: crop or pad them to a height of "
+            f"{sizes[0]} and a width of {sizes[1]}, or build the timm model "
+            "with dynamic_img_pad=True."
+        )
 
 
 def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
@@ -529,6 +586,21 @@ def _raise(err: Exception) -> Any:
     raise err
 
 
+def check_target_count(target: TargetType, batch: int) -> None:
+    """Raise a clear error when a per-sample ``target`` (normalised) does not
+    hold one entry per sample of a batch of ``batch`` (a single class is fine)."""
+    if isinstance(target, Tensor) and target.numel() not in (1, batch):
+        raise AttributionInputError(
+            f"target has {target.numel()} entries for a batch of {batch}: give "
+            "one class index, or one per sample."
+        )
+    if isinstance(target, list) and len(target) != batch:
+        raise AttributionInputError(
+            f"target is a list of {len(target)} for a batch of {batch}: give "
+            "one target per sample."
+        )
+
+
 def check_target(output: Tensor, target: TargetType) -> None:
     """Raise a clear error when ``target`` cannot index ``output``."""
     target = normalize_target(target)
@@ -539,24 +611,14 @@ def check_target(output: Tensor, target: TargetType) -> None:
                 "target=<class index> (an int, or one per sample) to choose one."
             )
         return
-    batch = output.shape[0]
+    check_target_count(target, output.shape[0])
     if isinstance(target, Tensor):
-        if target.numel() not in (1, batch):
-            raise AttributionInputError(
-                f"target has {target.numel()} entries for a batch of {batch}: give "
-                "one class index, or one per sample."
-            )
         indices: Sequence = target.flatten().tolist()
     elif isinstance(target, int):
         indices = [target]
     elif isinstance(target, tuple):
         indices = [target[0]]
     else:
-        if len(target) != batch:
-            raise AttributionInputError(
-                f"target is a list of {len(target)} for a batch of {batch}: give "
-                "one target per sample."
-            )
         indices = [t[0] if isinstance(t, tuple) else t for t in target]
     if output.dim() < 2:
         raise AttributionInputError(
@@ -596,6 +658,7 @@ def per_sample_targets(target: TargetType, batch: int) -> List[Any]:
     target = normalize_target(target)
     if target is None:
         return [None] * batch
+    check_target_count(target, batch)
     if isinstance(target, Tensor):
         flat = target.flatten()
         return [flat[0 if flat.numel() == 1 else i] for i in range(batch)]
@@ -964,7 +1027,7 @@ def chunked_scores(
             f"automatic chunk size; got {perturbations_per_eval!r}."
         )
     targets = per_sample_targets(target, batch)
-    scores = torch.empty(total, device=device)
+    scores: Optional[Tensor] = None  # float32, or the model's dtype if wider
     starts = range(0, total, perturbations_per_eval)
     if show_progress:
         starts = progress_bar(starts, desc, len(starts), unit="batch")
@@ -978,7 +1041,11 @@ def chunked_scores(
             args = rows(additional_forward_args, b_idx.to(device), batch)
             ctx = context(b_idx, j_idx) if context else contextlib.nullcontext()
             with ctx:
-                scores[start : start + len(idx)] = target_scores(
-                    forward_func, batch_inputs, sub_target, args
-                )
+                chunk = target_scores(forward_func, batch_inputs, sub_target, args)
+            if scores is None:
+                dtype = torch.promote_types(chunk.dtype, torch.float32)
+                scores = torch.empty(total, device=device, dtype=dtype)
+            scores[start : start + len(idx)] = chunk
+    if scores is None:  # nothing to evaluate
+        scores = torch.empty(total, device=device)
     return scores.reshape(batch, n_per_sample)

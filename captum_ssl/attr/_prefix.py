@@ -224,7 +224,9 @@ def _rows(value: Any, b_idx: Tensor, batch: int) -> Any:
 
 
 def _agree(a: Tensor, b: Tensor) -> bool:
-    """Equal up to rounding (NaN where the model's scores are NaN)."""
+    """Equal up to rounding (NaN where the model's scores are NaN), whatever
+    the two dtypes (a float64 model's recorded scores against replayed ones)."""
+    a, b = a.double(), b.double()
     finite = b[torch.isfinite(b)].abs()
     scale = 1.0 + float(finite.max() if finite.numel() else 0.0)
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale, equal_nan=True))

@@ -49,7 +49,9 @@ def complexity(
     .. math:: \mathrm{Complexity} = \frac{1}{HW}\sum_{ij} |S_{ij}|
 
     with :math:`S` the map ReLU'd, resized (bilinear) to the input and min-max
-    normalised to ``[0, 1]``: 0 for an empty map, 1 for a uniform one.
+    normalised to ``[0, 1]``: 0 for an empty map, 1 for a uniform one (a
+    constant positive map, which min-max scaling alone would make 0 and so
+    score best; pytorch-grad-cam's ``Complexity`` gives 0 there).
 
     Reference: pytorch-grad-cam 1.5.7's ``metrics.arcc.Complexity``; after
     Rebuffi et al., https://arxiv.org/abs/2104.10252
@@ -70,7 +72,11 @@ def complexity(
         >>> complexity(model, x, cam)
     """
     _, maps = prepare(model, inputs, attributions)
-    return _heat(maps).abs().flatten(1).mean(dim=1)  # type: ignore[union-attr]
+    flat = maps.clamp(min=0).flatten(1)  # type: ignore[union-attr]
+    hi, lo = flat.max(dim=1).values, flat.min(dim=1).values
+    uniform = (hi > 0) & (hi - lo <= 1e-5 * hi)  # every pixel equally salient
+    value = _heat(maps).abs().flatten(1).mean(dim=1)
+    return torch.where(uniform, torch.ones_like(value), value)
 
 
 def _pearson_01(a: Tensor, b: Tensor) -> Tensor:
@@ -139,6 +145,9 @@ def coherency(
     x, maps = prepare(model, inputs, attributions)
     target = resolve_target(model, x, target, batch_size)
     heat = _heat(maps)  # type: ignore[arg-type]
+    # a non-finite map's image scores NaN (metric_call); it is re-explained
+    # unmasked so that the method does not refuse the whole batch
+    heat = torch.where(torch.isfinite(heat), heat, torch.ones_like(heat))
     again = explainer(method, **attribute_kwargs)(x * heat, target)
     if isinstance(again, tuple):
         again = again[0]
@@ -166,6 +175,7 @@ def _percentile(values: Tensor, p: float) -> Tensor:
     return b - (b - a) * (1 - t)
 
 
+@direction(True)
 def road_combined(
     model: Any,
     inputs: Tensor,
@@ -256,8 +266,6 @@ def road_combined(
     change = scores[:, 1:] - scores[:, :1]
     return (change[:, n:].mean(dim=1) - change[:, :n].mean(dim=1)) / 2
 
-
-road_combined.higher_is_better = True  # type: ignore[attr-defined]
 
 MEANS = ("harmonic", "geometric")
 

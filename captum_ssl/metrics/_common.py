@@ -23,6 +23,7 @@ from captum_ssl._outputs import model_output, tensor_forward
 from captum_ssl.attr._core import (
     AttributionInputError,
     NonFiniteWarning,
+    check_target_count,
     chunked_scores,
     eval_mode,
     normalize_target,
@@ -119,21 +120,44 @@ def direction(spec: Any) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def mark_undefined(rows: Tensor, reason: str) -> None:
+    """Inside a metric call: the images ``rows`` (a ``(B,)`` bool mask) have
+    no value for ``reason``; they get NaN and the warning names the reason."""
+    record = _BAD_MAPS.get()
+    if record is not None:
+        record.append((rows, reason))
+
+
 def _mark_nan(out: Any, record: list, name: str) -> Any:
     if isinstance(out, dict):
         return {k: _mark_nan(v, record, f"{name}[{k!r}]") for k, v in out.items()}
     if not isinstance(out, Tensor) or out.dim() == 0:
         return out
-    for bad in record:
+    reasons: dict = {}
+    for entry in record:
+        bad, why = entry if isinstance(entry, tuple) else (entry, None)
         if bad.shape[0] == out.shape[0] and bool(bad.any()):
             mask = bad.to(out.device).view(-1, *[1] * (out.dim() - 1))
             out = out.masked_fill(mask, float("nan"))
+            if why is not None:
+                for i in bad.nonzero().flatten().tolist():
+                    reasons.setdefault(i, why)
     bad_rows = (~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)).nonzero()
-    if bad_rows.numel():
+    bad_rows = bad_rows.flatten().tolist()
+    if bad_rows:
+        parts = []
+        plain = [i for i in bad_rows if i not in reasons]
+        if plain:
+            parts.append(
+                f"the value of image(s) {plain[:10]} is NaN: their map or the "
+                "model's output for them is not finite. NaN is returned, not a "
+                "number; drop those images or fix the map/model."
+            )
+        for why in dict.fromkeys(reasons[i] for i in bad_rows if i in reasons):
+            rows = [i for i in bad_rows if reasons.get(i) == why]
+            parts.append(f"the value of image(s) {rows[:10]} is NaN: {why}")
         warnings.warn(
-            f"{name}: the value of image(s) {bad_rows.flatten().tolist()[:10]} is "
-            "NaN: their map or the model's output for them is not finite. NaN "
-            "is returned, not a number; drop those images or fix the map/model.",
+            f"{name}: {' '.join(parts)}",
             NonFiniteWarning,
             stacklevel=user_stacklevel(),
         )
@@ -169,6 +193,31 @@ def check_inputs(inputs: Tensor) -> None:
         )
 
 
+def check_map_shape(map_hw: Tuple[int, ...], image_hw: Tuple[int, ...]) -> None:
+    """Refuse a map whose aspect ratio is not the image's.
+
+    A layer or patch map is the image seen through a stride, each side
+    rounded up or down: ``(h, w)`` fits ``(H, W)`` when ``H / W`` lies within
+    ``[(h - 1) / (w + 1), (h + 1) / (w - 1)]``. A transposed map (97 x 65
+    for a 65 x 97 image) or a 7 x 3 map for it would otherwise be stretched
+    to fit without a word.
+    """
+    (h, w), (big_h, big_w) = map_hw, image_hw
+    if (h, w) == (big_h, big_w) or h * w == 1:
+        return
+    ratio = big_h / big_w
+    low = (h - 1) / (w + 1)
+    high = math.inf if w <= 1 else (h + 1) / (w - 1)
+    if not low <= ratio <= high:
+        raise MetricInputError(
+            f"The maps are {h} x {w} (h x w) for images of {big_h} x {big_w}: "
+            "their aspect ratios differ, so upsampling would stretch them. Pass "
+            "the maps of these images (a transposed map? check the (h, w) "
+            "order), or resize them yourself with captum_ssl.viz.upsample(maps, "
+            "(H, W)) if stretching is meant."
+        )
+
+
 def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
     """Maps as ``(B, 1, H, W)`` at the input's size and device, detached."""
     if not isinstance(attributions, Tensor):
@@ -184,6 +233,7 @@ def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
             "images: give one map per image."
         )
     maps = as_map(attributions.detach().to(inputs.device, torch.float32))
+    check_map_shape(tuple(maps.shape[-2:]), tuple(inputs.shape[-2:]))
     record = _BAD_MAPS.get()
     if record is not None:  # NaN / Inf maps: the metric's value becomes NaN
         record.append(~torch.isfinite(maps.flatten(1)).all(1))
@@ -209,7 +259,9 @@ def resolve_target(
     predictions you already have) to avoid it.
     """
     if target is not None:
-        return normalize_target(target)
+        target = normalize_target(target)
+        check_target_count(target, inputs.shape[0])
+        return target
     preds = []
     with torch.no_grad(), eval_mode(model, "scoring"):
         for start in range(0, inputs.shape[0], batch_size):

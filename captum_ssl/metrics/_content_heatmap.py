@@ -10,6 +10,7 @@ VOC's XML annotation files (the same format), read with the standard library.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -17,7 +18,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from captum_ssl.metrics._common import MetricInputError, direction, prepare_maps
+from captum_ssl.metrics._common import (
+    MetricInputError,
+    direction,
+    mark_undefined,
+    prepare_maps,
+)
 
 Box = Tuple[float, float, float, float]
 
@@ -47,18 +53,57 @@ def read_boxes(
     size = root.find("size")
     if size is None:
         raise MetricInputError(f"{path} has no <size>: not a VOC / ImageNet file.")
-    hw = (int(size.findtext("height", "0")), int(size.findtext("width", "0")))
+    hw = (_size(path, size, "height"), _size(path, size, "width"))
     boxes: List[Box] = []
-    for obj in root.iter("object"):
+    for i, obj in enumerate(root.iter("object")):
         if names is not None and obj.findtext("name") not in names:
             continue
+        what = f"{path}, <object> {i} ({obj.findtext('name')!r})"
         bb = obj.find("bndbox")
         if bb is None:
-            continue
-        x0, y0, x1, y1 = (float(bb.findtext(k, "nan")) for k in
+            raise MetricInputError(
+                f"{what} has no <bndbox>: add its box or delete the object."
+            )
+        x0, y0, x1, y1 = (_coordinate(what, bb, k) for k in
                           ("xmin", "ymin", "xmax", "ymax"))  # fmt: skip
+        if x0 > x1 or y0 > y1:
+            raise MetricInputError(
+                f"{what} has an inverted box (xmin {x0:g}, xmax {x1:g}, ymin "
+                f"{y0:g}, ymax {y1:g}): xmin must be <= xmax and ymin <= ymax; "
+                "fix the file (swapped corners?)."
+            )
         boxes.append((x0 - 1, y0 - 1, x1, y1))
     return boxes, hw
+
+
+def _size(path: Union[str, Path], size: ET.Element, key: str) -> int:
+    """``<size><height>`` or ``<width>``: a positive whole number of pixels."""
+    text = (size.findtext(key) or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 1 and value == int(value)):
+        raise MetricInputError(
+            f"{path}: <size><{key}> is {text!r}; it must be the image's {key} in "
+            "pixels, a whole number >= 1 (fix the file)."
+        )
+    return int(value)
+
+
+def _coordinate(what: str, box: ET.Element, key: str) -> float:
+    text = box.findtext(key)
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise MetricInputError(
+            f"{what}: <bndbox> has {'no' if text is None else 'a bad'} <{key}>"
+            f"{'' if text is None else f' ({text!r})'}; give all four of xmin, "
+            "ymin, xmax, ymax as pixel coordinates (fix the file)."
+        )
+    return value
 
 
 def scale_boxes(
@@ -110,7 +155,9 @@ def content_heatmap(
                     :func:`scale_boxes` for a resized input).
 
     Returns:
-        Tensor: ``(B,)`` in [0, 1] on the inputs' device.
+        Tensor: ``(B,)`` in [0, 1] on the inputs' device; NaN, with a
+        :class:`~captum_ssl.attr.NonFiniteWarning`, for an image without boxes
+        (its annotation has no object of the class) or with a NaN map.
 
     Examples::
 
@@ -123,6 +170,8 @@ def content_heatmap(
         raise MetricInputError(
             f"inputs must be images (B, C, H, W), got {tuple(inputs.shape)}."
         )
+    if inputs.shape[0] == 0:
+        raise MetricInputError("inputs is an empty batch: pass at least one image.")
     if len(boxes) != inputs.shape[0]:
         raise MetricInputError(
             f"boxes has {len(boxes)} entries for {inputs.shape[0]} images: give a "
@@ -134,4 +183,10 @@ def content_heatmap(
     maps = torch.where(span > 0, (maps - lo) / span.clamp(min=1e-12), 1.0)
     hw = (inputs.shape[-2], inputs.shape[-1])
     masks = torch.stack([box_mask(b, hw, inputs.device).flatten() for b in boxes])
+    empty = torch.tensor([len(b) == 0 for b in boxes], device=inputs.device)
+    mark_undefined(
+        empty,
+        "they have no box (none of the explained class in their annotation), "
+        "so there is nothing to measure; drop them or pass the right boxes.",
+    )
     return (maps * masks).sum(dim=1) / maps.sum(dim=1)

@@ -10,6 +10,7 @@ still uses but numpy 2.x removed, only for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import threading
 import warnings
@@ -21,9 +22,11 @@ from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
 from captum_ssl._outputs import TensorOutput
-from captum_ssl.attr._core import model_lock
+from captum_ssl.attr._core import model_lock, select_target
 from captum_ssl.metrics._common import (
+    _BAD_MAPS,
     MetricInputError,
+    _mark_nan,
     explain,
     explainer,
     prepare,
@@ -41,6 +44,13 @@ DEFAULT_METRICS = (
     "SensitivityN",
     "IROF",
 )
+
+#: metrics run one image per Quantus batch: Quantus 0.6.0's
+#: MonotonicityCorrelation assigns ``1 / |y|`` of the whole batch through a
+#: boolean mask of the images with ``|y| >= eps``, a NumPy error whenever some
+#: but not all target scores are below ``eps`` (1e-5); one image per batch
+#: computes the same values
+PER_IMAGE = ("MonotonicityCorrelation",)
 
 # numpy names removed in numpy 2.x that Quantus 0.6.0 still calls:
 # helpers/utils.py calculate_auc -> np.trapz (removed in 2.4);
@@ -238,16 +248,25 @@ def quantus_faithfulness(
         )
     x, _ = prepare(model, inputs, None)
     target = resolve_target(model, x, target, batch_size)
-    if isinstance(attributions, Tensor):
-        maps, explain_func = prepare_maps(attributions, x), None
-    elif attributions is None:
-        raise MetricInputError(
-            "Pass attributions: maps, or an attribution object / callable."
-        )
-    else:
-        explain_func = quantus_explain_func(attributions)
-        maps = explain(explainer(attributions), x, target)
-    y = torch.as_tensor(target, device=x.device).reshape(-1).expand(x.shape[0])
+    y = _class_indices(model, x, target, batch_size)
+    names = [_metric_name(quantus, spec) for spec in metrics]
+    record: list = []
+    token = _BAD_MAPS.set(record)  # NaN / Inf maps: their values become NaN
+    try:
+        if isinstance(attributions, Tensor):
+            maps, explain_func = prepare_maps(attributions, x), None
+        elif attributions is None:
+            raise MetricInputError(
+                "Pass attributions: maps, or an attribution object / callable."
+            )
+        else:
+            explain_func = quantus_explain_func(attributions)
+            maps = explain(explainer(attributions), x, target)
+    finally:
+        _BAD_MAPS.reset(token)
+    # Quantus gets finite maps (NaN breaks its sorting); those images are
+    # set to NaN afterwards, with a NonFiniteWarning
+    maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
 
     x_np = x.cpu().numpy()
     y_np = y.cpu().numpy()
@@ -257,20 +276,15 @@ def quantus_faithfulness(
     results: Dict[str, Tensor] = {}
     state = np.random.get_state()
     try:
-        for spec in metrics:
+        for spec, name in zip(metrics, names):
             if isinstance(spec, str):
-                if not hasattr(quantus, spec):
-                    raise MetricInputError(
-                        f"quantus has no metric {spec!r}; names are Quantus class "
-                        f"names such as {DEFAULT_METRICS}."
-                    )
                 kw = {
                     **default_kwargs(spec, x.shape, steps),
                     **metric_kwargs.get(spec, {}),
                 }
-                metric, name = getattr(quantus, spec)(**kw), spec
+                metric = getattr(quantus, spec)(**kw)
             else:
-                metric, name = spec, type(spec).__name__
+                metric = spec
             if seed is not None:
                 np.random.seed(seed)
             with numpy_compat(), warnings.catch_warnings():
@@ -282,7 +296,7 @@ def quantus_faithfulness(
                     a_batch=a_np,
                     explain_func=explain_func,
                     device=device,
-                    batch_size=batch_size,
+                    batch_size=1 if name in PER_IMAGE else batch_size,
                     **(call_kwargs or {}),
                 )
             scores = _to_tensor(out, x.device)
@@ -291,4 +305,34 @@ def quantus_faithfulness(
             results[name] = scores
     finally:
         np.random.set_state(state)
-    return results
+    return _mark_nan(results, record, "quantus_faithfulness")
+
+
+def _metric_name(quantus: Any, spec: Union[str, Any]) -> str:
+    """The Quantus class name of ``spec``, or an error naming the close match."""
+    if not isinstance(spec, str):
+        return type(spec).__name__
+    if isinstance(getattr(quantus, spec, None), type):
+        return spec
+    known = [n for n in dir(quantus) if isinstance(getattr(quantus, n), type)]
+    close = difflib.get_close_matches(spec, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise MetricInputError(
+        f"quantus has no metric {spec!r}: {hint}names are Quantus class names "
+        f"such as {', '.join(DEFAULT_METRICS)}."
+    )
+
+
+def _class_indices(
+    model: nn.Module, x: Tensor, target: TargetType, batch_size: int
+) -> Tensor:
+    """``target`` as one non-negative class index per image, checked against
+    the model's output (one forward pass), for Quantus' numpy indexing."""
+    logits = TensorOutput(model)  # Hugging Face: the logits
+    with torch.no_grad():
+        out = torch.cat(
+            [logits(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        )
+    return select_target(
+        torch.arange(out.shape[1], device=x.device).expand(out.shape[0], -1), target
+    )

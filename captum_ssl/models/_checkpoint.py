@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import pickle
 import zipfile
@@ -119,6 +120,9 @@ def read_checkpoint(path: Path, source: str = "") -> Any:
     size = path.stat().st_size
     if size == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes).{where}")
+    oversized = oversized_tensor(path)
+    if oversized is not None:
+        raise CorruptCheckpointError(f"{path} ({size} bytes): {oversized}.{where}")
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -204,6 +208,106 @@ class _LayoutReader(pickle.Unpickler):
             kind = getattr(pid[1], "qualname", str(pid[1])).rsplit(".", 1)[-1]
             self.storages[str(pid[2])] = _ELEMENT_SIZES.get(kind, 0)
         return None
+
+
+class _Storage:
+    def __init__(self, key: str, element_size: int, numel: int) -> None:
+        self.key, self.element_size, self.numel = key, element_size, numel
+
+
+class _Node:
+    """Stands for every class or function a checkpoint names; keeps what it
+    was called with, so that tensors can be told apart by their names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.items = args, {}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _SizeReader(pickle.Unpickler):
+    """Reads a checkpoint's pickle without importing or running anything,
+    recording each storage's declared size."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return type(name, (_Node,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            kind = getattr(pid[1], "qualname", str(pid[1])).rsplit(".", 1)[-1]
+            return _Storage(str(pid[2]), _ELEMENT_SIZES.get(kind, 1), int(pid[4]))
+        return None
+
+
+def _named_storages(obj: Any, name: str = "", depth: int = 0) -> Iterable:
+    """``(tensor name, storage)`` of every storage reachable from ``obj``."""
+    if depth > 50:
+        return
+    if isinstance(obj, _Storage):
+        yield name or "(a tensor)", obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _named_storages(v, f"{name}.{k}" if name else str(k), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _named_storages(v, name or f"[{i}]", depth + 1)
+    elif isinstance(obj, _Node):
+        yield from _named_storages(obj.args, name, depth + 1)
+        yield from _named_storages(obj.items, name, depth + 1)
+
+
+def oversized_tensor(path: PathLike) -> Optional[str]:
+    """Why a checkpoint declares a tensor larger than the file holds for it
+    (``None`` when every declared size fits).
+
+    ``torch.load`` allocates each storage at its declared size before reading
+    it, so a small file declaring a huge tensor could exhaust the memory; the
+    declared sizes are read from the pickle (nothing imported or run) and
+    compared with the bytes the file holds for each storage (zip format) or
+    with the file's size (legacy format).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                prefix = pkl[: -len("data.pkl")]
+                root = _SizeReader(io.BytesIO(z.read(pkl))).load()
+                held = {
+                    n[len(prefix) + len("data/") :]: z.getinfo(n).file_size
+                    for n in z.namelist()
+                    if n.startswith(prefix + "data/")
+                }
+        else:
+            with open(path, "rb") as f:
+                for _ in range(3):  # magic, protocol version, sys info
+                    _SizeReader(f).load()
+                root = _SizeReader(f).load()
+            held = None
+    except Exception:  # noqa: BLE001 - unreadable: torch.load says why
+        return None
+    for name, st in _named_storages(root):
+        declared = st.numel * st.element_size
+        have = size if held is None else held.get(st.key, 0)
+        if declared > have:
+            return (
+                f"tensor {name!r} declares {declared:,} bytes ({st.numel:,} elements) "
+                f"but the file holds {have:,} bytes for it: the file is damaged or "
+                "crafted, and loading it would allocate that memory; download it "
+                "again"
+            )
+    return None
 
 
 def incomplete_reason(path: PathLike) -> Optional[str]:

@@ -355,6 +355,10 @@ def _gaussian_blur_reflect(m: Tensor, size: int = 11, sigma: float = 5.0) -> Ten
     return F.conv2d(F.pad(out, (0, 0, r, r), mode=mode), g.view(1, 1, size, 1))
 
 
+#: how SESS fuses the maps of overlapping windows
+POOLS = ("mean", "max")
+
+
 class SESS(Attribution):
     r"""SESS: Saliency Enhancing with Scaling and Sliding, around any CAM.
 
@@ -447,7 +451,7 @@ class SESS(Attribution):
         Returns:
             Tensor: ``(B, 1, H, W)`` maps on the input's device.
         """
-        if pool not in ("mean", "max"):
+        if pool not in POOLS:
             raise AttributionInputError(f"pool={pool!r}: use 'mean' or 'max'.")
         if not 0.0 <= pre_filter_ratio < 1.0:
             raise AttributionInputError(
