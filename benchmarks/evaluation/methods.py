@@ -597,17 +597,18 @@ METRIC_ALIASES: Dict[str, Tuple[str, Dict[str, Any]]] = {
 _NOTED: set = set()
 
 
-def metric_word(text: str) -> str:
+def metric_word(text: str, note: bool = True) -> str:
     """A ``--metrics`` word with an old spelling replaced by the Python name
     (``deletion:step=448`` -> ``deletion_auc:step=448``, ``road_lerf`` ->
-    ``road:order=lerf``); a note on stderr, once per old name and process."""
+    ``road:order=lerf``); a note on stderr, once per old name and process
+    (none with ``note=False``: option checks stay one line)."""
     name, _, rest = text.partition(":")
     if name.strip() not in METRIC_ALIASES:
         return text
     new, fixed = METRIC_ALIASES[name.strip()]
     opts = ",".join(f"{k}={v}" for k, v in fixed.items())
     word = new + (":" if opts or rest else "") + ",".join(o for o in (opts, rest) if o)
-    if name not in _NOTED:
+    if note and name not in _NOTED:
         _NOTED.add(name)
         import sys
 

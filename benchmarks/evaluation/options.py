@@ -316,7 +316,7 @@ def check_metric(word: str) -> None:
     its function."""
     if word in SET_WORDS:
         return
-    name, opts = _parse("--metrics", M.metric_word(word))
+    name, opts = _parse("--metrics", M.metric_word(word, note=False))
     if name not in M.METRICS:
         raise OptionError(
             f"--metrics {word}: unknown metric {name!r}; known: "
