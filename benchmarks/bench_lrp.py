@@ -25,7 +25,7 @@ METHODS = {
     "AttnLRP-CP": ("AttnLRP", {"cp": True}),
     "AttnLRP-pixels": ("AttnLRP", {"at": "pixels"}),
     "PartialLRP": ("PartialLRP", {}),
-    "LRP": ("LRP", {}),
+    "TransformerLRP": ("TransformerLRP", {}),
 }
 
 

@@ -239,7 +239,7 @@ METHODS = {
     ),
     "LeGrad": attention(A.LeGrad, True),
     "TransformerAttribution": lrp(A.TransformerAttribution),
-    "LRP": lrp(A.LRP),
+    "TransformerLRP": lrp(A.TransformerLRP),
     "PartialLRP": lrp(A.PartialLRP),
     "AttnLRP": lrp(A.AttnLRP),
 }

@@ -22,7 +22,6 @@ from families_models import (
 from torch import Tensor, nn
 
 from captum_ssl.attr import (
-    LRP,
     AttentionFlow,
     AttentionRollout,
     AttnLRP,
@@ -32,6 +31,7 @@ from captum_ssl.attr import (
     PartialLRP,
     RawAttention,
     TransformerAttribution,
+    TransformerLRP,
 )
 from captum_ssl.attr._core import AttributionInputError
 from captum_ssl.attr._families import adapter_for
@@ -46,7 +46,7 @@ ALL = (
     LeGrad,
     TransformerAttribution,
     PartialLRP,
-    LRP,
+    TransformerLRP,
     AttnLRP,
 )
 

@@ -24,7 +24,6 @@ from torch import nn
 
 from captum_ssl._outputs import model_output
 from captum_ssl.attr import (
-    LRP,
     AttentionFlow,
     AttentionRollout,
     AttnLRP,
@@ -34,6 +33,7 @@ from captum_ssl.attr import (
     PartialLRP,
     RawAttention,
     TransformerAttribution,
+    TransformerLRP,
 )
 
 WIDTH, DEPTH, HEADS, PATCH, SIZE, CLASSES = 16, 2, 2, 8, 32, 5
@@ -225,7 +225,7 @@ METHODS = [
     ("legrad", LeGrad, {}),
     ("transformer_attribution", TransformerAttribution, {}),
     ("partial_lrp", PartialLRP, {}),
-    ("lrp", LRP, {}),
+    ("lrp", TransformerLRP, {}),
     ("attnlrp", AttnLRP, {}),
     ("attnlrp_pixels", AttnLRP, {"at": "pixels"}),
     ("cp_lrp", AttnLRP, {"cp": True}),

@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from captum.attr import NoiseTunnel
 from conftest import TinyCNN
 
-from captum_ssl.attr import LRP, AttnLRP, PartialLRP, TransformerAttribution
+from captum_ssl.attr import (
+    AttnLRP,
+    PartialLRP,
+    TransformerAttribution,
+    TransformerLRP,
+)
 from captum_ssl.attr._core import AttributionInputError, TrainModeWarning
 
 TARGETS = [1, 5, 3]
@@ -211,7 +216,7 @@ def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
         ("transformer_attribution", TransformerAttribution, {}),
         ("transformer_attribution", TransformerAttribution, {"start_layer": 1}),
         ("last_layer", PartialLRP, {}),
-        ("full", LRP, {}),
+        ("full", TransformerLRP, {}),
     ],
 )
 def test_chefer_methods_equal_reference_algorithm(method, cls, kw):
@@ -373,7 +378,7 @@ def test_models_batched_equal_single(name):
     x = images()
     out = model(x)
     targets = [0, 1, 2] if out.shape[1] >= 3 else None
-    for cls in (TransformerAttribution, PartialLRP, LRP, AttnLRP):
+    for cls in (TransformerAttribution, PartialLRP, TransformerLRP, AttnLRP):
         maps = cls(model).attribute(x, target=targets)
         assert torch.isfinite(maps).all() and maps.abs().sum() > 0
         one = cls(model).attribute(x[1:2], target=None if targets is None else [1])
@@ -403,7 +408,7 @@ def test_model_untouched_also_after_error():
     model.blocks[0].attn.qkv.weight.requires_grad_(False)
     before = _snapshot(model)
     x = images()
-    for cls in (TransformerAttribution, PartialLRP, LRP, AttnLRP):
+    for cls in (TransformerAttribution, PartialLRP, TransformerLRP, AttnLRP):
         cls(model).attribute(x, target=TARGETS)
     with pytest.raises(AttributionInputError, match="out of range"):
         TransformerAttribution(model).attribute(x, target=[1, 99, 3])
@@ -426,7 +431,7 @@ def test_model_untouched_also_after_error():
 # -------------------------------------------------------------- bad input
 def test_errors_name_the_fix():
     with pytest.raises(AttributionInputError, match="CAMs"):
-        LRP(TinyCNN().eval())
+        TransformerLRP(TinyCNN().eval())
     torch.manual_seed(0)
     xcit = timm.create_model("xcit_nano_12_p8_224", img_size=32, depth=1)
     with pytest.raises(AttributionInputError, match="XCiT.*Supported"):

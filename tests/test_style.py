@@ -28,3 +28,12 @@ def test_ruff(args):
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_mypy():
+    """``mypy captum_ssl`` passes with the project's config (setup.cfg)."""
+    exe = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("mypy is not installed (pip install -e '.[test]')")
+    out = subprocess.run([exe, "captum_ssl"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

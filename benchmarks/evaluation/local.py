@@ -209,7 +209,8 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     from timm.models import get_pretrained_cfg
 
     from captum_ssl.attr._attention.capture import SELF, attention_kind
-    from captum_ssl.attr._lrp.propagate import unsupported_model
+    from captum_ssl.attr._core import AttributionInputError
+    from captum_ssl.attr._families.base import lrp_adapter
     from captum_ssl.models import Preprocessing
 
     cfg = get_pretrained_cfg(m.arch)
@@ -231,7 +232,11 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         _rgb(cfg.mean if cfg is not None else (0.485, 0.456, 0.406)),
         _rgb(cfg.std if cfg is not None else (0.229, 0.224, 0.225)),
     )
-    lrp = unsupported_model(probe) or ""
+    try:
+        lrp_adapter(probe)
+        lrp = ""
+    except AttributionInputError as err:  # the reason, shown when LRP is skipped
+        lrp = str(err)
 
     def build() -> nn.Module:
         overlay = dict(file=str(m.path))

@@ -256,7 +256,7 @@ ATTENTION = {
 LRP_METHODS = {
     "transformer_attribution": "TransformerAttribution",
     "partial_lrp": "PartialLRP",
-    "lrp": "LRP",
+    "transformer_lrp": "TransformerLRP",
     "attnlrp": "AttnLRP",
     "cp_lrp": "AttnLRP",
 }
@@ -332,7 +332,7 @@ COST_CLASS = {
     "dff": "none",
     "transformer_attribution": "gradient",
     "partial_lrp": "gradient",
-    "lrp": "gradient",
+    "transformer_lrp": "gradient",
     "attnlrp": "gradient",
     "cp_lrp": "gradient",
 }

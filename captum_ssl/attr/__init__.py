@@ -44,6 +44,7 @@ from captum_ssl.attr._cam.smoothed_cams import (
     LayerSSCam,
 )
 from captum_ssl.attr._core import (
+    AttributionAssertionError,
     AttributionInputError,
     ConcurrentCallError,
     NonFiniteWarning,
@@ -51,7 +52,12 @@ from captum_ssl.attr._core import (
     model_lock,
 )
 from captum_ssl.attr._layout import TokenLayout
-from captum_ssl.attr._lrp import LRP, AttnLRP, PartialLRP, TransformerAttribution
+from captum_ssl.attr._lrp import (
+    AttnLRP,
+    PartialLRP,
+    TransformerAttribution,
+    TransformerLRP,
+)
 
 __all__ = [
     "AttentionFlow",
@@ -59,6 +65,7 @@ __all__ = [
     "GenericAttention",
     "GradientAttentionRollout",
     "RawAttention",
+    "AttributionAssertionError",
     "AttributionInputError",
     "ConcurrentCallError",
     "LayerAblationCam",
@@ -94,7 +101,7 @@ __all__ = [
     "LayerSmoothGradCamPlusPlus",
     # relevance propagation (issue 9)
     "AttnLRP",
-    "LRP",
     "PartialLRP",
     "TransformerAttribution",
+    "TransformerLRP",
 ]

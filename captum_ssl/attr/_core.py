@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from types import FrameType
 from typing import (
     Any,
     Callable,
@@ -50,6 +51,14 @@ class AttributionInputError(ValueError):
     """Bad input to an attribution method; the message names the fix."""
 
 
+class AttributionAssertionError(AttributionInputError, AssertionError):
+    """Bad input that Captum rejects with an ``AssertionError``: a target that
+    does not fit the model's output (type, shape, length, missing), a layer
+    that never runs. Catchable as :class:`AttributionInputError` (a
+    ``ValueError``) and as ``AssertionError``, as code written against Captum
+    expects; the message names the fix."""
+
+
 class TrainModeWarning(UserWarning):
     """The model (or a module of it) was in training mode; the call ran in eval."""
 
@@ -76,7 +85,8 @@ _SKIP = (
 def user_stacklevel() -> int:
     """``stacklevel`` of the first frame outside captum_ssl (and contextlib),
     so that a warning points at the user's call."""
-    frame, level = sys._getframe(1), 1
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_SKIP):
         frame, level = frame.f_back, level + 1
     return level
@@ -252,7 +262,7 @@ def eval_mode(forward_func: Callable, what: str = "explaining") -> Iterator[None
     with model_lock(forward_func):
         model = root_module(forward_func)
         training = [] if model is None else [m for m in model.modules() if m.training]
-        if training:
+        if training and model is not None:
             names = [n or "(the model)" for n, m in model.named_modules() if m.training]
             warnings.warn(
                 f"{type(model).__name__} is in training mode ({len(training)} "
@@ -455,7 +465,7 @@ def check_finite(inputs: Tuple[Tensor, ...], name: str = "inputs") -> None:
             )
 
 
-def layer_hint(forward_func: Callable) -> str:
+def layer_hint(forward_func: Optional[Callable]) -> str:
     """A layer of the user's own model for error messages: for a Vision
     Transformer the norm before the last block's attention, named by its
     family adapter as it appears in the model (``model.blocks[-1].norm1``,
@@ -464,7 +474,7 @@ def layer_hint(forward_func: Callable) -> str:
     path); else the usual CNN and timm examples."""
     from captum_ssl.attr._families import find_adapter
 
-    root = root_module(forward_func)
+    root = None if forward_func is None else root_module(forward_func)
     try:
         adapter = None if root is None else find_adapter(root)
     except Exception:  # a message must never fail: fall back to the examples
@@ -472,7 +482,7 @@ def layer_hint(forward_func: Callable) -> str:
     if adapter is None:
         return "`model.layer4` (a ResNet) or `model.blocks[-1].norm1` (a timm ViT)"
     hint = adapter.norm_layer_hint()
-    if hint.startswith("model") and adapter.model is not root:
+    if hint.startswith("model") and root is not None and adapter.model is not root:
         from captum_ssl.models._layers import layer_expression
 
         path = next(n for n, m in root.named_modules() if m is adapter.model)
@@ -530,7 +540,7 @@ def normalize_target(target: TargetType) -> TargetType:
     """
 
     def refuse(what: str) -> AttributionInputError:
-        return AttributionInputError(
+        return AttributionAssertionError(
             f"target {what} is not a class index: pass an int (e.g. target=3), a "
             "list of ints or an integer tensor with one class per sample (e.g. "
             "`labels.long()`)."
@@ -555,19 +565,19 @@ def normalize_target(target: TargetType) -> TargetType:
             target = target[:, 0]
         if target.dim() > 1:
             return _raise(
-                AttributionInputError(
+                AttributionAssertionError(
                     f"target has shape {tuple(target.shape)}: give one class per "
                     "sample as a 1-D tensor (B,) or (B, 1), or one int."
                 )
             )
         return target.long()
     if isinstance(target, tuple):
-        return tuple(normalize_target(t) for t in target)  # type: ignore[return-value]
+        return tuple(normalize_target(t) for t in target)
     if isinstance(target, list):
         out = []
         for t in target:
             if isinstance(t, Tensor) and t.numel() == 1:
-                t = normalize_target(t).item()  # type: ignore[union-attr]
+                t = normalize_target(t).item()
             elif not isinstance(t, (int, tuple)) or isinstance(t, bool):
                 return _raise(
                     refuse(f"entry {t!r} ({type(t).__name__}) in the target list")
@@ -575,7 +585,7 @@ def normalize_target(target: TargetType) -> TargetType:
             out.append(normalize_target(t))
         return out
     return _raise(
-        AttributionInputError(
+        AttributionAssertionError(
             f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
             "a tensor or a list with one entry per sample."
         )
@@ -590,12 +600,12 @@ def check_target_count(target: TargetType, batch: int) -> None:
     """Raise a clear error when a per-sample ``target`` (normalised) does not
     hold one entry per sample of a batch of ``batch`` (a single class is fine)."""
     if isinstance(target, Tensor) and target.numel() not in (1, batch):
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"target has {target.numel()} entries for a batch of {batch}: give "
             "one class index, or one per sample."
         )
     if isinstance(target, list) and len(target) != batch:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"target is a list of {len(target)} for a batch of {batch}: give "
             "one target per sample."
         )
@@ -606,12 +616,24 @@ def check_target(output: Tensor, target: TargetType) -> None:
     target = normalize_target(target)
     if target is None:
         if output.dim() > 1 and output[0].numel() > 1:
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"The model returns {tuple(output.shape)} scores per batch; pass "
                 "target=<class index> (an int, or one per sample) to choose one."
             )
         return
-    check_target_count(target, output.shape[0])
+    batch = output.shape[0]
+    check_target_count(target, batch)
+    tuples = [target] if isinstance(target, tuple) else []
+    if isinstance(target, list):
+        tuples = [t for t in target if isinstance(t, tuple)]
+    for t in tuples:
+        if len(t) > output.dim() - 1:
+            raise AttributionAssertionError(
+                f"target {t} indexes {len(t)} output dimensions, but the model "
+                f"returns {tuple(output.shape)} ({output.dim() - 1} per sample): "
+                "pass one index per output dimension after the batch, e.g. "
+                f"target={t[: max(output.dim() - 1, 1)]}."
+            )
     if isinstance(target, Tensor):
         indices: Sequence = target.flatten().tolist()
     elif isinstance(target, int):
@@ -621,14 +643,14 @@ def check_target(output: Tensor, target: TargetType) -> None:
     else:
         indices = [t[0] if isinstance(t, tuple) else t for t in target]
     if output.dim() < 2:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"The model returns one score per sample {tuple(output.shape)}; call "
             "attribute with target=None."
         )
     n = output.shape[1]
     bad = [int(i) for i in indices if not -n <= int(i) < n]
     if bad:
-        raise AttributionInputError(
+        raise AttributionAssertionError(
             f"target {bad[0]} is out of range for a model with {n} outputs: use a "
             f"class index in [0, {n - 1}] (or a negative index down to {-n})."
         )
@@ -764,7 +786,7 @@ def layer_errors(
         yield
     except AssertionError as err:
         if "did not obtain any outputs" in str(err):
-            raise AttributionInputError(
+            raise AttributionAssertionError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
                 "Pass a submodule that the model's forward actually calls (for "
                 f"example {layer_hint(forward_func)}; print(model) lists them), and "
@@ -823,9 +845,13 @@ def resolve_layout(
     layer: nn.Module,
     inputs: Tuple[Tensor, ...],
     layout: Optional[TokenLayout],
+    attribute_to_layer_input: bool = False,
 ) -> TokenLayout:
-    """The layout of ``layer`` for this call (grid follows the input size)."""
-    return layout_for(forward_func, layer, input_hw(inputs), layout)
+    """The layout of ``layer``'s output (or, with ``attribute_to_layer_input``,
+    its input) for this call (the grid follows the input size)."""
+    return layout_for(
+        forward_func, layer, input_hw(inputs), layout, attribute_to_layer_input
+    )
 
 
 def _grid_tuple(
@@ -868,7 +894,8 @@ def layer_activations_and_gradients(
     grad_kwargs: Optional[dict] = None,
     create_graph: bool = False,
 ) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
-    """Activations and target gradients of ``layer`` as ``(B, C, h, w)`` grids.
+    """Activations and target gradients of ``layer`` as channels-first grids
+    ``(B, C, *spatial)`` (``(B, C, h, w)`` for token and channels-last layers).
 
     One forward pass with a hook on ``layer`` and one backward pass from the
     selected target down to the layer only (Captum's
@@ -879,7 +906,7 @@ def layer_activations_and_gradients(
     detached, so a loss on a map built from them backpropagates into the
     model's parameters (second-order terms included).
     """
-    lay = resolve_layout(forward_func, layer, inputs, layout)
+    lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     batch = None if device_ids else inputs[0].shape[0]
     if create_graph:
@@ -928,10 +955,11 @@ def layer_activations(
     device_ids: Optional[List[int]] = None,
     attribute_to_layer_input: bool = False,
 ) -> Tuple[Tensor, ...]:
-    """Activations of ``layer`` as ``(B, C, h, w)`` grids, without gradients.
+    """Activations of ``layer`` as channels-first grids ``(B, C, *spatial)``,
+    without gradients.
 
     A ``target`` other than ``None`` is checked against the model's output."""
-    lay = resolve_layout(forward_func, layer, inputs, layout)
+    lay = resolve_layout(forward_func, layer, inputs, layout, attribute_to_layer_input)
     device_ids = device_ids or getattr(forward_func, "device_ids", None)
     with layer_errors(layer, forward_func), torch.no_grad(), eval_mode(forward_func):
         acts = _forward_layer_eval(

@@ -1,22 +1,41 @@
 """Token-to-grid layout: the one place that turns a layer's output into a grid.
 
-CNN layers give ``(B, C, H, W)``. Vision Transformers give token sequences
-``(B, N, C)`` whose first tokens (class, distillation, register tokens) are not
-part of the patch grid. Swin gives channels-last ``(B, H, W, C)``. Every method
-of this package works on ``(B, C, h, w)`` grids, and this module is the only
-code that knows how to get there and back.
+CNN layers give channels-first maps ``(B, C, *spatial)``: ``(B, C)`` after
+pooling or a linear layer, ``(B, C, L)`` for 1-D convolutions (time series,
+audio), ``(B, C, H, W)`` for images, ``(B, C, D, H, W)`` for volumes and
+video. Vision Transformers give token sequences ``(B, N, C)`` whose first
+tokens (class, distillation, register tokens) are not part of the patch grid.
+Swin gives channels-last ``(B, H, W, C)``. Every method of this package works
+on channels-first grids ``(B, C, *spatial)``, and this module is the only code
+that knows how to get there and back.
+
+A 3-D output is read as tokens only where the model declares a token layout
+(:func:`declared_layout`) or the call passes ``layout=``; otherwise it is a
+channels-first ``(B, C, L)`` map, as in Captum.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Tuple
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    cast,
+)
 
 import torch
 from torch import Tensor, nn
 
-FORMATS = ("NCHW", "NHWC", "NLC")
+FORMATS = ("NC", "NCL", "NCHW", "NCDHW", "NHWC", "NLC")
+#: channels-first formats by the rank of the output (Captum's convention)
+CHANNELS_FIRST = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
 #: most prefix tokens (class, distillation, register tokens) tried when a
 #: token output's prefix count is not known
 MAX_PREFIX = 8
@@ -34,6 +53,62 @@ def root_module(forward_func: Callable) -> Optional[nn.Module]:
 
 #: attributes that mark the model a token layout is read from
 MODEL_MARKERS = ("patch_embed", "num_prefix_tokens")
+#: packages whose model classes are known: their 3-D outputs other than
+#: those of convolution and pooling layers are token sequences (timm: ViTs,
+#: hybrid CNN-transformers such as EfficientFormer, attention in CNN blocks)
+TOKEN_PACKAGES = ("timm.models.",)
+
+
+def _declares_tokens(module: nn.Module) -> bool:
+    if any(hasattr(module, a) for a in MODEL_MARKERS):
+        return True
+    # a whole timm model (its blocks are timm classes too, without a head)
+    known = type(module).__module__.startswith(TOKEN_PACKAGES)
+    return known and hasattr(module, "forward_head")
+
+
+def declared_layout(
+    model: Optional[nn.Module], input_hw: Optional[Tuple[int, int]] = None
+) -> Optional[TokenLayout]:
+    """The token layout ``model`` declares, or ``None`` where it declares none.
+
+    The one place that decides whether a model's 3-D layer outputs are token
+    sequences ``(B, N, C)``: only then are they laid onto a patch grid; every
+    other 3-D output is a channels-first ``(B, C, L)`` map, as in Captum.
+    Today a model declares a token layout by being a timm model (a class of
+    :data:`TOKEN_PACKAGES`: its ViT families, ViT, DeiT, CaiT, XCiT, EVA,
+    BEiT, Swin, register-token ViTs, and hybrids such as EfficientFormer) or
+    by timm's convention, which any other model can adopt: a ``patch_embed``
+    module (its ``patch_size`` / ``grid_size`` / ``dynamic_feat_size`` give
+    the patch grid) or an int ``num_prefix_tokens``. Other families declare
+    theirs through their adapter in :mod:`captum_ssl.attr._families`
+    (torchvision, open_clip, Hugging Face ViTs), asked here and nowhere else.
+
+    Returns:
+        TokenLayout or None: ``fmt`` unset (3-D outputs are tokens, 4-D ones
+        inferred), ``tokens=True``, ``patch_grid`` for an input of
+        ``input_hw`` (``None`` where the model does not state it) and
+        ``num_prefix_tokens`` (``None`` where not stated).
+    """
+    if model is None:
+        return None
+    if not _declares_tokens(model):
+        # a ViT family adapter (torchvision, open_clip, Hugging Face, ...;
+        # captum_ssl/attr/_families), also inside a wrapper
+        from captum_ssl.attr._families import declared_layout as family_layout
+
+        family = family_layout(model, input_hw)
+        if family is None:
+            return None
+        return replace(family, tokens=True)
+    embed = getattr(model, "patch_embed", None)
+    grid = _grid_from_embed(embed, input_hw) if embed is not None else None
+    k = getattr(model, "num_prefix_tokens", None)
+    return TokenLayout(
+        patch_grid=grid,
+        num_prefix_tokens=k if isinstance(k, int) else None,
+        tokens=True,
+    )
 
 
 def explained_model(
@@ -44,16 +119,17 @@ def explained_model(
     ``forward_func``'s module itself, or, when it wraps the model (for example
     :class:`~captum_ssl.models.EmbeddingSimilarity` around a headless ViT, an
     ``nn.Sequential(normalize, vit)``, DataParallel), the innermost submodule
-    that has a ``patch_embed`` or ``num_prefix_tokens`` attribute (timm's
-    convention, also the documented way for any other model to expose its
-    layout) and contains ``layer``. ``None`` for a plain function.
+    that declares a token layout (:func:`declared_layout`: a timm model, or a
+    ``patch_embed`` or ``num_prefix_tokens`` attribute, timm's convention,
+    also the documented way for any other model to expose its layout) and
+    contains ``layer``. ``None`` for a plain function.
     """
     root = root_module(forward_func)
-    if root is None or any(hasattr(root, a) for a in MODEL_MARKERS):
+    if root is None or _declares_tokens(root):
         return root
     found = root
     for module in root.modules():
-        if module is root or not any(hasattr(module, a) for a in MODEL_MARKERS):
+        if module is root or not _declares_tokens(module):
             continue
         if layer is None or any(sub is layer for sub in module.modules()):
             found = module  # pre-order: a later hit is nested deeper
@@ -70,8 +146,13 @@ def _pair(value) -> Tuple[int, int]:
 class TokenLayout:
     r"""How a layer's output maps onto a spatial grid.
 
-    Any field left ``None`` is inferred from the layer's actual output: a 4-D
-    output is read as ``(B, C, H, W)`` or ``(B, H, W, C)`` according to where
+    Any field left ``None`` is inferred from the layer's actual output: an
+    output of 2 or 5 dimensions is channels-first ``(B, C)`` or ``(B, C, D,
+    H, W)``; a 3-D output is a token sequence ``(B, N, C)`` where the model
+    declares tokens (``tokens``, see :func:`declared_layout`) or the layout
+    names a token field (``fmt="NLC"``, ``grid``, ``num_prefix_tokens``),
+    else channels-first ``(B, C, L)``; a 4-D output is read as
+    ``(B, C, H, W)`` or ``(B, H, W, C)`` according to where
     the layer's channel count sits and which pair of dimensions is a grid of
     the input image's shape; a token sequence ``(B, N, C)`` is laid onto the
     model's patch grid, or onto the grid of the input's shape that ``N``
@@ -81,9 +162,10 @@ class TokenLayout:
 
     Args:
         fmt (str, optional): ``"NCHW"`` (CNN feature maps), ``"NHWC"``
-                    (channels-last, e.g. Swin, ConvNeXt's in-block norms) or
-                    ``"NLC"`` (token sequences ``(B, N, C)``, e.g. ViT).
-                    ``None`` infers it. Default: None
+                    (channels-last, e.g. Swin, ConvNeXt's in-block norms),
+                    ``"NLC"`` (token sequences ``(B, N, C)``, e.g. ViT), or
+                    the other channels-first formats ``"NC"``, ``"NCL"``,
+                    ``"NCDHW"``. ``None`` infers it. Default: None
         grid (tuple[int, int], optional): ``(h, w)`` of the patch grid of an
                     ``NLC`` output. ``None`` takes it from the model or the
                     input size. Default: None
@@ -104,6 +186,12 @@ class TokenLayout:
         tie_break (str, optional): hint filled in by the library: the 4-D
                     format to take when both readings fit the channels and the
                     input (see :func:`layout_for`). Default: None
+        tokens (bool, optional): hint filled in by the library: whether a
+                    3-D output is a token sequence (the model declares a
+                    token layout, :func:`declared_layout`) or a
+                    channels-first ``(B, C, L)`` map. ``None`` reads tokens
+                    exactly when ``grid``, ``num_prefix_tokens`` or
+                    ``patch_grid`` is set. Default: None
 
     Examples::
 
@@ -121,6 +209,7 @@ class TokenLayout:
     input_size: Optional[Tuple[int, int]] = None
     patch_grid: Optional[Tuple[int, int]] = None
     tie_break: Optional[str] = None
+    tokens: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.fmt is not None and self.fmt not in FORMATS:
@@ -130,34 +219,54 @@ class TokenLayout:
                 object.__setattr__(self, name, _pair(getattr(self, name)))
 
     # ------------------------------------------------------------------ resolve
-    def resolve(self, shape: torch.Size) -> TokenLayout:
+    @property
+    def channels_first(self) -> bool:
+        """Whether this (resolved) layout is channels-first ``(B, C, *spatial)``."""
+        return self.fmt in CHANNELS_FIRST.values()
+
+    def _reads_tokens(self) -> bool:
+        if self.fmt is not None:
+            return self.fmt == "NLC"
+        if self.tokens is not None:
+            return self.tokens
+        fields = (self.grid, self.num_prefix_tokens, self.patch_grid)
+        return any(f is not None for f in fields)
+
+    def resolve(self, shape: Sequence[int]) -> TokenLayout:
         """A layout with every field set for an output of ``shape``, or an error."""
         ndim = len(shape)
+        if ndim in (2, 5) or (ndim == 3 and not self._reads_tokens()):
+            first = CHANNELS_FIRST[ndim]
+            if self.fmt not in (None, first):
+                raise ValueError(
+                    f"Layer output has shape {tuple(shape)} ({ndim}-D) but the "
+                    f"layout says {self.fmt!r}: a {ndim}-D output is read as "
+                    f"{first!r} (channels first)"
+                    + (" or 'NLC' (tokens)." if ndim == 3 else ".")
+                )
+            return TokenLayout(fmt=first, grid=None, num_prefix_tokens=0)
         if ndim == 4:
-            fmt = self.fmt
+            fmt: Optional[str] = self.fmt
             if fmt is None and self.channels_last is not None:
                 fmt = "NHWC" if self.channels_last else "NCHW"
             if fmt is None:
                 fmt = self._infer_4d(tuple(shape))
-            if fmt == "NLC":
+            if fmt not in ("NCHW", "NHWC"):
                 raise ValueError(
                     f"Layer output has shape {tuple(shape)} (4-D) but the layout says "
-                    "'NLC' (tokens). Use fmt='NCHW' or fmt='NHWC'."
+                    f"{fmt!r}. Use fmt='NCHW' or fmt='NHWC'."
                 )
-            hw = tuple(shape[2:]) if fmt == "NCHW" else tuple(shape[1:3])
+            sides = shape[2:4] if fmt == "NCHW" else shape[1:3]
+            hw = (int(sides[0]), int(sides[1]))
             return TokenLayout(fmt=fmt, grid=hw, num_prefix_tokens=0)
         if ndim == 3:
-            if self.fmt not in (None, "NLC"):
-                raise ValueError(
-                    f"Layer output has shape {tuple(shape)} (3-D tokens) but the "
-                    f"layout says {self.fmt!r}. Use fmt='NLC'."
-                )
             return self._resolve_tokens(int(shape[1]), tuple(shape))
         raise ValueError(
-            f"Unsupported layer output shape {tuple(shape)}: a spatial map needs a "
-            "convolutional feature map (B, C, H, W), channels-last (B, H, W, C) or "
-            "a token sequence (B, N, C). Choose a layer before global pooling, e.g. "
-            "`model.layer4` for a ResNet or `model.blocks[-1].norm1` for a ViT."
+            f"Unsupported layer output shape {tuple(shape)}: the methods read "
+            "channels-first maps (B, C), (B, C, L), (B, C, H, W), (B, C, D, H, W), "
+            "channels-last (B, H, W, C) or token sequences (B, N, C). Choose a "
+            "layer with one of these outputs, e.g. `model.layer4` for a ResNet or "
+            "`model.blocks[-1].norm1` for a ViT."
         )
 
     def _infer_4d(self, shape: tuple) -> str:
@@ -229,9 +338,10 @@ class TokenLayout:
 
     # ------------------------------------------------------------- conversions
     def to_grid(self, t: Tensor) -> Tensor:
-        """``(B, C, h, w)`` view of a layer output laid out as ``self``."""
+        """``(B, C, *spatial)`` view of a layer output laid out as ``self``
+        (``(B, C, h, w)`` for tokens and channels-last maps)."""
         lay = self.resolve(t.shape)
-        if lay.fmt == "NCHW":
+        if lay.channels_first:
             return t
         if lay.fmt == "NHWC":
             return t.permute(0, 3, 1, 2)
@@ -242,7 +352,7 @@ class TokenLayout:
     def from_grid(self, grid: Tensor, like: Tensor) -> Tensor:
         """Inverse of :meth:`to_grid`; prefix tokens are taken from ``like``."""
         lay = self.resolve(like.shape)
-        if lay.fmt == "NCHW":
+        if lay.channels_first:
             return grid
         if lay.fmt == "NHWC":
             return grid.permute(0, 2, 3, 1)
@@ -257,17 +367,23 @@ def layout_for(
     layer: nn.Module,
     input_hw: Optional[Tuple[int, int]],
     user_layout: Optional[TokenLayout] = None,
+    layer_input: bool = False,
 ) -> TokenLayout:
     """Layout hints for ``layer`` of the model behind ``forward_func``.
 
     Explicit fields of ``user_layout`` win; the hints :meth:`TokenLayout.resolve`
     reads the actual output with come from the layer (its channel count), the
-    input (its size) and the model (:func:`explained_model`: ``patch_embed``
-    gives the patch grid, ``num_prefix_tokens`` the prefix tokens). Nothing is
-    decided from the layer's type or a model-wide flag such as timm's
-    ``output_fmt``: a Swin's patch-embedding convolution is channels-first
-    while its stages are channels-last, and timm's channels-first
-    ``LayerNorm2d`` and channels-last ``LayerNorm`` are both ``nn.LayerNorm``.
+    input (its size) and the model (:func:`explained_model`, whose
+    :func:`declared_layout` says whether 3-D outputs are tokens and gives the
+    patch grid and prefix tokens). With ``layer_input=True`` (Captum's
+    ``attribute_to_layer_input``) the hints describe the layer's input: its
+    channel count is the layer's ``in_channels`` / ``in_features``, not the
+    output's. A 3-D output of a convolution or pooling layer is channels-first
+    ``(B, C, L)`` in any model. Nothing else is decided from the layer's type
+    or a model-wide flag such as timm's ``output_fmt``: a Swin's
+    patch-embedding convolution is channels-first while its stages are
+    channels-last, and timm's channels-first ``LayerNorm2d`` and channels-last
+    ``LayerNorm`` are both ``nn.LayerNorm``.
 
     Only when both readings of a 4-D output fit (its channel count equals its
     side, e.g. ``(B, 16, 16, 16)``) is a tie broken: by the layer's own kind
@@ -280,34 +396,60 @@ def layout_for(
     """
     layout = user_layout or TokenLayout()
     model = explained_model(forward_func, layer)
-    patch_grid, k = layout.patch_grid, layout.num_prefix_tokens
-    if model is not None:
-        embed = getattr(model, "patch_embed", None)
-        if patch_grid is None and embed is not None:
-            patch_grid = _grid_from_embed(embed, input_hw)
-        if k is None and isinstance(getattr(model, "num_prefix_tokens", None), int):
-            k = model.num_prefix_tokens
-        if patch_grid is None and k is None:
-            patch_grid, k = _family_layout(model, input_hw)
+    declared = declared_layout(model, input_hw)
+    tokens = layout.tokens
+    if tokens is None:
+        tokens = layout._reads_tokens() or (
+            declared is not None and not isinstance(layer, _CONV_OR_POOL)
+        )
+    channels = layout.channels or (
+        layer_in_channels(layer) if layer_input else layer_channels(layer)
+    )
+    tie = layout.tie_break or _tie_break(layer, model)
+    if tie is None and not any(
+        isinstance(m, nn.LayerNorm) for m in _scope(model, layer)
+    ):
+        tie = "NCHW"
     return replace(
         layout,
-        num_prefix_tokens=k,
-        patch_grid=patch_grid,
-        channels=layout.channels or layer_channels(layer),
+        num_prefix_tokens=layout.num_prefix_tokens
+        if layout.num_prefix_tokens is not None
+        else (declared.num_prefix_tokens if declared else None),
+        patch_grid=layout.patch_grid or (declared.patch_grid if declared else None),
+        channels=channels,
         input_size=layout.input_size or input_hw,
-        tie_break=layout.tie_break or _tie_break(layer, model),
+        tie_break=tie,
+        tokens=tokens,
     )
 
 
-def _family_layout(model: nn.Module, input_hw) -> Tuple[Optional[Tuple], Optional[int]]:
-    """Patch grid and prefix tokens that ``model``'s ViT family adapter
-    declares (torchvision, open_clip, ... models without timm's attributes)."""
-    from captum_ssl.attr._families import declared_layout
+def _scope(model: Optional[nn.Module], layer: nn.Module) -> Iterator[nn.Module]:
+    return (model if model is not None else layer).modules()
 
-    declared = declared_layout(model, input_hw)
-    if declared is None:
-        return None, None
-    return declared.patch_grid, declared.num_prefix_tokens
+
+def layer_in_channels(layer: nn.Module) -> Optional[int]:
+    """The channel count of ``layer``'s input, where its parameters state it:
+    the ``in_channels`` / ``in_features`` / ``num_features`` /
+    ``num_channels`` / ``normalized_shape`` of its first such submodule in
+    definition order; ``None`` when none is found."""
+    attrs = ("in_channels", "in_features", "num_features", "num_channels")
+    return _stated_channels(layer.modules(), attrs)
+
+
+def _stated_channels(
+    modules: Iterable[nn.Module], attrs: Sequence[str]
+) -> Optional[int]:
+    """The first channel count one of ``modules`` states: an int attribute of
+    ``attrs`` or a one-element ``normalized_shape``."""
+    for module in modules:
+        for attr in attrs:
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, (tuple, list)) and len(shape) == 1:
+            return int(shape[0])
+    return None
 
 
 _CHANNELS_FIRST = (
@@ -322,14 +464,21 @@ _CHANNELS_FIRST = (
 )
 
 
+_CONV_OR_POOL = (
+    nn.modules.conv._ConvNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+
 def _tie_break(layer: nn.Module, model: Optional[nn.Module]) -> Optional[str]:
+    """The 4-D format the layer's own kind fixes, else ``None``."""
     if isinstance(layer, _CHANNELS_FIRST):
         return "NCHW"
     if isinstance(layer, nn.Linear):
         return "NHWC"
-    scope = model if model is not None else layer
-    if not any(isinstance(m, nn.LayerNorm) for m in scope.modules()):
-        return "NCHW"
     return None
 
 
@@ -341,15 +490,8 @@ def layer_channels(layer: nn.Module) -> Optional[int]:
     ``out_features``; for a container (a block, a stage) that of its last such
     submodule in definition order. ``None`` when none is found.
     """
-    for module in reversed(list(layer.modules())):
-        for attr in ("out_channels", "num_features", "num_channels", "out_features"):
-            value = getattr(module, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        shape = getattr(module, "normalized_shape", None)
-        if isinstance(shape, (tuple, list)) and len(shape) == 1:
-            return int(shape[0])
-    return None
+    attrs = ("out_channels", "num_features", "num_channels", "out_features")
+    return _stated_channels(reversed(list(layer.modules())), attrs)
 
 
 def _fits_loosely(grid: Tuple[int, int], size: Tuple[int, int], tol=1.5) -> bool:
@@ -402,7 +544,8 @@ def _grid_from_embed(embed: nn.Module, input_hw) -> Optional[Tuple[int, int]]:
     if input_hw is not None:
         if hasattr(embed, "dynamic_feat_size"):
             try:
-                return _pair(embed.dynamic_feat_size(tuple(input_hw)))
+                feat_size = cast(Callable[..., Any], embed.dynamic_feat_size)
+                return _pair(feat_size(tuple(input_hw)))
             except Exception:  # noqa: BLE001 - fall back to the static size below
                 pass
         patch = getattr(embed, "patch_size", None)
@@ -411,3 +554,22 @@ def _grid_from_embed(embed: nn.Module, input_hw) -> Optional[Tuple[int, int]]:
             return (input_hw[0] // ph, input_hw[1] // pw)
     size = getattr(embed, "grid_size", None)
     return _pair(size) if size is not None else None
+
+
+def spatial_reduce(t: Tensor, op: str = "mean") -> Tensor:
+    """``t`` ``(B, C, *spatial)`` reduced over its spatial dimensions (2 on),
+    dimensions kept: ``op`` is ``"mean"``, ``"sum"``, ``"amin"``, ``"amax"`` or
+    ``"std"`` (population). A ``(B, C)`` tensor has one position, so it is
+    returned as it is (``"std"``: zeros), as Captum's LayerGradCam does; a
+    plain ``t.mean(dim=())`` would reduce over every dimension instead."""
+    dims = tuple(range(2, t.dim()))
+    if not dims:
+        return torch.zeros_like(t) if op == "std" else t
+    if op == "std":
+        return t.std(dim=dims, keepdim=True, unbiased=False)
+    return getattr(t, op)(dim=dims, keepdim=True)
+
+
+def spatial_shape(t: Tensor) -> Tuple[int, ...]:
+    """The spatial size of a channels-first grid ``(B, C, *spatial)``."""
+    return tuple(int(s) for s in t.shape[2:])

@@ -180,7 +180,7 @@ class _Replay:
                 own = "forward" in m.__dict__
                 patched.append((m, own, m.__dict__.get("forward")))
                 original = m.forward
-                m.forward = (  # type: ignore[method-assign]
+                m.forward = (
                     self._layer_forward(original)
                     if m is self.layer
                     else self._frontier_forward(m, original)
@@ -189,7 +189,7 @@ class _Replay:
         finally:
             for m, own, old in reversed(patched):
                 if own:
-                    m.forward = old  # type: ignore[method-assign]
+                    m.forward = old
                 else:
                     del m.forward
 
@@ -275,7 +275,7 @@ def layer_output_scores(
     additional_forward_args: Any,
     n_per_sample: int,
     perturb: Perturb,
-    perturbations_per_eval: int = 1,
+    perturbations_per_eval: Optional[int] = 1,
     show_progress: bool = False,
     desc: str = "perturbations",
     *,
@@ -316,7 +316,9 @@ def layer_output_scores(
     def take(b_idx: Tensor, _j: Tensor) -> Tuple[Tensor, ...]:
         return tuple(_take(t, b_idx.to(t.device)) for t in inputs)
 
-    def scores(n: int, chunk: int, ctx: Callable, progress: bool = False) -> Tensor:
+    def scores(
+        n: int, chunk: Optional[int], ctx: Callable, progress: bool = False
+    ) -> Tensor:
         return chunked_scores(
             fwd,
             inputs,
@@ -344,9 +346,9 @@ def layer_output_scores(
         recording = record_layer(
             forward_func, layer, inputs, target, additional_forward_args
         )
-    if not prefix_cache or isinstance(recording, str):
-        if prefix_cache:
-            _warn_once(forward_func, layer, recording)  # type: ignore[arg-type]
+    if not prefix_cache or not isinstance(recording, _Recording):
+        if prefix_cache and isinstance(recording, str):
+            _warn_once(forward_func, layer, recording)
         with torch.no_grad():
             base = select(forward_all(), torch.arange(batch))
         return base, full()
@@ -401,5 +403,5 @@ def layer_output_scores(
                 )
         except Exception as err:  # noqa: BLE001 - a failing chunk: fall back
             why = f"replay failed with {type(err).__name__}"
-    _warn_once(forward_func, layer, why)  # type: ignore[arg-type]
+    _warn_once(forward_func, layer, why)
     return base, full()

@@ -219,7 +219,8 @@ def check_map_shape(map_hw: Tuple[int, ...], image_hw: Tuple[int, ...]) -> None:
 
 
 def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
-    """Maps as ``(B, 1, H, W)`` at the input's size and device, detached."""
+    """Maps as ``(B, 1, *spatial)`` at the input's size and device, detached
+    (``(B, 1, H, W)`` for images; 1-D signals and 3-D volumes alike)."""
     if not isinstance(attributions, Tensor):
         raise MetricInputError(
             "attributions must be a tensor of maps, (B, 1, h, w), (B, h, w) or "
@@ -232,8 +233,10 @@ def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
             f"attributions has {attributions.shape[0]} maps for {inputs.shape[0]} "
             "images: give one map per image."
         )
-    maps = as_map(attributions.detach().to(inputs.device, torch.float32))
-    check_map_shape(tuple(maps.shape[-2:]), tuple(inputs.shape[-2:]))
+    rank = max(1, min(3, inputs.dim() - 2))  # signals, images, volumes
+    maps = as_map(attributions.detach().to(inputs.device, torch.float32), rank)
+    if rank == 2:
+        check_map_shape(tuple(maps.shape[-2:]), tuple(inputs.shape[-2:]))
     record = _BAD_MAPS.get()
     if record is not None:  # NaN / Inf maps: the metric's value becomes NaN
         record.append(~torch.isfinite(maps.flatten(1)).all(1))

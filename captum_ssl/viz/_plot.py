@@ -8,7 +8,7 @@ main job's HTML report show the same pixels. Defaults are readable as saved:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, SupportsInt, Tuple, Union, cast
 
 import numpy as np
 from torch import Tensor
@@ -31,7 +31,7 @@ def _classes(label: TrueClass) -> Tuple[int, ...]:
     if label is None:
         return ()
     if isinstance(label, (int, np.integer)) or getattr(label, "dim", lambda: 1)() == 0:
-        label = (int(label),)
+        label = (int(cast(SupportsInt, label)),)
     return tuple(int(c) for c in label if int(c) >= 0)
 
 

@@ -16,6 +16,7 @@ from captum_ssl.attr._cam.base import (
     _finish,
     _LayerActivationCam,
     first_principal_projection,
+    require_positions,
 )
 from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import (
@@ -27,7 +28,29 @@ from captum_ssl.attr._core import (
     per_sample_targets,
     resolve_layout,
 )
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._layout import TokenLayout, root_module, spatial_reduce
+
+#: interpolation of a mask over 1, 2 or 3 spatial dimensions
+MASK_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def masked_input(
+    inputs: Tuple[Tensor, ...], acts: Tensor, method: str
+) -> Tuple[Tensor, str]:
+    """The one input the layer's maps mask, and the interpolation mode that
+    takes a map to its size: a batch ``(B, C, *spatial)`` with as many spatial
+    dimensions (1 to 3) as the layer's output ``acts``."""
+    rank = acts.dim() - 2
+    if len(inputs) != 1 or inputs[0].dim() != acts.dim() or rank not in MASK_MODES:
+        raise AttributionInputError(
+            f"{method} masks the input with the layer's upsampled maps: it needs "
+            "one input (B, C, *spatial) with as many spatial dimensions (1 to 3: "
+            "signals, images, volumes) as the layer's output; got inputs of shapes "
+            f"{[tuple(t.shape) for t in inputs]} for a layer output of shape "
+            f"{tuple(acts.shape)}. Choose a layer with positions of the input's "
+            "kind, or a gradient CAM."
+        )
+    return inputs[0], MASK_MODES[rank]
 
 
 class LayerEigenCam(_LayerActivationCam):
@@ -70,20 +93,22 @@ class LayerEigenCam(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map (Eigen-CAM is class-agnostic), but
-                        checked against the model's output when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map (Eigen-CAM is class-agnostic), but checked against
+                        the model's output when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         inputs = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
             acts = self._activations(
                 inputs, additional_forward_args, attribute_to_layer_input, target
             )
+            require_positions(acts, "LayerEigenCam")
             cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
@@ -133,7 +158,7 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
                         CPU. Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         if attribute_to_layer_input and not self.supports_layer_input:
             raise ValueError(
@@ -242,12 +267,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         show_progress: bool = False,
         max_channels: Optional[int] = None,
     ) -> Tensor:
-        if len(inputs) != 1 or inputs[0].dim() != 4:
-            raise AttributionInputError(
-                "LayerScoreCam masks an image batch (B, C, H, W); got inputs of "
-                f"shapes {[tuple(t.shape) for t in inputs]}."
-            )
-        x = inputs[0]
+        x, mode = masked_input(inputs, acts, "LayerScoreCam")
         chosen = None  # (B, k) channel indices, or None: every channel
         if max_channels is not None and max_channels < acts.shape[1]:
             spread = acts.flatten(2).var(dim=2)
@@ -260,12 +280,11 @@ class LayerScoreCam(_LayerPerturbationCam):
                 k = chosen[b, k]
             up = F.interpolate(
                 acts[b, k].unsqueeze(1),
-                size=x.shape[-2:],
-                mode="bilinear",
+                size=x.shape[2:],
+                mode=mode,
                 align_corners=True,
             )
-            lo = up.amin(dim=(2, 3), keepdim=True)
-            hi = up.amax(dim=(2, 3), keepdim=True)
+            lo, hi = spatial_reduce(up, "amin"), spatial_reduce(up, "amax")
             return (x[b] * (up - lo) / (hi - lo + 1e-8),)
 
         scores = chunked_scores(
@@ -338,14 +357,14 @@ class LayerAblationCam(_LayerOutputPerturbation, _LayerPerturbationCam):
 
         def ablate(out: Tensor, b: Tensor, k: Tensor) -> Tensor:
             rows = torch.arange(len(k), device=out.device)
-            if out.dim() == 4 and layout.resolve(out.shape).fmt == "NCHW":
+            if layout.resolve(out.shape).channels_first:
                 # a copy with one channel zeroed per row (cheaper than a product)
                 ablated = out.clone(memory_format=torch.contiguous_format)
                 ablated[rows, k.to(out.device)] = 0
                 return ablated
             keep = torch.ones(
-                len(k), channels, 1, 1, device=out.device, dtype=out.dtype
-            )
+                len(k), channels, *[1] * (acts.dim() - 2), device=out.device
+            ).to(out.dtype)
             keep[rows, k.to(out.device)] = 0
             return layout.from_grid(layout.to_grid(out) * keep, like=out)
 
@@ -418,7 +437,7 @@ class LayerClassActivationMap(_LayerActivationCam):
             relu_attributions (bool, optional): ReLU the map. Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         return self._attribute(
             inputs,
@@ -468,8 +487,9 @@ def _find_classifier(forward_func: Callable) -> nn.Linear:
     model = root_module(forward_func)
     candidates = []
     if model is not None:
-        if hasattr(model, "get_classifier"):
-            candidates.append(model.get_classifier())
+        get_classifier = getattr(model, "get_classifier", None)
+        if callable(get_classifier):
+            candidates.append(get_classifier())
         candidates += [getattr(model, n, None) for n in ("fc", "classifier", "head")]
     for c in candidates:
         if isinstance(c, nn.Linear):

@@ -12,9 +12,10 @@ come from :mod:`captum_ssl.attr._core` and Captum's own helpers.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
 import torch
 from captum._utils.common import _format_output
@@ -25,6 +26,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ssl.attr._core import (
+    AttributionInputError,
     TensorOrTuple,
     attribution_call,
     check_layer,
@@ -33,7 +35,14 @@ from captum_ssl.attr._core import (
     layer_activations,
     layer_activations_and_gradients,
 )
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._layout import (
+    TokenLayout,
+    root_module,
+    spatial_reduce,
+    spatial_shape,
+)
+
+_T = TypeVar("_T")
 
 
 def _finish(
@@ -46,6 +55,32 @@ def _finish(
         cams = tuple(torch.relu(c) for c in cams)
     cams = finish_maps(cams, record or [])
     return _format_output(is_tuple, cams)
+
+
+#: the constructor arguments of every subclass of :class:`LayerGradCam` that
+#: keeps its constructor: ``{gradient_cam_args}`` in a class docstring
+GRADIENT_CAM_ARGS = """Args:
+        forward_func (Callable): the model or any function returning scores.
+        layer (torch.nn.Module): the layer whose activations are explained;
+                    its output may be ``(B, C)``, ``(B, C, L)``,
+                    ``(B, C, H, W)``, ``(B, C, D, H, W)``, tokens or
+                    channels-last (see :class:`LayerGradCam`).
+        device_ids (list[int], optional): device ids for DataParallel models
+                    whose forward_func is not the DataParallel module itself.
+        layout (TokenLayout, optional): how the layer's output maps onto a
+                    grid; ``None`` reads it from the output and the model.
+                    Default: None
+
+    ``attribute`` takes :meth:`LayerGradCam.attribute`'s arguments (the
+    same signature and defaults) and returns its shapes."""
+
+
+def documented(cls: Type[_T]) -> Type[_T]:
+    """Fill ``{gradient_cam_args}`` in ``cls``'s docstring with
+    :data:`GRADIENT_CAM_ARGS` (one text for every gradient CAM)."""
+    if cls.__doc__:
+        cls.__doc__ = cls.__doc__.replace("{gradient_cam_args}", GRADIENT_CAM_ARGS)
+    return cls
 
 
 class LayerGradCam(_CaptumLayerGradCam):
@@ -61,8 +96,14 @@ class LayerGradCam(_CaptumLayerGradCam):
     adds the token-to-grid step Captum lacks: a token output ``(B, N, C)``
     (ViT, DeiT, MoCo v3 / DINO ViTs, CaiT, XCiT, register tokens) or a
     channels-last output ``(B, H, W, C)`` (Swin) is laid out as
-    ``(B, C, gh, gw)`` before the weighting, with prefix tokens dropped. On a
-    plain ``(B, C, H, W)`` layer the result equals Captum's ``LayerGradCam``.
+    ``(B, C, gh, gw)`` before the weighting, with prefix tokens dropped. A
+    3-D output is read as tokens only where the model declares a token layout
+    (a timm model, timm's ``patch_embed`` / ``num_prefix_tokens``, see
+    :func:`~captum_ssl.attr._layout.declared_layout`) or ``layout=`` says so.
+    Every other layer is channels-first ``(B, C, *spatial)`` as in Captum:
+    ``(B, C)`` gives ``(B, 1)``, a 1-D CNN's ``(B, C, L)`` gives ``(B, 1, L)``,
+    a 3-D CNN's ``(B, C, D, H, W)`` gives ``(B, 1, D, H, W)``, and the result
+    equals Captum's ``LayerGradCam`` (tests/test_captum_dropin.py).
     It is also the base of every gradient-based CAM here: subclasses override
     :meth:`_weights` (per-channel or per-position weights) or :meth:`_combine`.
 
@@ -107,7 +148,7 @@ class LayerGradCam(_CaptumLayerGradCam):
         self.layout = layout
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -125,14 +166,17 @@ class LayerGradCam(_CaptumLayerGradCam):
                         sample, as in Captum (one index for all samples, or one
                         per sample). Default: None
             additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
             attribute_to_layer_input (bool, optional): explain the layer's input
-                        instead of its output. Default: False
+                        instead of its output (its layout is read from the
+                        input's own shape). Default: False
             relu_attributions (bool, optional): apply a ReLU to the map.
                         Default: False
             attr_dim_summation (bool, optional): sum over channels; ``False``
-                        returns the weighted activations ``(B, C, h, w)``.
+                        returns the weighted activations ``(B, C, *spatial)``.
                         Default: True
             grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+                        Default: None
             create_graph (bool, optional): return a differentiable map: the
                         graph to the model's parameters is kept (nothing frozen
                         or detached, gradients taken with ``create_graph=True``),
@@ -141,8 +185,11 @@ class LayerGradCam(_CaptumLayerGradCam):
                         memory; the default path is unchanged. Default: False
 
         Returns:
-            Tensor or tuple[Tensor, ...]: maps ``(B, 1, h, w)`` at layer (or
-            patch-grid) resolution on the input's device, not normalised.
+            Tensor or tuple[Tensor, ...]: maps ``(B, 1, *spatial)`` at layer
+            (or patch-grid) resolution on the input's device, not normalised:
+            ``(B, 1)``, ``(B, 1, L)``, ``(B, 1, h, w)`` or ``(B, 1, d, h, w)``
+            (``(B, C, *spatial)`` with ``attr_dim_summation=False``); a tuple
+            for a layer with several outputs, as Captum.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         with attribution_call(self.forward_func, keep_mode=create_graph) as record:
@@ -164,8 +211,9 @@ class LayerGradCam(_CaptumLayerGradCam):
             return _finish(cams, relu_attributions, len(cams) > 1, record)
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
-        """Grad-CAM: the spatial mean of the gradients, per channel."""
-        return grads.mean(dim=(2, 3), keepdim=True)
+        """Grad-CAM: the spatial mean of the gradients, per channel (the
+        gradients themselves on a ``(B, C)`` layer, as Captum)."""
+        return spatial_reduce(grads, "mean")
 
     def _combine(self, acts: Tensor, grads: Tensor, sum_channels: bool) -> Tensor:
         weighted = self._weights(acts, grads) * acts
@@ -208,21 +256,17 @@ class _LayerActivationCam(LayerAttribution):
             attribute_to_layer_input=attribute_to_layer_input,
         )
         if len(acts) != 1:
-            raise ValueError(
+            raise AttributionInputError(
                 f"{type(self).__name__} explains a layer with one output tensor; "
                 f"this layer returns {len(acts)}. Choose a submodule that returns "
-                "a single tensor."
+                "a single tensor, or a gradient CAM (LayerGradCam and its "
+                "subclasses return one map per output, as Captum)."
             )
         return acts[0]
 
-    def _weights(
-        self,
-        acts: Tensor,
-        inputs: Tuple[Tensor, ...],
-        target: TargetType,
-        additional_forward_args: Any,
-        **kwargs: Any,
-    ) -> Tensor:
+    def _weights(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Channel weights ``(B, C)`` from ``(acts, inputs, target,
+        additional_forward_args, **options)``."""
         raise NotImplementedError
 
     def _attribute(
@@ -242,9 +286,8 @@ class _LayerActivationCam(LayerAttribution):
             weights = self._weights(
                 acts, inputs, target, additional_forward_args, **kwargs
             )
-            cam = (weights.reshape(*weights.shape[:2], 1, 1) * acts).sum(
-                dim=1, keepdim=True
-            )
+            shape = (*weights.shape[:2], *[1] * (acts.dim() - 2))
+            cam = (weights.reshape(shape) * acts).sum(dim=1, keepdim=True)
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
@@ -298,32 +341,49 @@ def warn_if_channel_sum_vanishes(
         )
 
 
+def require_positions(acts: Tensor, method: str) -> None:
+    """Refuse a layer without positions: ``method``'s equation needs several
+    positions (a map over ``(B, C, L)``, ``(B, C, H, W)`` or
+    ``(B, C, D, H, W)``), and a ``(B, C)`` output has one."""
+    if acts.dim() < 3:
+        raise AttributionInputError(
+            f"{method} needs a layer with positions, (B, C, L), (B, C, H, W) or "
+            f"(B, C, D, H, W); this layer's output {tuple(acts.shape)} has none "
+            "(it comes after global pooling or a linear layer). Choose an earlier "
+            "layer, or use a gradient CAM (LayerGradCam works on (B, C) layers "
+            "as in Captum)."
+        )
+
+
 def first_principal_projection(x: Tensor, reference: Tensor) -> Tensor:
     """Projection of each position on the first principal component.
 
-    ``x`` is ``(B, C, h, w)``; rows are positions, columns channels, centred per
-    channel over positions (as Eigen-CAM). The projection ``X v1`` (``v1`` the
-    first right-singular vector) is computed from the eigendecomposition of the
-    smaller of ``X X^T`` (positions) and ``X^T X`` (channels) in float64: the
-    same component as an SVD at a fraction of its cost. The sign of a singular
-    vector is arbitrary, so the projection is oriented to correlate positively
-    with ``reference`` ``(B, 1, h, w)``. Returns ``(B, 1, h, w)``; the map of a
-    sample whose ``x`` holds NaN or Inf is NaN (never a finite stand-in).
+    ``x`` is ``(B, C, *spatial)``; rows are positions, columns channels,
+    centred per channel over positions (as Eigen-CAM). The projection ``X v1``
+    (``v1`` the first right-singular vector) is computed from the
+    eigendecomposition of the smaller of ``X X^T`` (positions) and ``X^T X``
+    (channels) in float64: the same component as an SVD at a fraction of its
+    cost. The sign of a singular vector is arbitrary, so the projection is
+    oriented to correlate positively with ``reference`` ``(B, 1, *spatial)``.
+    Returns ``(B, 1, *spatial)``; the map of a sample whose ``x`` holds NaN
+    or Inf is NaN (never a finite stand-in).
     """
-    b, c, h, w = x.shape
-    rows = x.reshape(b, c, h * w).transpose(1, 2).double()
+    b, c = x.shape[:2]
+    spatial = spatial_shape(x)
+    n = math.prod(spatial)
+    rows = x.reshape(b, c, n).transpose(1, 2).double()
     bad = ~torch.isfinite(rows).flatten(1).all(1)
     rows = rows.masked_fill(bad.view(b, 1, 1), 0.0)  # solved apart, then NaN
     rows = rows - rows.mean(dim=1, keepdim=True)
-    if h * w <= c:
+    if n <= c:
         evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))
         proj = evecs[..., -1:] * evals[:, -1:].clamp(min=0).sqrt().unsqueeze(1)
     else:
         _, evecs = torch.linalg.eigh(rows.transpose(1, 2) @ rows)
         proj = rows @ evecs[..., -1:]
-    ref = reference.reshape(b, h * w, 1).double()
+    ref = reference.reshape(b, n, 1).double()
     ref = ref - ref.mean(dim=1, keepdim=True)
     sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     proj = (proj * sign).masked_fill(bad.view(b, 1, 1), float("nan"))
-    return proj.transpose(1, 2).reshape(b, 1, h, w).to(x.dtype)
+    return proj.transpose(1, 2).reshape(b, 1, *spatial).to(x.dtype)

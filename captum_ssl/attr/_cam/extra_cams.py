@@ -9,6 +9,7 @@ token-to-grid layout come from :mod:`captum_ssl.attr._cam.base` and
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import (
     Any,
     Callable,
@@ -28,9 +29,16 @@ from captum._utils.typing import TargetType
 from captum.attr import Attribution
 from captum.log import log_usage
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from captum_ssl._outputs import model_output
-from captum_ssl.attr._cam.base import LayerGradCam, _finish, _LayerActivationCam
+from captum_ssl.attr._cam.base import (
+    LayerGradCam,
+    _finish,
+    _LayerActivationCam,
+    documented,
+    require_positions,
+)
 from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
@@ -44,7 +52,12 @@ from captum_ssl.attr._core import (
     resolve_layout,
     selecting_forward,
 )
-from captum_ssl.attr._layout import TokenLayout, root_module
+from captum_ssl.attr._layout import (
+    TokenLayout,
+    root_module,
+    spatial_reduce,
+    spatial_shape,
+)
 
 
 # ------------------------------------------------------------------------ FEM
@@ -88,8 +101,9 @@ class LayerFEM(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map (FEM is class-agnostic), but checked
-                        against the model's output when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map (FEM is class-agnostic), but checked against the
+                        model's output when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
@@ -97,7 +111,7 @@ class LayerFEM(_LayerActivationCam):
                         the mean. Default: 2.0
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         return self._attribute(
             inputs,
@@ -109,9 +123,10 @@ class LayerFEM(_LayerActivationCam):
         )
 
     def _weights(self, acts: Tensor, inputs, target, args, k: float = 2.0) -> Tensor:
-        mean = acts.mean(dim=(2, 3), keepdim=True)
-        std = acts.std(dim=(2, 3), keepdim=True, unbiased=False)
-        return (acts > mean + k * std).to(acts.dtype).mean(dim=(2, 3))
+        require_positions(acts, "LayerFEM")
+        mean, std = spatial_reduce(acts, "mean"), spatial_reduce(acts, "std")
+        hot = (acts > mean + k * std).to(acts.dtype)
+        return spatial_reduce(hot, "mean").flatten(1)
 
 
 # ------------------------------------------------------------------- KPCA-CAM
@@ -187,7 +202,8 @@ class LayerKPCACam(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map (class-agnostic), checked when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map (class-agnostic), checked when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
@@ -200,7 +216,7 @@ class LayerKPCACam(_LayerActivationCam):
                         Default: 1.0
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         if kernel not in KERNELS:
             raise AttributionInputError(f"kernel={kernel!r}: use one of {KERNELS}.")
@@ -209,8 +225,11 @@ class LayerKPCACam(_LayerActivationCam):
             acts = self._activations(
                 inputs, additional_forward_args, attribute_to_layer_input, target
             )
-            b, c, h, w = acts.shape
-            x = acts.reshape(b, c, h * w).transpose(1, 2).double()
+            require_positions(acts, "LayerKPCACam")
+            b, c = acts.shape[:2]
+            spatial = spatial_shape(acts)
+            n = math.prod(spatial)
+            x = acts.reshape(b, c, n).transpose(1, 2).double()
             bad = ~torch.isfinite(x).flatten(1).all(1)  # solved apart, then NaN
             x = x.masked_fill(bad.view(b, 1, 1), 0.0)
             x = x - x.mean(dim=1, keepdim=True)
@@ -223,12 +242,12 @@ class LayerKPCACam(_LayerActivationCam):
             )
             evals, evecs = torch.linalg.eigh(k)
             proj = evecs[..., -1] * evals[:, -1:].clamp(min=0).sqrt()  # (B, N)
-            ref = acts.mean(dim=1).reshape(b, h * w).double()
+            ref = acts.mean(dim=1).reshape(b, n).double()
             ref = ref - ref.mean(dim=1, keepdim=True)
             sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
             sign = torch.where(sign == 0, torch.ones_like(sign), sign)
             cam = (proj * sign).masked_fill(bad.view(b, 1), float("nan"))
-            cam = cam.reshape(b, 1, h, w).to(acts.dtype)
+            cam = cam.reshape(b, 1, *spatial).to(acts.dtype)
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
 
 
@@ -270,7 +289,8 @@ class LayerRandomCam(_LayerActivationCam):
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
-            target: ignored by the map, checked when given.
+            target (int, tuple, Tensor or list, optional): ignored by the
+                        map, checked when given. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
@@ -278,7 +298,7 @@ class LayerRandomCam(_LayerActivationCam):
                         the input's device; ``None`` uses torch's global one.
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         return self._attribute(
             inputs,
@@ -297,13 +317,19 @@ class LayerRandomCam(_LayerActivationCam):
 
 # ------------------------------------------------------------------ ShapleyCAM
 def _layer_leaf(
-    layer: nn.Module, attribute_to_layer_input: bool, store: List[Tensor]
-) -> Any:
+    layer: nn.Module,
+    attribute_to_layer_input: bool,
+    store: List[Tensor],
+    keep_graph: bool = False,
+) -> RemovableHandle:
     """A hook that makes the layer's output (or input) a fresh leaf requiring
-    grad, so derivatives of any order with respect to it can be taken."""
+    grad, so derivatives of any order with respect to it can be taken. With
+    ``keep_graph`` an output that is already in the autograd graph is kept
+    (derivatives with respect to it still work, and the graph to the
+    parameters before the layer stays)."""
 
     def leaf(t: Tensor) -> Tensor:
-        out = t.detach().requires_grad_()
+        out = t if keep_graph and t.requires_grad else t.detach().requires_grad_()
         store.append(out)
         return out.clone()  # later in-place ops (ReLU(inplace)) hit the clone
 
@@ -338,7 +364,7 @@ def unfused_attention(forward_func: Callable) -> Iterator[None]:
             if getattr(m, "fused_attn", False) is True:
                 own = "fused_attn" in m.__dict__
                 saved.append((m, own, m.__dict__.get("fused_attn")))
-                m.fused_attn = False
+                m.__dict__["fused_attn"] = False  # a plain attribute (timm)
         yield
     finally:
         for m, own, value in reversed(saved):
@@ -348,6 +374,7 @@ def unfused_attention(forward_func: Callable) -> Iterator[None]:
                 del m.fused_attn
 
 
+@documented
 class LayerShapleyCam(LayerGradCam):
     r"""ShapleyCAM: Grad-CAM with a second-order (Shapley value) correction.
 
@@ -367,7 +394,7 @@ class LayerShapleyCam(LayerGradCam):
     Reference: Cai, "CAMs as Shapley Value-based Explainers", 2025.
     https://arxiv.org/abs/2501.06261
 
-    Args, Returns: as :class:`LayerGradCam` (``grad_kwargs`` is not used).
+    {gradient_cam_args}
 
     Examples::
 
@@ -376,7 +403,7 @@ class LayerShapleyCam(LayerGradCam):
     """
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -385,11 +412,45 @@ class LayerShapleyCam(LayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> Tensor:
+        r"""
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): input batch ``(B, ...)``.
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample, as in Captum (one index for all samples, or one
+                        per sample). Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations ``(B, C, *spatial)``.
+                        Default: True
+            grad_kwargs (dict, optional): passed to the first
+                        ``torch.autograd.grad`` (the gradient; the
+                        Hessian-vector product needs ``create_graph=True``
+                        there, which is always set). Default: None
+            create_graph (bool, optional): return a differentiable map: the
+                        graph to the model's parameters is kept (nothing frozen
+                        or detached), so a loss on the map trains the model, as
+                        :meth:`LayerGradCam.attribute`. Default: False
+
+        Returns:
+            Tensor: maps ``(B, 1, *spatial)`` (``(B, 1, h, w)`` on image and
+            token layers) on the input's device, not normalised.
+        """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
-        with attribution_call(self.forward_func) as record:
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
             cam = self._shapley_cam(
-                inputs, target, additional_forward_args, attribute_to_layer_input
+                inputs,
+                target,
+                additional_forward_args,
+                attribute_to_layer_input,
+                grad_kwargs,
+                create_graph,
             )
             if attr_dim_summation:
                 cam = cam.sum(dim=1, keepdim=True)
@@ -401,15 +462,28 @@ class LayerShapleyCam(LayerGradCam):
         target: TargetType,
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
     ) -> Tensor:
-        """The weighted activations ``w_k A^k`` ``(B, C, h, w)``."""
-        layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
+        """The weighted activations ``w_k A^k`` ``(B, C, *spatial)``."""
+        layout = resolve_layout(
+            self.forward_func,
+            self.layer,
+            inputs,
+            self.layout,
+            attribute_to_layer_input,
+        )
         store: List[Tensor] = []
-        handle = _layer_leaf(self.layer, attribute_to_layer_input, store)
+        handle = _layer_leaf(self.layer, attribute_to_layer_input, store, create_graph)
+        frozen = (
+            contextlib.nullcontext()
+            if create_graph
+            else record_from_layer_only(self.forward_func)
+        )
         try:
             with (
                 layer_errors(self.layer, self.forward_func),
-                record_from_layer_only(self.forward_func),
+                frozen,
                 unfused_attention(self.forward_func),
                 torch.enable_grad(),
             ):
@@ -428,18 +502,24 @@ class LayerShapleyCam(LayerGradCam):
                 "exactly once (the model's own instance, not a shared module)."
             )
         act = store[0]
+        kwargs = {**(grad_kwargs or {}), "create_graph": True}
         with layer_errors(self.layer, self.forward_func), torch.enable_grad():
-            (grad,) = torch.autograd.grad(out.sum(), act, create_graph=True)
+            (grad,) = torch.autograd.grad(out.sum(), act, **kwargs)
             if grad.requires_grad:
                 (hvp,) = torch.autograd.grad(
-                    grad, act, grad_outputs=act.detach(), allow_unused=True
+                    grad,
+                    act,
+                    grad_outputs=act.detach(),
+                    allow_unused=True,
+                    create_graph=create_graph,
                 )
             else:
                 hvp = None
-        grad = grad.detach()
-        hvp = torch.zeros_like(grad) if hvp is None else hvp.detach()
-        a, g, h = (layout.to_grid(t) for t in (act.detach(), grad, hvp))
-        return (g - 0.5 * h).mean(dim=(2, 3), keepdim=True) * a
+        hvp = torch.zeros_like(grad) if hvp is None else hvp
+        if not create_graph:
+            act, grad, hvp = act.detach(), grad.detach(), hvp.detach()
+        a, g, h = (layout.to_grid(t) for t in (act, grad, hvp))
+        return spatial_reduce(g - 0.5 * h, "mean") * a
 
 
 # ------------------------------------------------------------------- Finer-CAM
@@ -532,7 +612,7 @@ class LayerFinerCam(LayerGradCam):
         self.base_method = base_method
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -541,21 +621,35 @@ class LayerFinerCam(LayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
         alpha: float = 1.0,
         comparison_categories: Sequence[int] = (1, 2, 3),
     ) -> TensorOrTuple:
         r"""
         Args:
-            inputs, additional_forward_args, attribute_to_layer_input,
-            relu_attributions, attr_dim_summation, grad_kwargs: as
-                        :meth:`LayerGradCam.attribute`.
-            target (int, Tensor or list): class per sample (required).
+            inputs (Tensor or tuple[Tensor, ...]): input batch ``(B, ...)``.
+            target (int, tuple, Tensor or list): class per sample (required):
+                        one index for all samples, or one per sample.
+            additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations. Default: True
+            grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+                        Default: None
+            create_graph (bool, optional): return a differentiable map (see
+                        :meth:`LayerGradCam.attribute`). Default: False
             alpha (float, optional): comparison strength. Default: 1.0
             comparison_categories (sequence of int, optional): similarity ranks
                         of the compared classes. Default: (1, 2, 3)
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: maps ``(B, 1, *spatial)``
+            (``(B, 1, h, w)`` on image and token layers) on the input's
+            device, not normalised.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         if target is None:
@@ -577,7 +671,8 @@ class LayerFinerCam(LayerGradCam):
             return finer_score(out, tgt, comparison_categories, alpha)
 
         base = self.base_method(finer_forward, self.layer, self.device_ids, layout)
-        with attribution_call(self.forward_func):  # the model's mode, the record
+        # the model's mode, the record
+        with attribution_call(self.forward_func, keep_mode=create_graph):
             return base.attribute(
                 inputs,
                 target=None,
@@ -586,6 +681,7 @@ class LayerFinerCam(LayerGradCam):
                 relu_attributions=relu_attributions,
                 attr_dim_summation=attr_dim_summation,
                 grad_kwargs=grad_kwargs,
+                create_graph=create_graph,
             )
 
 
@@ -619,7 +715,7 @@ class SobelCam(Attribution):
     """
 
     def __init__(self, forward_func: Optional[Callable] = None) -> None:
-        super().__init__(forward_func)  # type: ignore[arg-type]
+        super().__init__(forward_func)
 
     @log_usage()
     def attribute(
@@ -631,7 +727,10 @@ class SobelCam(Attribution):
         r"""
         Args:
             inputs (Tensor): images ``(B, C, H, W)``.
-            target, additional_forward_args: ignored (model-free baseline).
+            target (int, tuple, Tensor or list, optional): ignored (a
+                        model-free baseline), held to the target rule.
+                        Default: None
+            additional_forward_args (Any, optional): ignored. Default: None
 
         Returns:
             Tensor: ``(B, 1, H, W)`` edge maps on the input's device.

@@ -16,10 +16,11 @@ from captum_ssl.attr._core import (
     AttributionInputError,
     TensorOrTuple,
     attribution_call,
+    check_target,
     format_inputs,
     per_sample_targets,
 )
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._layout import TokenLayout, spatial_shape
 
 
 def _cd_sweep(w: Tensor, hht: Tensor, xht: Tensor) -> Tensor:
@@ -197,7 +198,9 @@ class DeepFeatureFactorization(_LayerActivationCam):
             attribute_to_layer_input (bool, optional): use the layer's input.
             init (tuple[Tensor, Tensor], optional): NMF start ``(W (C, k),
                         H (k, B*h*w))``. Default: None (random)
-            max_iter, tol: NMF stopping rule. Default: 200, 1e-4
+            max_iter (int, optional): most NMF sweeps. Default: 200
+            tol (float, optional): NMF stopping rule, relative to the first
+                        sweep's projected gradient. Default: 1e-4
             generator (torch.Generator, optional): for the random start.
 
         Returns:
@@ -210,12 +213,13 @@ class DeepFeatureFactorization(_LayerActivationCam):
         acts = self._activations(
             inputs, additional_forward_args, attribute_to_layer_input
         )
-        b, c, h, w = acts.shape
-        x = torch.nan_to_num(acts.transpose(0, 1).reshape(c, b * h * w))
+        b, c = acts.shape[:2]
+        spatial = spatial_shape(acts)
+        x = torch.nan_to_num(acts.transpose(0, 1).reshape(c, -1))
         offset = x.min(dim=1, keepdim=True).values
         weights, comps = nmf(x - offset, n_components, init, max_iter, tol, generator)
         concepts = weights + offset
-        maps = comps.reshape(n_components, b, h, w).transpose(0, 1)
+        maps = comps.reshape(n_components, b, *spatial).transpose(0, 1)
         clf = self._classifier(c)
         scores = None
         if clf is not None:
@@ -267,6 +271,8 @@ class DeepFeatureFactorization(_LayerActivationCam):
                     "callable (k, C) -> (k, num_classes)> to label the concepts."
                 )
             batch = fact.maps.shape[0]
+            # the target indexes the classifier's classes (checked as Captum)
+            check_target(fact.scores.new_empty(batch, fact.scores.shape[1]), target)
             classes = torch.as_tensor(
                 [
                     int(t[0] if isinstance(t, tuple) else t)

@@ -7,11 +7,15 @@ from torch import Tensor
 
 from captum_ssl.attr._cam.base import (
     LayerGradCam,
+    documented,
     first_principal_projection,
+    require_positions,
     warn_if_channel_sum_vanishes,
 )
+from captum_ssl.attr._layout import spatial_reduce
 
 
+@documented
 class LayerGradCamPlusPlus(LayerGradCam):
     r"""Grad-CAM++: pixel-wise weighting of positive gradients.
 
@@ -27,7 +31,7 @@ class LayerGradCamPlusPlus(LayerGradCam):
     Visual Explanations for Deep Convolutional Networks", WACV 2018.
     https://arxiv.org/abs/1710.11063
 
-    Args, Returns: as :class:`LayerGradCam`.
+    {gradient_cam_args}
 
     Examples::
 
@@ -40,12 +44,13 @@ class LayerGradCamPlusPlus(LayerGradCam):
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
         g2 = grads.pow(2)
         g3 = g2 * grads
-        sum_acts = acts.sum(dim=(2, 3), keepdim=True)
+        sum_acts = spatial_reduce(acts, "sum")
         alpha = g2 / (2 * g2 + sum_acts * g3 + self.eps)
         alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
-        return (alpha * torch.relu(grads)).sum(dim=(2, 3), keepdim=True)
+        return spatial_reduce(alpha * torch.relu(grads), "sum")
 
 
+@documented
 class LayerXGradCam(LayerGradCam):
     r"""XGrad-CAM: gradients weighted by normalised activations.
 
@@ -55,7 +60,7 @@ class LayerXGradCam(LayerGradCam):
     Reference: Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization
     and Explanation of CNNs", BMVC 2020. https://arxiv.org/abs/2008.02312
 
-    Args, Returns: as :class:`LayerGradCam`.
+    {gradient_cam_args}
 
     Examples::
 
@@ -65,10 +70,11 @@ class LayerXGradCam(LayerGradCam):
     eps = 1e-7
 
     def _weights(self, acts: Tensor, grads: Tensor) -> Tensor:
-        sum_acts = acts.sum(dim=(2, 3), keepdim=True)
-        return (grads * acts / (sum_acts + self.eps)).sum(dim=(2, 3), keepdim=True)
+        sum_acts = spatial_reduce(acts, "sum")
+        return spatial_reduce(grads * acts / (sum_acts + self.eps), "sum")
 
 
+@documented
 class LayerHiResCam(LayerGradCam):
     r"""HiRes-CAM: element-wise gradient x activation, summed over channels.
 
@@ -86,7 +92,7 @@ class LayerHiResCam(LayerGradCam):
     explanations of convolutional neural networks", 2020.
     https://arxiv.org/abs/2011.08891
 
-    Args, Returns: as :class:`LayerGradCam`.
+    {gradient_cam_args}
 
     Examples::
 
@@ -104,6 +110,7 @@ class LayerHiResCam(LayerGradCam):
         return super()._combine(acts, grads, sum_channels)
 
 
+@documented
 class LayerGradCamElementWise(LayerGradCam):
     r"""Element-wise Grad-CAM: ReLU of gradient x activation, summed.
 
@@ -116,7 +123,7 @@ class LayerGradCamElementWise(LayerGradCam):
     Reference: after Draelos & Carin 2020 (https://arxiv.org/abs/2011.08891);
     pytorch-grad-cam's ``GradCAMElementWise``.
 
-    Args, Returns: as :class:`LayerGradCam`.
+    {gradient_cam_args}
 
     Examples::
 
@@ -128,6 +135,7 @@ class LayerGradCamElementWise(LayerGradCam):
         return elementwise.sum(dim=1, keepdim=True) if sum_channels else elementwise
 
 
+@documented
 class LayerLayerCam(LayerGradCam):
     r"""Layer-CAM: activations weighted by their positive gradients, per position.
 
@@ -138,7 +146,7 @@ class LayerLayerCam(LayerGradCam):
     Maps for Localization", IEEE TIP 2021.
     https://doi.org/10.1109/TIP.2021.3089943
 
-    Args, Returns: as :class:`LayerGradCam`.
+    {gradient_cam_args}
 
     Examples::
 
@@ -149,6 +157,7 @@ class LayerLayerCam(LayerGradCam):
         return torch.relu(grads)
 
 
+@documented
 class LayerEigenGradCam(LayerGradCam):
     r"""Eigen-Grad-CAM: first principal component of gradient x activation.
 
@@ -166,8 +175,9 @@ class LayerEigenGradCam(LayerGradCam):
     Principal Components", IJCNN 2020 (https://arxiv.org/abs/2008.00299);
     pytorch-grad-cam's ``EigenGradCAM``.
 
-    Args, Returns: as :class:`LayerGradCam` (``attr_dim_summation`` must stay
-    True: a principal component has no per-channel form).
+    {gradient_cam_args}
+    ``attr_dim_summation`` must stay True: a principal component has no
+    per-channel form.
 
     Examples::
 
@@ -180,6 +190,7 @@ class LayerEigenGradCam(LayerGradCam):
                 "LayerEigenGradCam has no per-channel form: use "
                 "attr_dim_summation=True."
             )
+        require_positions(acts, "LayerEigenGradCam")
         warn_if_channel_sum_vanishes(
             self.forward_func, self.layer, acts, grads, type(self).__name__
         )

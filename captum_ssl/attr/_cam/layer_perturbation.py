@@ -60,7 +60,7 @@ class _LayerOutputPerturbation:
         additional_forward_args: Any,
         n_per_sample: int,
         perturb: Perturb,
-        perturbations_per_eval: int,
+        perturbations_per_eval: Optional[int],
         show_progress: bool,
         desc: str,
         output_transform: Optional[Callable[[Tensor], Tensor]] = None,

@@ -81,8 +81,10 @@ def _effective_bias(layer: nn.Module) -> Tensor:
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and (
         layer.running_mean is not None and not layer.training
     ):
-        scale = layer.weight / torch.sqrt(layer.running_var + layer.eps)
-        return (layer.bias - layer.running_mean * scale).detach()
+        var = layer.running_var
+        if isinstance(var, Tensor) and isinstance(layer.weight, Tensor):
+            scale = layer.weight / torch.sqrt(var + layer.eps)
+            return (layer.bias - layer.running_mean * scale).detach()
     bias = getattr(layer, "bias", None)
     if not isinstance(bias, Tensor):
         raise AttributionInputError(
@@ -221,11 +223,11 @@ class FullGrad(GradientAttribution):
             lay = layout_for(self.forward_func, layer, hw, self.layout).resolve(g.shape)
             bias = _effective_bias(layer).to(g.dtype)
             shape = [1] * g.dim()
-            shape[1 if lay.fmt == "NCHW" else -1] = -1
+            shape[1 if lay.channels_first else -1] = -1
             grid = lay.to_grid((g * bias.view(shape)).abs())
             # the sum of the upsampled channel maps is the upsampled sum
             total = total + upsample(
-                _per_map_normalize(grid).sum(dim=1, keepdim=True), hw
+                _per_map_normalize(grid).sum(dim=1, keepdim=True), x
             )
         return total
 
@@ -277,8 +279,7 @@ class LayerRefineCam(LayerAttribution):
             raise AttributionInputError("LayerRefineCam needs at least one layer.")
         super().__init__(forward_func, layers, device_ids)
         self.base_cams = [
-            base_method(forward_func, lay, device_ids, layout=layout)  # type: ignore
-            for lay in layers
+            base_method(forward_func, lay, device_ids, layout=layout) for lay in layers
         ]
 
     @log_usage()

@@ -3,7 +3,8 @@ network."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+import math
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,28 +13,41 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from captum_ssl.attr._cam.base import _finish, _LayerActivationCam
+from captum_ssl.attr._cam.base import (
+    _finish,
+    _LayerActivationCam,
+    require_positions,
+)
 from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
 from captum_ssl.attr._core import (
+    AttributionInputError,
     TensorOrTuple,
     attribution_call,
     format_inputs,
     resolve_layout,
 )
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._layout import TokenLayout, spatial_shape
 
-#: the paper's 3 x 3 Gaussian kernel around each position
-GAUSSIAN_3X3 = torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])) / 16.0
+#: the paper's Gaussian kernel around a position, per spatial dimension: its
+#: outer product is the paper's 3 x 3 kernel (1/4, 1/8, 1/16) on 2-D maps, and
+#: the same separable kernel on 1-D signals and 3-D volumes
+GAUSSIAN_1D = torch.tensor([1.0, 2.0, 1.0]) / 4.0
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def spatial_masks(positions: Tensor, h: int, w: int, gaussian: bool) -> Tensor:
-    """Masks ``(n, 1, h, w)``: 1 at each position, or the 3 x 3 Gaussian kernel
-    centred on it (cut at the border)."""
-    one_hot = F.one_hot(positions, h * w).reshape(-1, 1, h, w).float()
+def spatial_masks(positions: Tensor, spatial: Sequence[int], gaussian: bool) -> Tensor:
+    """Masks ``(n, 1, *spatial)`` for 1 to 3 spatial dimensions: 1 at each
+    position, or the Gaussian kernel (3 wide per dimension) centred on it, cut
+    at the border."""
+    size = math.prod(spatial)
+    one_hot = F.one_hot(positions, size).reshape(-1, 1, *spatial).float()
     if not gaussian:
         return one_hot
-    kernel = GAUSSIAN_3X3.to(positions.device).reshape(1, 1, 3, 3)
-    return F.conv2d(one_hot, kernel, padding=1)
+    kernel = GAUSSIAN_1D.to(positions.device)
+    for _ in range(len(spatial) - 1):
+        kernel = kernel.unsqueeze(-1) * GAUSSIAN_1D.to(positions.device)
+    conv = _CONV[len(spatial)]
+    return conv(one_hot, kernel.reshape(1, 1, *kernel.shape), padding=1)
 
 
 class LayerReciproCam(
@@ -45,7 +59,9 @@ class LayerReciproCam(
     For each position :math:`p` of the layer's ``h x w`` grid the feature map
     :math:`A` is multiplied by a spatial mask :math:`M_p` (a 3 x 3 Gaussian
     kernel centred on :math:`p`, weights 1/4, 1/8, 1/16; or 1 at :math:`p`
-    only) and the rest of the network scores it:
+    only) and the rest of the network scores it (on ``(B, C, L)`` and
+    ``(B, C, D, H, W)`` layers the same separable kernel, 3 wide in each
+    dimension):
 
     .. math:: L^c(p) = \mathrm{softmax}\big(g(A \odot M_p)\big)_c
 
@@ -92,10 +108,11 @@ class LayerReciproCam(
         inputs: TensorOrTuple,
         target: TargetType = None,
         additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         softmax: bool = True,
-        relu_attributions: bool = False,
     ) -> Tensor:
         r"""
         Args:
@@ -103,6 +120,14 @@ class LayerReciproCam(
             target (int, tuple, Tensor or list, optional): output index per
                         sample. Default: None
             additional_forward_args (Any, optional): extra forward arguments.
+            attribute_to_layer_input (bool, optional): must stay False:
+                        Recipro-CAM masks the layer's output (explain the
+                        preceding layer instead). In the signature so that
+                        every layer CAM takes the same arguments in the same
+                        order. Default: False
+            relu_attributions (bool, optional): ReLU the map (no effect on
+                        probabilities; for the CAM family's common options).
+                        Default: False
             perturbations_per_eval (int, optional): masked feature maps per
                         evaluation of the network after the layer. ``None``
                         chooses a chunk from the input size and free memory
@@ -112,34 +137,38 @@ class LayerReciproCam(
             softmax (bool, optional): score the softmax of the output over its
                         last dimension (the paper); False scores the output
                         itself. Default: True
-            relu_attributions (bool, optional): ReLU the map (no effect on
-                        probabilities; for the CAM family's common options).
-                        Default: False
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps (``(B, 1, h, w)`` on image
+            layers) on the input's device.
         """
+        if attribute_to_layer_input:
+            raise AttributionInputError(
+                "LayerReciproCam masks the layer's output; use "
+                "attribute_to_layer_input=False or pick the preceding layer."
+            )
         inputs = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
             acts = self._activations(inputs, additional_forward_args, False, target)
+            require_positions(acts, "LayerReciproCam")
             layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
-            h, w = acts.shape[-2:]
+            spatial = spatial_shape(acts)
 
             def mask(out: Tensor, b: Tensor, p: Tensor) -> Tensor:
-                m = spatial_masks(p.to(out.device), h, w, self.gaussian).to(out.dtype)
-                return layout.from_grid(layout.to_grid(out) * m, like=out)
+                m = spatial_masks(p.to(out.device), spatial, self.gaussian)
+                return layout.from_grid(layout.to_grid(out) * m.to(out.dtype), out)
 
             softmax_of = (lambda o: torch.softmax(o, dim=-1)) if softmax else None
             _, scores = self._output_scores(
                 inputs,
                 target,
                 additional_forward_args,
-                h * w,
+                math.prod(spatial),
                 mask,
                 perturbations_per_eval,
                 show_progress,
                 "Recipro-CAM",
                 output_transform=softmax_of,
             )
-            cam = scores.reshape(-1, 1, h, w)
+            cam = scores.reshape(-1, 1, *spatial)
             return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]

@@ -17,7 +17,10 @@ from captum._utils.typing import TargetType
 from captum.log import log_usage
 from torch import Tensor
 
-from captum_ssl.attr._cam.activation_cams import _LayerPerturbationCam
+from captum_ssl.attr._cam.activation_cams import (
+    _LayerPerturbationCam,
+    masked_input,
+)
 from captum_ssl.attr._cam.base import LayerGradCam, _finish
 from captum_ssl.attr._core import (
     AttributionInputError,
@@ -28,6 +31,7 @@ from captum_ssl.attr._core import (
     layer_activations,
     layer_activations_and_gradients,
 )
+from captum_ssl.attr._layout import spatial_reduce
 
 
 def _check_samples(num_samples: int, noise: Optional[Tensor], shape: tuple) -> None:
@@ -40,15 +44,6 @@ def _check_samples(num_samples: int, noise: Optional[Tensor], shape: tuple) -> N
             f"noise must have shape {tuple(shape)} (num_samples first) or "
             f"broadcast to it, got {tuple(noise.shape)}."
         )
-
-
-def _image(inputs: Tuple[Tensor, ...], name: str) -> Tensor:
-    if len(inputs) != 1 or inputs[0].dim() != 4:
-        raise AttributionInputError(
-            f"{name} masks an image batch (B, C, H, W); got inputs of shapes "
-            f"{[tuple(t.shape) for t in inputs]}."
-        )
-    return inputs[0]
 
 
 class _LayerSmoothedScoreCam(_LayerPerturbationCam):
@@ -67,7 +62,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
             setattr(self, k, v)
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -104,7 +99,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
                         source of the noise when ``noise`` is None.
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         self._num = int(num_samples if num_samples is not None else self.num_samples)
         self._noise, self._generator = noise, generator
@@ -130,14 +125,13 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
     ) -> Tensor:
-        x = _image(inputs, type(self).__name__)
+        x, mode = masked_input(inputs, acts, type(self).__name__)
         channels, n = acts.shape[1], self._num
         if self._noise is not None:
-            shape = (n, *acts.shape[:2], *x.shape[-2:])
+            shape = (n, *acts.shape[:2], *x.shape[2:])
             _check_samples(n, self._noise, shape)
             self._noise = self._noise.to(x.device).expand(shape)
-        lo = acts.amin(dim=(2, 3), keepdim=True)
-        hi = acts.amax(dim=(2, 3), keepdim=True)
+        lo, hi = spatial_reduce(acts, "amin"), spatial_reduce(acts, "amax")
         norm = (acts - lo) / (hi - lo + 1e-8)
 
         def make_batch(b: Tensor, j: Tensor) -> Tuple[Tensor, ...]:
@@ -145,8 +139,8 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
             i, k = j // channels, j % channels
             up = F.interpolate(
                 norm[b, k].unsqueeze(1),
-                size=x.shape[-2:],
-                mode="bilinear",
+                size=x.shape[2:],
+                mode=mode,
                 align_corners=False,
             )
             return (x[b] * self._mask(up, b, k, i),)
@@ -209,7 +203,7 @@ class LayerISCam(_LayerSmoothedScoreCam):
     def _mask(self, up: Tensor, b: Tensor, k: Tensor, i: Tensor) -> Tensor:
         step = (i + 1).to(up.dtype)
         coeff = step * (step + 1) / (2 * self._num)
-        return up * coeff.reshape(-1, 1, 1, 1)
+        return up * coeff.reshape(-1, *[1] * (up.dim() - 1))
 
 
 class LayerSSCam(_LayerSmoothedScoreCam):
@@ -323,7 +317,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
         self.num_samples, self.std = num_samples, std
 
     @log_usage()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: TargetType = None,
@@ -332,14 +326,28 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
         relu_attributions: bool = False,
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
+        create_graph: bool = False,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
-            inputs, target, additional_forward_args, attribute_to_layer_input,
-            relu_attributions, attr_dim_summation, grad_kwargs: as
-                        :meth:`LayerGradCam.attribute` (one input tensor).
+            inputs (Tensor): one input batch ``(B, ...)`` (the noise is added
+                        to it).
+            target (int, tuple, Tensor or list, optional): output index per
+                        sample, as in Captum. Default: None
+            additional_forward_args (Any, optional): extra forward arguments.
+                        Default: None
+            attribute_to_layer_input (bool, optional): explain the layer's input
+                        instead of its output. Default: False
+            relu_attributions (bool, optional): apply a ReLU to the map.
+                        Default: False
+            attr_dim_summation (bool, optional): sum over channels; ``False``
+                        returns the weighted activations. Default: True
+            grad_kwargs (dict, optional): passed to ``torch.autograd.grad``.
+                        Default: None
+            create_graph (bool, optional): return a differentiable map (see
+                        :meth:`LayerGradCam.attribute`). Default: False
             noise (Tensor, optional): pre-drawn input noise of shape
                         ``(num_samples, *inputs.shape)`` (or broadcastable),
                         for exactly reproducible runs.
@@ -347,7 +355,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                         noise when ``noise`` is None.
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         if len(inputs) != 1:
@@ -355,7 +363,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                 "LayerSmoothGradCamPlusPlus adds noise to one input tensor; got "
                 f"{len(inputs)}."
             )
-        with attribution_call(self.forward_func) as record:
+        with attribution_call(self.forward_func, keep_mode=create_graph) as record:
             x, n = inputs[0], self.num_samples
             _check_samples(n, noise, (n, *x.shape))
             common = dict(
@@ -363,9 +371,25 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                 device_ids=self.device_ids,
                 attribute_to_layer_input=attribute_to_layer_input,
             )
-            acts = layer_activations(
-                self.forward_func, self.layer, inputs, additional_forward_args, **common
-            )
+            if create_graph:  # activations in the graph to the parameters
+                acts, _ = layer_activations_and_gradients(
+                    self.forward_func,
+                    self.layer,
+                    inputs,
+                    target,
+                    additional_forward_args,
+                    grad_kwargs=grad_kwargs,
+                    create_graph=True,
+                    **common,
+                )
+            else:
+                acts = layer_activations(
+                    self.forward_func,
+                    self.layer,
+                    inputs,
+                    additional_forward_args,
+                    **common,
+                )
             powers = None
             for i in range(n):
                 if noise is not None:
@@ -382,6 +406,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                     target,
                     additional_forward_args,
                     grad_kwargs=grad_kwargs,
+                    create_graph=create_graph,
                     **common,
                 )
                 step = [torch.stack([g, g * g, g * g * g]) for g in grads]
@@ -391,9 +416,9 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
             cams = []
             for a, p in zip(acts, powers):  # type: ignore[arg-type]
                 d1, d2, d3 = p / n
-                sum_acts = a.sum(dim=(2, 3), keepdim=True)
+                sum_acts = spatial_reduce(a, "sum")
                 alpha = d2 / (2 * d2 + sum_acts * d3 + self.eps)
-                w = (alpha * torch.relu(d1)).sum(dim=(2, 3), keepdim=True)
+                w = spatial_reduce(alpha * torch.relu(d1), "sum")
                 weighted = w * a
                 cams.append(
                     weighted.sum(dim=1, keepdim=True)

@@ -312,7 +312,7 @@ class PartialLRP(_LRPAttribution):
         return res.done(_to_map(rel[:, 0, :], res.layout))  # type: ignore[arg-type]
 
 
-class LRP(_LRPAttribution):
+class TransformerLRP(_LRPAttribution):
     r"""Full LRP to the input pixels with the rules of Chefer et al. (CVPR
     2021; their "LRP" baseline): :math:`\alpha\beta` for linear layers,
     identity for LayerNorm / GELU / softmax, halved matmul rule, normalised
@@ -320,13 +320,18 @@ class LRP(_LRPAttribution):
     convolution (bounds: each image's minimum and maximum value), relevance 1
     at the target class; summed over the colour channels.
 
+    Not Captum's :class:`captum.attr.LRP` (layer-wise rules for any model,
+    relevance at the input per element): a different algorithm, so a
+    different name.
+
     Args:
         forward_func (Callable): the timm model (or a bound method of it).
         layout (TokenLayout, optional): unused (pixel maps); for symmetry.
 
     Examples::
 
-        >>> maps = LRP(model).attribute(images, target=labels)  # (B, 1, H, W)
+        >>> lrp = TransformerLRP(model)
+        >>> maps = lrp.attribute(images, target=labels)  # (B, 1, H, W)
     """
 
     @log_usage()

@@ -1,0 +1,546 @@
+"""Captum's generic checks over every layer CAM (issue 19), in Captum's style.
+
+A config list (``CONFIG``, the schema of ``captum.testing.attr.helpers.
+test_config``: name, algorithms, model, layer, attribute_args) drives three
+checks, so that the list and the checks can move upstream with the methods:
+
+* targets: a batch explained with per-sample targets (list, tensor, ``(B,
+  1)`` tensor) equals each sample explained alone, and one target given as
+  an int, a one-element tensor, a tuple or a list of equal entries gives the
+  same maps (Captum's ``tests/attr/test_targets.py`` idea);
+* hook removal: no forward, pre-forward or backward hook is left on any
+  module, parameters keep ``requires_grad`` and modules their mode, after a
+  normal call, after a target that raises mid-call (``(9999,) * 20``, caught
+  as ``AssertionError`` as in Captum) and after a layer whose forward raises
+  (Captum's ``tests/attr/test_hook_removal.py`` modes);
+* Captum parity: ``captum_ssl.attr.LayerGradCam`` equals
+  ``captum.attr.LayerGradCam`` on every config and option Captum's own
+  ``LayerGradCam`` tests and ``test_config`` use (layer input and output,
+  ReLU, no channel sum, several inputs and outputs, frozen parameters), and
+  on 1-D, 2-D and 3-D CNNs and linear layers.
+
+The configs are Captum's own test models (``captum.testing.helpers.
+basic_models``, the ``LayerGradCam`` entries of Captum's shipped
+``test_config``), 1-D / 3-D CNNs and this project's CNN and ViT.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Dict, List, Optional
+
+import pytest
+import torch
+from captum.attr import LayerGradCam as CaptumLayerGradCam
+from captum.testing.attr.helpers.test_config import config as captum_config
+from captum.testing.helpers.basic_models import (
+    BasicModel_ConvNet,
+    BasicModel_ConvNet_One_Conv,
+    BasicModel_MultiLayer,
+)
+from conftest import TinyCNN, make_tiny_vit
+from torch import nn
+
+import captum_ssl.attr as A
+
+GRADIENT_CAMS = [
+    A.LayerGradCam,
+    A.LayerGradCamPlusPlus,
+    A.LayerXGradCam,
+    A.LayerHiResCam,
+    A.LayerGradCamElementWise,
+    A.LayerLayerCam,
+    A.LayerEigenGradCam,
+    A.LayerSmoothGradCamPlusPlus,
+    A.LayerShapleyCam,
+    A.LayerFinerCam,
+]
+ACTIVATION_CAMS = [
+    A.LayerEigenCam,
+    A.LayerScoreCam,
+    A.LayerISCam,
+    A.LayerSSCam,
+    A.LayerAblationCam,
+    A.LayerReciproCam,
+    A.LayerClassActivationMap,
+    A.LayerFEM,
+    A.LayerKPCACam,
+    A.LayerRandomCam,
+    A.DeepFeatureFactorization,
+]
+#: every single-layer CAM class of the package
+LAYER_CAMS = GRADIENT_CAMS + ACTIVATION_CAMS
+#: methods whose equation needs several positions: they refuse (B, C) layers
+NEEDS_POSITIONS = {
+    A.LayerEigenGradCam,
+    A.LayerEigenCam,
+    A.LayerScoreCam,
+    A.LayerISCam,
+    A.LayerSSCam,
+    A.LayerReciproCam,
+    A.LayerFEM,
+    A.LayerKPCACam,
+}
+#: methods that draw random numbers (SmoothGrad noise, SS-CAM noise, random
+#: weights) or describe the batch as a whole (DFF factorises all samples
+#: together): a sample explained alone legitimately differs
+BATCH_DEPENDENT = {
+    A.LayerSmoothGradCamPlusPlus,
+    A.LayerSSCam,
+    A.LayerRandomCam,
+    A.DeepFeatureFactorization,
+}
+#: constructor options keeping each method small and deterministic
+INIT: Dict[type, Dict[str, Any]] = {
+    A.LayerISCam: {"num_samples": 2},
+    A.LayerSSCam: {"num_samples": 2},
+    A.LayerSmoothGradCamPlusPlus: {"num_samples": 2},
+}
+ATTRIBUTE: Dict[type, Dict[str, Any]] = {
+    A.DeepFeatureFactorization: {"n_components": 2},
+    A.LayerFinerCam: {"comparison_categories": (1,)},
+}
+
+
+class ConvNet1d(nn.Module):
+    """A 1-D CNN (time series, audio): Conv1d -> ReLU -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).mean(dim=2))
+
+
+class ConvNet3d(nn.Module):
+    """A 3-D CNN (volumes, video): Conv3d -> ReLU -> pool -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.conv(x)).mean(dim=(2, 3, 4)))
+
+
+class ImageWithConv1d(nn.Module):
+    """An image model with a Conv1d inside (ECA-style channel attention): its
+    ``(B, 1, C)`` output and the ``(B, 6, L)`` signal branch are channels-first
+    maps, never ViT tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.seq = nn.Conv1d(8, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x)).flatten(2)  # (B, 8, H * W)
+        return self.fc(torch.relu(self.seq(f)).mean(dim=2))
+
+
+def _seeded(model: nn.Module) -> nn.Module:
+    return model.eval()
+
+
+def _config() -> List[Dict[str, Any]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    cnn = _seeded(TinyCNN())
+    vit = make_tiny_vit(depth=2)
+    return [
+        {
+            "name": "captum_basic_conv",
+            "model": _seeded(BasicModel_ConvNet()),
+            "layer": "conv2",
+            "attribute_args": {
+                "inputs": torch.randn(4, 1, 10, 10, generator=g),
+                "target": [0, 1, 1, 3],
+            },
+            "fc": "fc1",
+        },
+        {
+            "name": "captum_basic_linear",
+            "model": _seeded(BasicModel_MultiLayer()),
+            "layer": "linear1",
+            "attribute_args": {
+                "inputs": torch.randn(4, 3, generator=g),
+                "target": torch.tensor([0, 1, 0, 1]),
+            },
+            "fc": "linear2",
+        },
+        {
+            "name": "conv1d",
+            "model": _seeded(ConvNet1d()),
+            "layer": "conv",
+            "attribute_args": {
+                "inputs": torch.randn(3, 3, 12, generator=g),
+                "target": [1, 4, 2],
+            },
+            "fc": "fc",
+        },
+        {
+            "name": "conv1d_in_image_model",
+            "model": _seeded(ImageWithConv1d()),
+            "layer": "seq",
+            "attribute_args": {
+                "inputs": torch.randn(2, 3, 4, 5, generator=g),
+                "target": torch.tensor([[3], [0]]),
+            },
+            "fc": "fc",
+        },
+        {
+            "name": "conv3d",
+            "model": _seeded(ConvNet3d()),
+            "layer": "conv",
+            "attribute_args": {
+                "inputs": torch.randn(2, 2, 4, 5, 3, generator=g),
+                "target": [0, 3],
+            },
+            "fc": "fc",
+        },
+        {
+            "name": "project_cnn",
+            "model": cnn,
+            "layer": "features.4",
+            "attribute_args": {
+                "inputs": torch.randn(3, 3, 16, 16, generator=g),
+                "target": [0, 2, 4],
+            },
+            "fc": "fc",
+        },
+        {
+            "name": "project_vit",
+            "model": vit,
+            "layer": "blocks.1.norm1",
+            "attribute_args": {
+                "inputs": torch.randn(2, 3, 32, 32, generator=g),
+                "target": [6, 1],
+            },
+            "fc": "head",
+        },
+    ]
+
+
+CONFIG = _config()
+
+
+#: methods that mask the input with the layer's upsampled maps: the input
+#: must have the layer's number of spatial dimensions
+MASKS_INPUT = {A.LayerScoreCam, A.LayerISCam, A.LayerSSCam}
+
+
+def _applies(cls: type, cfg: Dict[str, Any]) -> bool:
+    layer = cfg["model"].get_submodule(cfg["layer"])
+    if cls in NEEDS_POSITIONS and isinstance(layer, nn.Linear):
+        return False
+    return not (cls in MASKS_INPUT and cfg["name"] == "conv1d_in_image_model")
+
+
+def _method(cls: type, model: nn.Module, layer: nn.Module, cfg: Dict[str, Any]):
+    kw = dict(INIT.get(cls, {}))
+    if cls is A.LayerClassActivationMap:
+        kw["fc"] = model.get_submodule(cfg["fc"])
+    if cls is A.DeepFeatureFactorization:
+        kw["classifier"] = model.get_submodule(cfg["fc"])
+    return cls(model, layer, **kw)
+
+
+def _attribute(method, cls: type, **args: Any) -> torch.Tensor:
+    options = dict(ATTRIBUTE.get(cls, {}))
+    if cls is A.DeepFeatureFactorization:  # the same NMF start in every call
+        options["generator"] = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. zero gradients of a random net
+        return method.attribute(**args, **options)
+
+
+#: configs on which every target form is tried (one rule for all methods:
+#: a pooled layer, a 1-D and a 2-D CNN suffice, and keep the test fast)
+FORMS_ON = ("captum_basic_linear", "conv1d", "project_cnn")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """Equal up to ``tol`` of the larger map's scale (float32 sums of large
+    activations, e.g. Captum's ``100 * randn`` inputs)."""
+    assert a.shape == b.shape
+    scale = max(1.0, float(b.abs().max()), float(a.abs().max()))
+    assert float((a - b).abs().max()) <= tol * scale, (a, b)
+
+
+CASES = [
+    pytest.param(cls, cfg, id=f"{cfg['name']}-{cls.__name__}")
+    for cfg in CONFIG
+    for cls in LAYER_CAMS
+    if _applies(cls, cfg)
+]
+
+
+# ------------------------------------------------------------------ targets
+@pytest.mark.parametrize("cls,cfg", CASES)
+def test_targets(cls, cfg):
+    """Per-sample targets on a batch equal each sample alone; one target in
+    every form Captum accepts gives the same maps."""
+    model = cfg["model"]
+    method = _method(cls, model, model.get_submodule(cfg["layer"]), cfg)
+    args = dict(cfg["attribute_args"])
+    x, targets = args.pop("inputs"), args.pop("target")
+    per_sample = [int(t) for t in torch.as_tensor(targets).flatten()]
+    batch = _attribute(method, cls, inputs=x, target=targets, **args)
+    assert batch.shape[0] == x.shape[0] and batch.device == x.device
+    if cls not in BATCH_DEPENDENT:
+        for i, t in enumerate(per_sample):
+            alone = _attribute(method, cls, inputs=x[i : i + 1], target=t, **args)
+            _close(alone, batch[i : i + 1])
+    if cfg["name"] not in FORMS_ON:
+        return
+    t = per_sample[0]
+    forms = [t, (t,), torch.tensor(t), torch.tensor([t]), [t] * len(x)]
+    forms += [torch.full((len(x),), t), torch.full((len(x), 1), t)]
+    if cls in BATCH_DEPENDENT - {A.DeepFeatureFactorization}:
+        return  # random draws: the forms are checked for errors only
+    reference = _attribute(method, cls, inputs=x, target=t, **args)
+    for form in forms:
+        out = _attribute(method, cls, inputs=x, target=form, **args)
+        _close(out, reference)
+
+
+# -------------------------------------------------------------- hook removal
+class ErrorModule(nn.Module):
+    """Stands in for the explained layer and raises in its forward."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("Raising error on execution")
+
+
+def _state(model: nn.Module) -> List[Any]:
+    return [
+        (
+            len(m._forward_hooks),
+            len(m._forward_pre_hooks),
+            len(m._backward_hooks),
+            m.training,
+        )
+        for m in model.modules()
+    ] + [p.requires_grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["normal", "incorrect_target", "invalid_module"])
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_hook_removal(cls, mode):
+    """No hook left, parameters and modes restored, also when the target
+    selection or the forward raises mid-call (an ``AssertionError``, as
+    Captum)."""
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = copy.deepcopy(cfg["model"])
+    layer: Optional[nn.Module] = model.get_submodule(cfg["layer"])
+    if mode == "invalid_module":
+        layer = ErrorModule()
+        model.features[4] = layer
+    method = _method(cls, model, layer, cfg)
+    model.train()  # the call switches to eval and must switch back
+    before = _state(model)
+    args = dict(cfg["attribute_args"])
+    if mode == "incorrect_target":
+        args["target"] = (9999,) * 20
+    if mode == "normal":
+        _attribute(method, cls, **args)
+    else:
+        with pytest.raises(AssertionError):
+            _attribute(method, cls, **args)
+    assert _state(model) == before
+
+
+# ------------------------------------------------------------ Captum parity
+def _grad_cam_configs() -> List[Any]:
+    """Captum's own LayerGradCam configs (its shipped test_config)."""
+    out = []
+    for cfg in captum_config:
+        if CaptumLayerGradCam not in cfg["algorithms"] or "layer" not in cfg:
+            continue
+        if cfg.get("noise_tunnel") or cfg.get("dp_delta"):
+            continue
+        out.append(pytest.param(cfg, id=cfg["name"]))
+    return out
+
+
+def _same(ours: Any, theirs: Any) -> None:
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+OPTIONS = [
+    {},
+    {"attribute_to_layer_input": True},
+    {"relu_attributions": True},
+    {"attr_dim_summation": False},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("cfg", _grad_cam_configs())
+def test_grad_cam_equals_captum_on_captums_configs(cfg, options):
+    model = copy.deepcopy(cfg["model"]).eval()
+    layers = cfg["layer"] if isinstance(cfg["layer"], list) else [cfg["layer"]]
+    for name in layers:
+        layer = model.get_submodule(name)
+        args = {**cfg["attribute_args"], **options}
+        torch.manual_seed(0)
+        theirs = CaptumLayerGradCam(model, layer).attribute(**args)
+        ours = A.LayerGradCam(model, layer).attribute(**args)
+        _same(ours, theirs)
+
+
+def _extra_parity_cases() -> List[Any]:
+    one = BasicModel_ConvNet_One_Conv().eval()
+    frozen = BasicModel_ConvNet_One_Conv().eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    img = torch.arange(16.0).view(1, 1, 4, 4)
+    cases = [
+        ("one_conv", one, "conv1", img),
+        ("one_conv_relu", one, "relu1", img),
+        ("one_conv_frozen", frozen, "conv1", img),
+        ("one_conv_two_inputs", one, "conv1", (img, torch.ones(1, 1, 4, 4))),
+        ("multi_output_layer", BasicModel_MultiLayer(multi_input_module=True).eval()),
+    ]
+    cases[-1] += ("multi_relu", torch.tensor([[0.0, 6.0, 0.0]]))
+    for cfg in CONFIG:
+        if cfg["name"] != "project_vit":  # Captum has no token layout
+            x = cfg["attribute_args"]["inputs"]
+            cases.append((cfg["name"], cfg["model"], cfg["layer"], x))
+    return [pytest.param(*c, id=c[0]) for c in cases]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
+@pytest.mark.parametrize("name,model,layer_name,x", _extra_parity_cases())
+def test_grad_cam_equals_captum_on_every_rank(name, model, layer_name, x, options):
+    """1-D, 2-D, 3-D CNNs, linear layers, several inputs / outputs, frozen
+    parameters: switching the import changes no result."""
+    layer = model.get_submodule(layer_name)
+    args = {"inputs": x, "target": 0, **options}
+    _same(
+        A.LayerGradCam(model, layer).attribute(**args),
+        CaptumLayerGradCam(model, layer).attribute(**args),
+    )
+
+
+# ------------------------------------------------------------------ layouts
+def test_three_d_outputs_are_tokens_only_where_the_model_declares_them():
+    """A Conv1d output (B, 64, 100), alone or inside an image model, is a
+    channels-first map; a ViT's (B, N, C) stays a token grid; ``layout=``
+    makes any 3-D output tokens."""
+    conv = nn.Sequential(nn.Conv1d(3, 64, 1), nn.Flatten(), nn.Linear(6400, 4))
+    x = torch.randn(2, 3, 100)
+    for cls in (A.LayerGradCam, A.LayerEigenCam):
+        assert cls(conv.eval(), conv[0]).attribute(x, target=1).shape == (2, 1, 100)
+    image = ImageWithConv1d().eval()
+    grad = A.LayerGradCam(image, image.seq).attribute(torch.randn(2, 3, 4, 5), 1)
+    assert grad.shape == (2, 1, 20)
+    vit = make_tiny_vit(depth=1)
+    assert A.LayerGradCam(vit, vit.blocks[0].norm1).attribute(
+        torch.randn(2, 3, 32, 32), target=1
+    ).shape == (2, 1, 4, 4)
+    tokens = nn.Sequential(nn.Linear(8, 8), nn.Flatten(), nn.Linear(17 * 8, 3))
+    lay = A.TokenLayout(grid=(4, 4), num_prefix_tokens=1)
+    out = A.LayerGradCam(tokens.eval(), tokens[0], layout=lay).attribute(
+        torch.randn(2, 17, 8), target=0
+    )
+    assert out.shape == (2, 1, 4, 4)
+
+
+@pytest.mark.parametrize("cls", sorted(NEEDS_POSITIONS, key=lambda c: c.__name__))
+def test_methods_without_a_pooled_form_refuse_pooled_layers(cls):
+    """The documented refusal (docs/cam_ranks.md): a (B, C) layer has one
+    position; the error names the fix."""
+    model = BasicModel_MultiLayer().eval()
+    method = cls(model, model.linear1, **INIT.get(cls, {}))
+    with pytest.raises(A.AttributionInputError, match="earlier layer|gradient CAM"):
+        method.attribute(torch.randn(2, 3), target=0)
+
+
+# ------------------------------------------------------ viewing and metrics
+@pytest.mark.parametrize(
+    "cfg", [c for c in CONFIG if c["name"] in ("conv1d", "conv3d", "project_cnn")]
+)
+def test_maps_of_every_rank_upsample_as_captums_interpolate(cfg):
+    """``captum_ssl.viz.upsample`` and the metrics' map preparation take a
+    1-D, 2-D or 3-D layer map to the input's size as Captum's
+    ``LayerAttribution.interpolate`` (linear / bilinear / trilinear)."""
+    from captum.attr import LayerAttribution
+
+    from captum_ssl.metrics._common import prepare_maps
+    from captum_ssl.viz import to_heatmap, upsample
+
+    model = cfg["model"]
+    x = cfg["attribute_args"]["inputs"]
+    layer = model.get_submodule(cfg["layer"])
+    cam = A.LayerGradCam(model, layer).attribute(x, target=0)
+    size = tuple(x.shape[2:])
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    # an odd-sized layer map, so that the resize does real work
+    small = torch.nn.functional.avg_pool1d(cam.flatten(2), 2).reshape(
+        *cam.shape[:2], -1
+    )
+    small = small.reshape(*cam.shape[:2], *[1] * (len(size) - 1), -1)
+    expected = LayerAttribution.interpolate(small, size, interpolate_mode=mode)
+    torch.testing.assert_close(upsample(small, x), expected)
+    torch.testing.assert_close(prepare_maps(small, x), expected)
+    heat = to_heatmap(small, x)
+    assert heat.shape == (x.shape[0], 1, *size)
+    assert float(heat.amin()) >= 0 and float(heat.amax()) <= 1
+
+
+# ---------------------------------------------------------------- signatures
+@pytest.mark.parametrize("cls", GRADIENT_CAMS, ids=lambda c: c.__name__)
+def test_gradient_cams_share_captums_signature(cls):
+    """Every gradient CAM takes Captum's arguments in Captum's order, plus
+    ``create_graph``: with it the map equals the default one and a loss on it
+    reaches the parameters before the layer."""
+    import inspect
+
+    names = list(inspect.signature(cls.attribute).parameters)[1:8]
+    assert names == [
+        "inputs",
+        "target",
+        "additional_forward_args",
+        "attribute_to_layer_input",
+        "relu_attributions",
+        "attr_dim_summation",
+        "grad_kwargs",
+    ]
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = copy.deepcopy(cfg["model"])
+    method = _method(cls, model, model.features[4], cfg)
+    x = cfg["attribute_args"]["inputs"][:2]
+    kw = {"target": [0, 2], "grad_kwargs": {"retain_graph": True}}
+    if cls is A.LayerSmoothGradCamPlusPlus:
+        kw["noise"] = torch.randn(2, *x.shape, generator=torch.Generator())
+    plain = _attribute(method, cls, inputs=x, **kw)
+    live = _attribute(method, cls, inputs=x, create_graph=True, **kw)
+    _close(live.detach(), plain, 1e-4)
+    live.pow(2).sum().backward()
+    assert model.features[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_a_tuple_target_longer_than_the_output_is_an_assertion_error(cls):
+    """Captum asserts on a target indexing more dimensions than the output
+    has; here too, with a message naming the fix (no raw RuntimeError)."""
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = cfg["model"]
+    method = _method(cls, model, model.get_submodule(cfg["layer"]), cfg)
+    x = cfg["attribute_args"]["inputs"][:2]
+    for target in [(1, 0), [(1, 0), (2, 0)]]:
+        with pytest.raises(AssertionError, match="one index per output dimension"):
+            _attribute(method, cls, inputs=x, target=target)
