@@ -1056,9 +1056,8 @@ def chunked_scores(
         )
     targets = per_sample_targets(target, batch)
     scores: Optional[Tensor] = None  # float32, or the model's dtype if wider
-    starts = range(0, total, perturbations_per_eval)
-    if show_progress:
-        starts = progress_bar(starts, desc, len(starts), unit="batch")
+    chunks = range(0, total, perturbations_per_eval)
+    starts = progress_bar(chunks, desc, len(chunks), show_progress, unit="batch")
     # one eval-mode switch (and at most one warning) for the whole loop
     with eval_mode(forward_func):
         for start in starts:

@@ -168,9 +168,9 @@ class ImageNetSamples(Dataset):
         """Consecutive batches as :class:`Photos` (images, labels, names, raw)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        starts = range(0, len(self), batch_size)
+        chunks = range(0, len(self), batch_size)
         starts = progress_bar(
-            starts, "ImageNet samples", len(starts), progress, unit="batch"
+            chunks, "ImageNet samples", len(chunks), progress, unit="batch"
         )
         for start in starts:
             raws, idx = [], []
