@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import BinaryIO, Callable, List, NamedTuple, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ def _grace_hopper() -> np.ndarray:
     from matplotlib import cbook
     from PIL import Image
 
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
+    with cast(BinaryIO, cbook.get_sample_data("grace_hopper.jpg")) as f:
         return np.asarray(Image.open(f).convert("RGB"))
 
 
@@ -126,7 +126,8 @@ def bundled_photos(
         if unknown:
             raise ValueError(f"unknown photos {unknown}; known: {photo_names()}")
         table = tuple(known[x] for x in names)
-    raws, labels, kept, accepted = [], [], [], []
+    raws, labels, accepted = [], [], []
+    kept: List[str] = []
     for name, read, label, ok in table:
         if n is not None and len(kept) >= n:
             break

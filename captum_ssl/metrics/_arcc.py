@@ -72,7 +72,7 @@ def complexity(
         >>> complexity(model, x, cam)
     """
     _, maps = prepare(model, inputs, attributions)
-    flat = maps.clamp(min=0).flatten(1)  # type: ignore[union-attr]
+    flat = maps.clamp(min=0).flatten(1)
     hi, lo = flat.max(dim=1).values, flat.min(dim=1).values
     uniform = (hi > 0) & (hi - lo <= 1e-5 * hi)  # every pixel equally salient
     value = _heat(maps).abs().flatten(1).mean(dim=1)
@@ -144,7 +144,7 @@ def coherency(
         )
     x, maps = prepare(model, inputs, attributions)
     target = resolve_target(model, x, target, batch_size)
-    heat = _heat(maps)  # type: ignore[arg-type]
+    heat = _heat(maps)
     # a non-finite map's image scores NaN (metric_call); it is re-explained
     # unmasked so that the method does not refuse the whole batch
     heat = torch.where(torch.isfinite(heat), heat, torch.ones_like(heat))
@@ -225,7 +225,7 @@ def road_combined(
         )
     x, maps = prepare(model, inputs, attributions)
     target = resolve_target(model, x, target, batch_size)
-    heat = _heat(maps)[:, 0]  # type: ignore[index]
+    heat = _heat(maps)[:, 0]
     removed = []
     for m in (heat, 1 - heat):  # MoRF, LeRF
         flat = m.flatten(1)

@@ -12,7 +12,7 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ def metric_call(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def metric(*args: Any, **kwargs: Any) -> Any:
-        model = args[0] if args else kwargs.get("model")
+        model = cast(Callable, args[0] if args else kwargs.get("model"))
         outer = _BAD_MAPS.get()
         record: list = [] if outer is None else outer
         token = _BAD_MAPS.set(record) if outer is None else None
@@ -142,8 +142,8 @@ def _mark_nan(out: Any, record: list, name: str) -> Any:
             if why is not None:
                 for i in bad.nonzero().flatten().tolist():
                     reasons.setdefault(i, why)
-    bad_rows = (~torch.isfinite(out.reshape(out.shape[0], -1)).all(1)).nonzero()
-    bad_rows = bad_rows.flatten().tolist()
+    finite = torch.isfinite(out.reshape(out.shape[0], -1)).all(1)
+    bad_rows = (~finite).nonzero().flatten().tolist()
     if bad_rows:
         parts = []
         plain = [i for i in bad_rows if i not in reasons]
@@ -170,8 +170,8 @@ def model_device(model: Callable, fallback: torch.device) -> torch.device:
     if isinstance(model, nn.Module):
         for t in model.parameters():
             return t.device
-        for t in model.buffers():
-            return t.device
+        for b in model.buffers():
+            return b.device
     return fallback
 
 
@@ -241,6 +241,18 @@ def prepare_maps(attributions: Tensor, inputs: Tensor) -> Tensor:
     if record is not None:  # NaN / Inf maps: the metric's value becomes NaN
         record.append(~torch.isfinite(maps.flatten(1)).all(1))
     return upsample(maps, inputs)
+
+
+@overload
+def prepare(
+    model: Callable, inputs: Tensor, attributions: Tensor
+) -> Tuple[Tensor, Tensor]: ...
+
+
+@overload
+def prepare(
+    model: Callable, inputs: Tensor, attributions: None
+) -> Tuple[Tensor, None]: ...
 
 
 def prepare(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union, cast
 
 import torch
 from captum._utils.typing import TargetType
@@ -34,7 +34,7 @@ def parameter_layers(model: nn.Module) -> List[str]:
 def randomize_(module: nn.Module) -> None:
     """Re-initialise a module in place (``reset_parameters`` or N(0, 0.02))."""
     if hasattr(module, "reset_parameters"):
-        module.reset_parameters()
+        cast(Callable[[], None], module.reset_parameters)()
         return
     for p in module.parameters(recurse=False):
         nn.init.normal_(p, std=0.02)

@@ -120,9 +120,10 @@ def checkpoint_paths(
                     f"{f.source}."
                 )
         else:
-            path = _locate(f, folder)
-            if path is None:
+            located = _locate(f, folder)
+            if located is None:
                 raise _missing_error(e, f, folder)
+            path = located
         out[f.role] = path
     return out
 
@@ -288,7 +289,7 @@ def load(
     if not head:
         headless(model)
     model.eval()
-    model.zoo_entry = e
+    setattr(model, "zoo_entry", e)  # noqa: B010 (not a Module attribute)
     return model
 
 

@@ -61,7 +61,7 @@ def _safe_globals() -> List[Any]:
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
     allowed.append(np.dtype)
     # numpy 2 pickles name numpy._core, numpy 1 pickles numpy.core
     allowed.append(scalar)
@@ -220,7 +220,8 @@ class _Node:
     was called with, so that tensors can be told apart by their names."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.items = args, {}
+        self.args = args
+        self.items: Dict[Any, Any] = {}
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self.items[key] = value

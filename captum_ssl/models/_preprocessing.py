@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -115,7 +115,10 @@ class Preprocessing:
         from torchvision import transforms as T
 
         return T.Compose(
-            [*self.raw_transform().transforms, T.Normalize(self.mean, self.std)]
+            [
+                *cast(T.Compose, self.raw_transform()).transforms,
+                T.Normalize(self.mean, self.std),
+            ]
         )
 
     def normalize(self, images: Tensor) -> Tensor:

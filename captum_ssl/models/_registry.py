@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -324,7 +324,8 @@ def _effnet_by_name(ckpts: Mapping[str, Any], model: nn.Module) -> Dict[str, Ten
     target = model.state_dict()
     if set(state) == set(target):  # already timm's naming
         return state
-    stages = tuple(len(stage) for stage in model.blocks)  # type: ignore[arg-type]
+    blocks = cast(nn.Sequential, model.blocks)  # timm: one nn.Sequential per stage
+    stages = tuple(len(cast(nn.Sequential, stage)) for stage in blocks)
     expands = {
         int(k.split(".")[1])
         for k in state

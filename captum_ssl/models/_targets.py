@@ -14,7 +14,7 @@ so every attribution method of this package runs on it unchanged:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,8 @@ class EmbeddingSimilarity(nn.Module):
         >>> model = zoo.EmbeddingSimilarity(backbone, refs)
         >>> model(images).shape  # (B, R); explain with target=r
     """
+
+    references: Tensor  # (R, D) buffer, unit norm
 
     def __init__(self, backbone: nn.Module, references: Tensor) -> None:
         super().__init__()
@@ -222,7 +224,10 @@ _HEADS: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]
     # timm
     (lambda m: hasattr(m, "reset_classifier"), _reset_classifier),
     # open_clip: the image tower of a CLIP model; the tower itself is headless
-    (lambda m: _is_open_clip(m, "CLIP") and hasattr(m, "visual"), lambda m: m.visual),
+    (
+        lambda m: _is_open_clip(m, "CLIP") and hasattr(m, "visual"),
+        lambda m: cast(nn.Module, m.visual),
+    ),
     (lambda m: _is_open_clip(m, "VisionTransformer"), lambda m: m),
     # torchvision ResNet / ViT
     (lambda m: isinstance(getattr(m, "fc", None), nn.Linear), _identity("fc")),

@@ -8,7 +8,7 @@ Saliency, SmoothGrad, and random maps.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,12 +74,14 @@ def standard_explainers(nt_samples: int = 16) -> Dict[str, Explainer]:
     from captum_ssl.attr import LayerGradCam
 
     def gradcam(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        cam = LayerGradCam(model, model.features[-1])
+        cam = LayerGradCam(model, cast(nn.Sequential, model.features)[-1])
         return cam.attribute(x, target=y, relu_attributions=True)
 
     def guided(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x = x.detach().requires_grad_()  # Captum warns when it has to set it
-        return GuidedGradCam(model, model.features[-1]).attribute(x, target=y)
+        return GuidedGradCam(model, cast(nn.Sequential, model.features)[-1]).attribute(
+            x, target=y
+        )
 
     def ig(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return IntegratedGradients(model).attribute(x, target=y, n_steps=32).abs()

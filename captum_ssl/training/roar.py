@@ -26,7 +26,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +206,7 @@ def _fit(
     )
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     train(
-        model, loader, lambda x, y: F.cross_entropy(model(x), y), epochs,
+        model, loader, lambda x, y: F.cross_entropy(model(x), cast(Tensor, y)), epochs,
         optimizer=opt, device=device, progress=False,
     )  # fmt: skip
     return model.eval()
@@ -344,7 +344,7 @@ def roar_kar(
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     key = key[:16]
     filler = train_data[0].mean(dim=(0, 2, 3)) if fill == "mean" else fill
-    hw = tuple(train_data[0].shape[-2:])
+    hw = (train_data[0].shape[-2], train_data[0].shape[-1])
 
     # 1. base model and maps (rank 0), stored
     base_path = out / f"base-{key}.pt"
@@ -383,7 +383,8 @@ def roar_kar(
     ]
     todo = [r for r in runs if r not in done][rank::world]
     trained = 0
-    cache: Dict[Tuple[str, str, float], Tuple[Tuple[Tensor, Tensor], ...]] = {}
+    Sets = Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]
+    cache: Dict[Tuple[str, str, float], Sets] = {}
     for run in todo:
         name, mode, t, seed = run
         if name == "none":

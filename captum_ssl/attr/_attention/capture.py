@@ -286,7 +286,7 @@ def attention_forward(
                 )
             attns = _single_calls(store, modules)
             grads = None
-    kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
+    kinds = [attention_kind(m) for m in modules]
     n = attns[0].shape[-1]
     for a in attns:
         if a.shape[-1] != n:

@@ -31,10 +31,11 @@ from captum_ssl.attr._core import (
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 
-def default_score_projection(model: nn.Module) -> Callable[[Tensor], Tensor]:
+def default_score_projection(model: Callable) -> Callable[[Tensor], Tensor]:
     """Class logits of intermediate tokens ``(B, N, C)``: the mean token
     through the model's final norm and classifier (LeGrad's and torchcam's
-    pooling), as the model's family adapter reads them."""
+    pooling), as the model's family adapter reads them (``model``: the model,
+    a bound method of it or a wrapper, as for ``forward_func``)."""
     from captum_ssl.attr._families import adapter_for
 
     return adapter_for(model).score_projection()
@@ -104,8 +105,9 @@ class LeGrad(_AttentionAttribution):
         score_projection: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
         super().__init__(forward_func, layers, layout)
-        model = root_module(forward_func)
-        self.score_projection = score_projection or default_score_projection(model)
+        self.score_projection = score_projection or default_score_projection(
+            forward_func
+        )
 
     @log_usage()
     def attribute(

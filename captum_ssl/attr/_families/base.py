@@ -31,6 +31,7 @@ from typing import (
     Optional,
     Tuple,
     Type,
+    cast,
 )
 
 from torch import Tensor, nn
@@ -211,7 +212,7 @@ class FamilyAdapter:
     def patch_tokens(self) -> nn.Module:
         """The module whose output are the patch tokens (AttnLRP at
         ``"patches"``), before any prefix token or position embedding."""
-        return self.model.patch_embed
+        return cast(nn.Module, self.model.patch_embed)
 
     def hooks(self, P: Propagator) -> list:
         """Hook handles to add for one LRP call (removed afterwards)."""

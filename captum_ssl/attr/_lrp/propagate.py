@@ -22,7 +22,7 @@ flags and hooks are left as they were.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +113,8 @@ class Propagator:
         if isinstance(m, self._scale):
             return self.scale(x, m.gamma)
         if isinstance(m, ACTIVATIONS):
-            return self.elementwise(lambda xx: type(m).forward(m, xx), x)
+            act: nn.Module = m
+            return self.elementwise(lambda xx: type(act).forward(act, xx), x)
         self.check_leaf(m, type(m).__name__)
         raise AssertionError("unreachable")
 
@@ -156,7 +157,7 @@ class Propagator:
 
         def rule(rr, z, aa):
             full = b.expand_as(aa)
-            return (self.rules.add(rr, z, aa, full)[0],)  # type: ignore[union-attr]
+            return (self.rules.add(rr, z, aa, full)[0],)
 
         return apply_rule(self.state, rule, lambda aa: aa + b, a)
 
@@ -217,7 +218,9 @@ class Propagator:
         if bias is not None:
             dots = self.add_const(dots, bias)
         if hasattr(m, "proj_l"):
-            dots = self.leaf(m.proj_l, dots.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            dots = self.leaf(
+                cast(nn.Module, m.proj_l), dots.permute(0, 2, 3, 1)
+            ).permute(0, 3, 1, 2)
         attn = apply_rule(
             st,
             lambda rr, s, xx: (r.softmax(rr, s, xx),),  # type: ignore[union-attr]
@@ -225,7 +228,9 @@ class Propagator:
             dots,
         )
         if hasattr(m, "proj_w"):
-            attn = self.leaf(m.proj_w, attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            attn = self.leaf(
+                cast(nn.Module, m.proj_w), attn.permute(0, 2, 3, 1)
+            ).permute(0, 3, 1, 2)
         self.record(m, attn)
         if keep is not None:
             keep.append(attn)

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import Tensor
 
 Rule = Callable[..., Tuple[Optional[Tensor], ...]]
@@ -39,13 +40,13 @@ class State:
 
 class _Rule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, state: State, rule: Rule, y: Tensor, *xs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, state: State, rule: Rule, y: Tensor, *xs: Tensor) -> Tensor:
         ctx.state, ctx.rule = state, rule
         ctx.save_for_backward(y, *xs)
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx, r: Tensor):  # type: ignore[override]
+    def backward(ctx, r: Tensor):
         y, *xs = ctx.saved_tensors
         if ctx.state.mode == "grad":
             return (None, None, r) + (None,) * len(xs)
