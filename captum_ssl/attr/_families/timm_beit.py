@@ -9,7 +9,7 @@ addend of the scores (:meth:`Propagator.add_const`).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,13 +23,18 @@ from captum_ssl.attr._families.base import (
 from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model
 from captum_ssl.attr._lrp.propagate import Plan, Propagator
 
+if TYPE_CHECKING:
+    from timm.models.beit import Attention, Block
 
-def beit_attention_forward(P: Propagator, m: nn.Module) -> Callable:
+
+def beit_attention_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("Attention", module)
+
     def forward(x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
         b, n, _ = x.shape
         bias = None
         if m.q_bias is not None:
-            bias = torch.cat((m.q_bias, m.k_bias, m.v_bias))
+            bias = torch.cat((m.q_bias, cast(Tensor, m.k_bias), m.v_bias))
         qkv = P.linear(x, m.qkv.weight, bias).reshape(b, n, 3, m.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         pos = None
@@ -57,7 +62,9 @@ register_attention(
 )
 
 
-def beit_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def beit_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("Block", module)
+
     def forward(x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
         h = m.attn(P.leaf(m.norm1, x), shared_rel_pos_bias=shared_rel_pos_bias)
         if m.gamma_1 is not None:

@@ -9,7 +9,7 @@ rule is the z-rule of a linear map (:meth:`Propagator.linear_map`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from captum_ssl.attr._families.base import (
 from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, no_mask
 
+if TYPE_CHECKING:
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
+
 
 def rotate(t: Tensor, rope: Tensor, prefix: int, half: bool) -> Tensor:
     """EVA's RoPE: the patch tokens of ``t`` (after ``prefix`` tokens)
@@ -33,7 +36,9 @@ def rotate(t: Tensor, rope: Tensor, prefix: int, half: bool) -> Tensor:
     return torch.cat([t[:, :, :prefix, :], rotated], dim=2).type_as(t)
 
 
-def eva_attention_forward(P: Propagator, m: nn.Module) -> Callable:
+def eva_attention_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("EvaAttention", module)
+
     def forward(
         x: Tensor,
         rope: Optional[Tensor] = None,
@@ -49,7 +54,7 @@ def eva_attention_forward(P: Propagator, m: nn.Module) -> Callable:
         if m.qkv is not None:
             bias = None
             if m.q_bias is not None:
-                bias = torch.cat((m.q_bias, m.k_bias, m.v_bias))
+                bias = torch.cat((m.q_bias, cast(Tensor, m.k_bias), m.v_bias))
             qkv = P.linear(x, m.qkv.weight, bias).reshape(b, n, 3, h, -1)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
@@ -88,7 +93,9 @@ def _scaled(P: Propagator, x: Tensor, gamma: Optional[Tensor]) -> Tensor:
     return x if gamma is None else P.scale(x, gamma)
 
 
-def eva_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def eva_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("EvaBlock", module)
+
     def forward(
         x: Tensor,
         rope: Optional[Tensor] = None,
@@ -104,7 +111,9 @@ def eva_block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def eva_post_norm_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def eva_post_norm_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("EvaBlockPostNorm", module)
+
     def forward(
         x: Tensor,
         rope: Optional[Tensor] = None,
