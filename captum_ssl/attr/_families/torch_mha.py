@@ -12,7 +12,7 @@ refused with a message.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,57 @@ from captum_ssl.attr._families.timm_vit import conv_forward
 from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, no_mask, plan_leaf
 
+if TYPE_CHECKING:
+    # The module structure the adapters below read, for the type checker only
+    # (torchvision and open_clip ship no type information).
+
+    class _TvEncoderBlock(nn.Module):  # torchvision EncoderBlock
+        ln_1: nn.LayerNorm
+        self_attention: nn.MultiheadAttention
+        dropout: nn.Dropout
+        ln_2: nn.LayerNorm
+        mlp: nn.Sequential
+
+    class _TvEncoder(nn.Module):  # torchvision Encoder
+        pos_embedding: nn.Parameter
+        dropout: nn.Dropout
+        layers: nn.Sequential
+        ln: nn.LayerNorm
+
+    class _TvViT(nn.Module):  # torchvision VisionTransformer
+        image_size: int
+        patch_size: int
+        conv_proj: nn.Module  # a Conv2d, or a conv stem (conv_stem_configs)
+        encoder: _TvEncoder
+        heads: nn.Sequential
+
+    class _OcBlock(nn.Module):  # open_clip ResidualAttentionBlock
+        ln_1: nn.LayerNorm
+        attn: nn.Module  # nn.MultiheadAttention or a custom attention
+        ls_1: nn.Module
+        ln_2: nn.LayerNorm
+        mlp: nn.Sequential
+        ls_2: nn.Module
+
+    class _OcTransformer(nn.Module):  # open_clip Transformer
+        resblocks: nn.ModuleList
+
+    class _OcViT(nn.Module):  # open_clip VisionTransformer
+        patch_size: Tuple[int, int]
+        grid_size: Tuple[int, int]
+        conv1: nn.Conv2d
+        class_embedding: nn.Parameter
+        positional_embedding: nn.Parameter
+        patch_dropout: nn.Module
+        ln_pre: nn.LayerNorm
+        transformer: _OcTransformer
+        attn_pool: Optional[nn.Module]
+        pool_type: str
+        final_ln_after_pool: bool
+        ln_post: nn.LayerNorm
+        proj: Optional[nn.Parameter]
+        output_tokens: bool
+
 
 def _check_mha(m: nn.MultiheadAttention) -> None:
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
@@ -40,8 +91,9 @@ def _check_mha(m: nn.MultiheadAttention) -> None:
         )
 
 
-def mha_forward(P: Propagator, m: nn.Module) -> Callable:
+def mha_forward(P: Propagator, module: nn.Module) -> Callable:
     """``nn.MultiheadAttention`` self-attention in the Propagator primitives."""
+    m = cast(nn.MultiheadAttention, module)
 
     def forward(
         query: Tensor,
@@ -95,7 +147,7 @@ def _mlp_sequential(P: Propagator, m: nn.Module) -> Callable:
     """An ``nn.Sequential`` MLP (Linear, activation, dropout, Linear, ...)."""
 
     def forward(x: Tensor) -> Tensor:
-        for child in m:
+        for child in cast(nn.Sequential, m):
             if type(child).__name__ == "QuickGELU":  # open_clip
                 x = P.elementwise(lambda t: t * torch.sigmoid(1.702 * t), x)
             else:
@@ -118,7 +170,9 @@ def _scale(P: Propagator, ls: nn.Module, x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- torchvision
-def _tv_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def _tv_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("_TvEncoderBlock", module)
+
     def forward(inp: Tensor) -> Tensor:
         x = P.leaf(m.ln_1, inp)
         x, _ = m.self_attention(x, x, x, need_weights=False)
@@ -128,7 +182,9 @@ def _tv_block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def _tv_encoder_forward(P: Propagator, m: nn.Module, embedding: bool) -> Callable:
+def _tv_encoder_forward(P: Propagator, module: nn.Module, embedding: bool) -> Callable:
+    m = cast("_TvEncoder", module)
+
     def forward(inp: Tensor) -> Tensor:
         pos = m.pos_embedding
         x = P.add_const(inp, pos) if embedding else inp + pos
@@ -143,29 +199,36 @@ class TorchvisionViTAdapter(FamilyAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        cls = loaded_class("torchvision.models.vision_transformer", "VisionTransformer")
-        return cls is not None and isinstance(model, cls)
+        vit = loaded_class("torchvision.models.vision_transformer", "VisionTransformer")
+        return vit is not None and isinstance(model, vit)
+
+    @property
+    def vit(self) -> _TvViT:
+        """The model, typed as the torchvision VisionTransformer it is."""
+        return cast("_TvViT", self.model)
 
     def layout(self, input_hw) -> Optional[TokenLayout]:
-        p = self.model.patch_size
-        h, w = input_hw or (self.model.image_size, self.model.image_size)
+        p = self.vit.patch_size
+        h, w = input_hw or (self.vit.image_size, self.vit.image_size)
         return TokenLayout(fmt="NLC", num_prefix_tokens=1, patch_grid=(h // p, w // p))
 
     def norm_layer_hint(self) -> str:
-        n = len(self.model.encoder.layers)
+        n = len(self.vit.encoder.layers)
         return f"model.encoder.layers[{n - 1}].ln_1"
 
     def score_projection(self) -> Callable[[Tensor], Tensor]:
-        ln, heads = self.model.encoder.ln, self.model.heads
+        ln, heads = self.vit.encoder.ln, self.vit.heads
         return lambda z: heads(ln(z.mean(dim=1)))
 
     def patch_tokens(self) -> nn.Module:
-        return self.model.conv_proj
+        return self.vit.conv_proj
 
     def plan(self, P: Propagator, embedding: bool) -> Plan:
-        model, plan = self.model, []
+        model = self.vit
+        plan: Plan = []
         enc = model.encoder
-        for i, blk in enumerate(enc.layers):
+        for i, layer in enumerate(enc.layers):
+            blk = cast("_TvEncoderBlock", layer)
             where = f"encoder.layers.{i}"
             for name in ("ln_1", "dropout", "ln_2"):
                 P.check_leaf(getattr(blk, name), f"{where}.{name}")
@@ -191,7 +254,9 @@ class TorchvisionViTAdapter(FamilyAdapter):
 
 
 # ------------------------------------------------------------------ open_clip
-def _oc_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def _oc_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("_OcBlock", module)
+
     def forward(
         q_x: Tensor,
         k_x: Optional[Tensor] = None,
@@ -207,8 +272,9 @@ def _oc_block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def _oc_forward(P: Propagator, m: nn.Module, embedding: bool) -> Callable:
+def _oc_forward(P: Propagator, module: nn.Module, embedding: bool) -> Callable:
     """open_clip ``VisionTransformer.forward`` (class-token pooling)."""
+    m = cast("_OcViT", module)
 
     def forward(x: Tensor) -> Any:
         x = m.conv1(x)
@@ -240,19 +306,25 @@ class OpenClipViTAdapter(FamilyAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        cls = loaded_class("open_clip.transformer", "VisionTransformer")
-        return cls is not None and isinstance(model, cls)
+        vit = loaded_class("open_clip.transformer", "VisionTransformer")
+        return vit is not None and isinstance(model, vit)
+
+    @property
+    def vit(self) -> _OcViT:
+        """The model, typed as the open_clip VisionTransformer it is."""
+        return cast("_OcViT", self.model)
 
     def layout(self, input_hw) -> Optional[TokenLayout]:
-        ph, pw = self.model.patch_size
+        ph, pw = self.vit.patch_size
         if input_hw is None:
-            grid = tuple(self.model.grid_size)
+            gh, gw = self.vit.grid_size
+            grid = (gh, gw)
         else:
             grid = (input_hw[0] // ph, input_hw[1] // pw)
         return TokenLayout(fmt="NLC", num_prefix_tokens=1, patch_grid=grid)
 
     def class_token_unread(self) -> Optional[str]:
-        m = self.model
+        m = self.vit
         if m.attn_pool is not None:
             return "This open_clip VisionTransformer pools with attentional pooling"
         if m.pool_type != "tok":
@@ -262,11 +334,11 @@ class OpenClipViTAdapter(FamilyAdapter):
         return None
 
     def norm_layer_hint(self) -> str:
-        n = len(self.model.transformer.resblocks)
+        n = len(self.vit.transformer.resblocks)
         return f"model.transformer.resblocks[{n - 1}].ln_1"
 
     def score_projection(self) -> Callable[[Tensor], Tensor]:
-        m = self.model
+        m = self.vit
 
         def project(z: Tensor) -> Tensor:
             pooled = m.ln_post(z.mean(dim=1))
@@ -275,7 +347,7 @@ class OpenClipViTAdapter(FamilyAdapter):
         return project
 
     def patch_tokens(self) -> nn.Module:
-        return self.model.conv1
+        return self.vit.conv1
 
     def lrp_unsupported(self) -> Optional[str]:
         why = self.class_token_unread()
@@ -284,7 +356,7 @@ class OpenClipViTAdapter(FamilyAdapter):
                 f"{why}; LRP supports class-token pooling (pool_type='tok'). Use "
                 "LeGrad or the CAMs."
             )
-        blocks = self.model.transformer.resblocks
+        blocks = self.vit.transformer.resblocks
         if any(
             not isinstance(getattr(b, "attn", None), nn.MultiheadAttention)
             for b in blocks
@@ -296,14 +368,18 @@ class OpenClipViTAdapter(FamilyAdapter):
         return None
 
     def plan(self, P: Propagator, embedding: bool) -> Plan:
-        model, plan = self.model, []
-        for i, blk in enumerate(model.transformer.resblocks):
+        model = self.vit
+        plan: Plan = []
+        for i, block in enumerate(model.transformer.resblocks):
+            blk = cast("_OcBlock", block)
             where = f"transformer.resblocks.{i}"
             for name in ("ln_1", "ln_2"):
                 P.check_leaf(getattr(blk, name), f"{where}.{name}")
-            _check_mha(blk.attn)
+            # lrp_unsupported has checked that every block's attn is one
+            attn = cast(nn.MultiheadAttention, blk.attn)
+            _check_mha(attn)
             _check_mlp(P, blk.mlp, where + ".mlp")
-            plan.append((blk.attn, mha_forward(P, blk.attn)))
+            plan.append((attn, mha_forward(P, attn)))
             plan.append((blk.mlp, _mlp_sequential(P, blk.mlp)))
             plan.append((blk, _oc_block_forward(P, blk)))
         if embedding:
