@@ -19,7 +19,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Container,
+    Dict,
+    Optional,
+    Tuple,
+    Union,
+    cast,
+)
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +46,50 @@ from captum_ssl.attr._families.base import (
 from captum_ssl.attr._families.timm_vit import conv_forward, position_forward
 from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
+
+if TYPE_CHECKING:
+    # The module structure this adapter reads, for the type checker only: the
+    # families are recognised by class name, so no one transformers class
+    # stands for them.
+
+    class _Attention(nn.Module):  # ViTSelfAttention, CLIPAttention, ...
+        q_proj: nn.Linear
+        k_proj: nn.Linear
+        v_proj: nn.Linear
+        o_proj: nn.Linear  # CLIP: out_proj
+        out_proj: nn.Linear
+        head_dim: int
+        scale: float  # CLIP (the others: scaling)
+
+    class _MLP(nn.Module):  # fc1/fc2 (ViT, DeiT, DINOv2, CLIP) or SwiGLU
+        fc1: nn.Linear
+        fc2: nn.Linear
+        activation_fn: Callable[[Tensor], Tensor]
+        gate_proj: nn.Linear
+        up_proj: nn.Linear
+        down_proj: nn.Linear
+        act_fn: Callable[[Tensor], Tensor]
+
+    class _Layer(nn.Module):  # one encoder layer
+        mlp: nn.Module
+
+    class _Config:  # the config fields read here
+        patch_size: Union[int, Tuple[int, int]]
+        num_register_tokens: int  # DINOv2 with registers
+
+    class _Embeddings(nn.Module):
+        def interpolate_pos_encoding(
+            self, embeddings: Tensor, height: int, width: int
+        ) -> Tensor: ...
+
+    class _Base(nn.Module):  # ViTModel, Dinov2Model, CLIPVisionModel, ...
+        config: _Config
+        embeddings: _Embeddings
+
+    class _Classifier(nn.Module):  # ...ForImageClassification
+        classifier: nn.Module
+        cls_classifier: nn.Module  # DeiT with teacher
+        distillation_classifier: nn.Module
 
 
 # ------------------------------------------------------------ the families
@@ -136,7 +190,7 @@ MAE_REFUSAL = (
 )
 
 
-def _hf_class(model: nn.Module, names: Any) -> Optional[str]:
+def _hf_class(model: Optional[nn.Module], names: Container[str]) -> Optional[str]:
     """The name of ``model``'s transformers class if it is in ``names``."""
     cls = type(model)
     if cls.__module__.startswith("transformers.") and cls.__name__ in names:
@@ -153,10 +207,11 @@ def _get(module: Any, path: str) -> Any:
 
 
 # ------------------------------------------------------ attention forward
-def hf_attention_forward(P: Propagator, m: nn.Module) -> Callable:
+def hf_attention_forward(P: Propagator, module: nn.Module) -> Callable:
     """Every Hugging Face ViT attention: ``q_proj`` / ``k_proj`` / ``v_proj``,
     ``softmax(q k^T * scaling) v``, ``o_proj`` (CLIP: ``out_proj``); returns
     ``(output, None)`` as the module does when no kernel returns weights."""
+    m = cast("_Attention", module)
     out_proj = m.o_proj if hasattr(m, "o_proj") else m.out_proj
     scale = getattr(m, "scaling", None) or m.scale
 
@@ -203,9 +258,10 @@ for _family in FAMILIES.values():
 
 
 # ----------------------------------------------------------- LRP forwards
-def mlp_forward(P: Propagator, m: nn.Module) -> Callable:
+def mlp_forward(P: Propagator, module: nn.Module) -> Callable:
     """``fc2(act(fc1(x)))`` (ViT, DeiT, DINOv2, CLIP) or DINOv2's SwiGLU
     ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+    m = cast("_MLP", module)
     if hasattr(m, "gate_proj"):
 
         def swiglu(x: Tensor) -> Tensor:
@@ -220,7 +276,8 @@ def mlp_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def block_forward(P: Propagator, m: nn.Module, names: Block) -> Callable:
+def block_forward(P: Propagator, module: nn.Module, names: Block) -> Callable:
+    m = cast("_Layer", module)
     attn, mlp = getattr(m, names.attn), m.mlp
 
     def part(h: Tensor, scale: Optional[str]) -> Tensor:
@@ -241,9 +298,10 @@ def block_forward(P: Propagator, m: nn.Module, names: Block) -> Callable:
     return forward
 
 
-def head_forward(P: Propagator, model: nn.Module, base: str, reads: str) -> Callable:
+def head_forward(P: Propagator, module: nn.Module, base: str, reads: str) -> Callable:
     """The classifier's forward (``logits`` of an ``ImageClassifierOutput``)
     with its reading of the tokens routed through the rules."""
+    model = cast("_Classifier", module)
     from transformers.modeling_outputs import ImageClassifierOutput
 
     backbone = getattr(model, base)
@@ -283,7 +341,8 @@ class HFViTAdapter(FamilyAdapter):
         head = _hf_class(model, HEADS)
         self.reads = HEADS[head][1] if head else None
         self.base_name = HEADS[head][0] if head else ""
-        self.base = getattr(model, self.base_name) if head else model
+        base = getattr(model, self.base_name) if head else model
+        self.base = cast("_Base", base)
         self.family = FAMILIES[type(self.base).__name__]
 
     @classmethod
@@ -358,7 +417,7 @@ class HFViTAdapter(FamilyAdapter):
                 "intermediate tokens: pass score_projection=<function (B, N, C) "
                 "tokens -> (B, classes) logits>."
             )
-        model, reads = self.model, self.reads
+        model, reads = cast("_Classifier", self.model), self.reads
         norm = _get(self.base, self.family.norm)
 
         def project(z: Tensor) -> Tensor:
@@ -384,8 +443,10 @@ class HFViTAdapter(FamilyAdapter):
         return None
 
     def plan(self, P: Propagator, embedding: bool) -> Plan:
-        fam, plan = self.family, []
-        for i, blk in enumerate(self._blocks()):
+        fam = self.family
+        plan: Plan = []
+        for i, layer in enumerate(self._blocks()):
+            blk = cast("_Layer", layer)
             where = self._path(f"{fam.blocks}.{i}")
             attn = getattr(blk, fam.block.attn)
             for name in ("q_proj", "k_proj", "v_proj"):
