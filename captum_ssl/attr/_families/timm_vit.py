@@ -10,7 +10,18 @@ Attention modules: ``timm.layers.Attention`` (``model.blocks[i].attn``),
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +47,18 @@ from captum_ssl.attr._lrp.propagate import (
 )
 from captum_ssl.attr._lrp.rules import apply_rule
 
+if TYPE_CHECKING:
+    from timm.layers import Attention, GluMlp, Mlp, SwiGLU
+    from timm.models.cait import (
+        ClassAttn,
+        LayerScaleBlock,
+        LayerScaleBlockClassAttn,
+        TalkingHeadAttn,
+    )
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import Block
+    from timm.models.xcit import XCA
+
 POOLED = ("avg", "avgmax", "max", "map")
 
 
@@ -43,8 +66,9 @@ POOLED = ("avg", "avgmax", "max", "map")
 # (CaiT's talking-heads self-attention runs before the class token joins the
 # sequence; its maps are not captured: the attention methods roll CaiT over
 # its class-attention layers, as before)
-def attention_forward(P: Propagator, m: nn.Module) -> Callable:
+def attention_forward(P: Propagator, module: nn.Module) -> Callable:
     """``timm.layers.Attention`` (also the non-fused path of every timm ViT)."""
+    m = cast("Attention", module)
 
     def forward(x: Tensor, attn_mask: Any = None, is_causal: bool = False) -> Tensor:
         no_mask(attn_mask, is_causal)
@@ -63,7 +87,9 @@ def attention_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def talking_heads_forward(P: Propagator, m: nn.Module) -> Callable:
+def talking_heads_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("TalkingHeadAttn", module)
+
     def forward(x: Tensor) -> Tensor:
         b, n, c = x.shape
         qkv = P.leaf(m.qkv, x).reshape(b, n, 3, m.num_heads, c // m.num_heads)
@@ -74,7 +100,9 @@ def talking_heads_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def class_attention_forward(P: Propagator, m: nn.Module) -> Callable:
+def class_attention_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("ClassAttn", module)
+
     def forward(x: Tensor) -> Tensor:
         b, n, c = x.shape
         h = m.num_heads
@@ -90,9 +118,10 @@ def class_attention_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def channel_attention_forward(P: Propagator, m: nn.Module) -> Callable:
+def channel_attention_forward(P: Propagator, module: nn.Module) -> Callable:
     """XCiT's XCA: softmax over channels of l2-normalised q, k (no LRP rule;
     captured only)."""
+    m = cast("XCA", module)
 
     def forward(x: Tensor) -> Tensor:
         b, n, c = x.shape
@@ -143,7 +172,9 @@ register_attention(_xca, AttentionImpl(CHANNEL, channel_attention_forward, "XCiT
 
 
 # ----------------------------------------------------------- block forwards
-def mlp_forward(P: Propagator, m: nn.Module) -> Callable:
+def mlp_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("Mlp", module)
+
     def forward(x: Tensor) -> Tensor:
         x = P.leaf(m.act, P.leaf(m.fc1, x))
         x = P.leaf(m.norm, P.leaf(m.drop1, x))
@@ -152,7 +183,9 @@ def mlp_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def block_forward(P: Propagator, m: nn.Module) -> Callable:
+def block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("Block", module)
+
     def forward(x: Tensor, attn_mask: Any = None, is_causal: bool = False) -> Tensor:
         no_mask(attn_mask, is_causal)
         h = P.leaf(m.ls1, m.attn(P.leaf(m.norm1, x)))
@@ -163,7 +196,9 @@ def block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def _cait_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def _cait_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("LayerScaleBlock", module)
+
     def forward(x: Tensor) -> Tensor:
         h = P.scale(m.attn(P.leaf(m.norm1, x)), m.gamma_1)
         x = P.add(x, P.leaf(m.drop_path, h))
@@ -173,7 +208,9 @@ def _cait_block_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def _cait_class_block_forward(P: Propagator, m: nn.Module) -> Callable:
+def _cait_class_block_forward(P: Propagator, module: nn.Module) -> Callable:
+    m = cast("LayerScaleBlockClassAttn", module)
+
     def forward(x: Tensor, x_cls: Tensor) -> Tensor:
         u = torch.cat((x_cls, x), dim=1)
         h = P.scale(m.attn(P.leaf(m.norm1, u)), m.gamma_1)
@@ -237,8 +274,8 @@ def plan_mlp(P: Propagator, plan: Plan, m: nn.Module, where: str) -> None:
         check_leaves(P, m, names, where)
         plan.append((m, swiglu_forward(P, m)))
     elif type(m) is GluMlp:
-        names = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
-        check_leaves(P, m, names, where)
+        glu_names = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
+        check_leaves(P, m, glu_names, where)
         plan.append((m, glu_forward(P, m)))
     else:
         raise AttributionInputError(
@@ -247,8 +284,9 @@ def plan_mlp(P: Propagator, plan: Plan, m: nn.Module, where: str) -> None:
         )
 
 
-def swiglu_forward(P: Propagator, m: nn.Module) -> Callable:
+def swiglu_forward(P: Propagator, module: nn.Module) -> Callable:
     """timm ``SwiGLU``: ``fc2(act(fc1_g(x)) * fc1_x(x))``."""
+    m = cast("SwiGLU", module)
 
     def forward(x: Tensor) -> Tensor:
         h = P.mul(P.leaf(m.act, P.leaf(m.fc1_g, x)), P.leaf(m.fc1_x, x))
@@ -258,8 +296,9 @@ def swiglu_forward(P: Propagator, m: nn.Module) -> Callable:
     return forward
 
 
-def glu_forward(P: Propagator, m: nn.Module) -> Callable:
+def glu_forward(P: Propagator, module: nn.Module) -> Callable:
     """timm ``GluMlp`` (packed ``fc1``; EVA02's SwiGLU without scale norm)."""
+    m = cast("GluMlp", module)
 
     def forward(x: Tensor) -> Tensor:
         a, g = P.leaf(m.fc1, x).chunk(2, dim=m.chunk_dim)
@@ -347,9 +386,10 @@ def position_forward(
     return forward
 
 
-def distilled_head(model: nn.Module, P: Propagator) -> list:
+def distilled_head(module: nn.Module, P: Propagator) -> list:
     """DeiT distilled averages its two heads, ``(head + head_dist) / 2``: the
     average is routed through the rules (halving, then the add rule)."""
+    model = cast("VisionTransformerDistilled", module)
     outs: Dict[str, Tensor] = {}
 
     def keep(name: str):
@@ -452,7 +492,7 @@ def timm_embedding_plan(P: Propagator, model: nn.Module) -> Plan:
     """Rules below the first block: the patch convolution (relevance down to
     the pixels), the patch embedding's norm, and the position-embedding add
     (installed on ``pos_drop``, which receives the embedded tokens)."""
-    embed = model.patch_embed
+    embed = cast(nn.Module, model.patch_embed)
     proj = getattr(embed, "proj", None)
     if type(proj) is not nn.Conv2d:
         raise AttributionInputError(
