@@ -344,7 +344,7 @@ def conv_forward(P: Propagator, proj: nn.Conv2d) -> Callable:
     def forward(x: Tensor) -> Tensor:
         return apply_rule(
             P.state,
-            lambda rr, y, xx: (P.rules.patch_conv(rr, y, xx, proj),),  # type: ignore[union-attr]
+            lambda rr, y, xx: (P.active_rules.patch_conv(rr, y, xx, proj),),
             lambda xx: type(proj).forward(proj, xx),
             x,
         )

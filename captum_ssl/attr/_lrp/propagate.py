@@ -68,6 +68,14 @@ class Propagator:
         self._scale = _layer_scale()
         self._watched: Dict[int, List[Tensor]] = {}
 
+    @property
+    def active_rules(self) -> Rules:
+        """The rules, for a rule being applied (plain mode applies no rule, so
+        it never reads them)."""
+        if self.rules is None:
+            raise AssertionError("a plain Propagator applies no rule")
+        return self.rules
+
     @classmethod
     def plain(cls) -> Propagator:
         """A propagator that applies no rule (the ordinary forward)."""
@@ -98,7 +106,7 @@ class Propagator:
 
     def leaf(self, m: nn.Module, x: Tensor) -> Tensor:
         """``m(x)`` with ``m``'s rule (``m`` is a leaf module)."""
-        r, st = self.rules, self.state
+        st = self.state
         if isinstance(m, self.passthrough):
             return type(m).forward(m, x)
         if plain_linear(m):
@@ -106,7 +114,7 @@ class Propagator:
         if isinstance(m, nn.LayerNorm):
             return apply_rule(
                 st,
-                lambda rr, y, xx: (r.norm(rr, y, xx, m),),  # type: ignore[union-attr]
+                lambda rr, y, xx: (self.active_rules.norm(rr, y, xx, m),),
                 lambda xx: type(m).forward(m, xx),
                 x,
             )
@@ -129,7 +137,7 @@ class Propagator:
         """``F.linear(x, w, b)`` (the bias absorbs its share of relevance)."""
         return apply_rule(
             self.state,
-            lambda rr, y, xx: (self.rules.linear(rr, y, xx, w, b),),  # type: ignore[union-attr]
+            lambda rr, y, xx: (self.active_rules.linear(rr, y, xx, w, b),),
             lambda xx: F.linear(xx, w, b),
             x,
         )
@@ -137,7 +145,7 @@ class Propagator:
     def scale(self, x: Tensor, c: Any) -> Tensor:
         return apply_rule(
             self.state,
-            lambda rr, y, xx: (self.rules.elementwise(rr, y, xx),),  # type: ignore[union-attr]
+            lambda rr, y, xx: (self.active_rules.elementwise(rr, y, xx),),
             lambda xx: xx * c,
             x,
         )
@@ -145,7 +153,7 @@ class Propagator:
     def add(self, a: Tensor, b: Tensor) -> Tensor:
         return apply_rule(
             self.state,
-            lambda *args: self.rules.add(*args),  # type: ignore[union-attr]
+            lambda *args: self.active_rules.add(*args),
             torch.add,
             a,
             b,
@@ -157,7 +165,7 @@ class Propagator:
 
         def rule(rr, z, aa):
             full = b.expand_as(aa)
-            return (self.rules.add(rr, z, aa, full)[0],)
+            return (self.active_rules.add(rr, z, aa, full)[0],)
 
         return apply_rule(self.state, rule, lambda aa: aa + b, a)
 
@@ -175,7 +183,7 @@ class Propagator:
         :data:`ACTIVATIONS` (e.g. open_clip's QuickGELU): the identity rule."""
         return apply_rule(
             self.state,
-            lambda rr, y, xx: (self.rules.elementwise(rr, y, xx),),  # type: ignore[union-attr]
+            lambda rr, y, xx: (self.active_rules.elementwise(rr, y, xx),),
             fn,
             x,
         )
@@ -190,7 +198,7 @@ class Propagator:
 
         return apply_rule(
             self.state,
-            lambda rr, y, xx: (self.rules.linear_map(rr, y, xx, vjp),),  # type: ignore[union-attr]
+            lambda rr, y, xx: (self.active_rules.linear_map(rr, y, xx, vjp),),
             fn,
             x,
         )
@@ -223,7 +231,7 @@ class Propagator:
             ).permute(0, 3, 1, 2)
         attn = apply_rule(
             st,
-            lambda rr, s, xx: (r.softmax(rr, s, xx),),  # type: ignore[union-attr]
+            lambda rr, s, xx: (self.active_rules.softmax(rr, s, xx),),
             lambda xx: xx.softmax(dim=-1),
             dots,
         )
@@ -247,7 +255,7 @@ class Propagator:
         """``a @ b`` of two activations (scores, attention x values)."""
         return apply_rule(
             self.state,
-            lambda *args: self.rules.matmul(*args),  # type: ignore[union-attr]
+            lambda *args: self.active_rules.matmul(*args),
             torch.matmul,
             a,
             b,
