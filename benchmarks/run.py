@@ -283,6 +283,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OptionError as err:
         print(f"python -m benchmarks.run: error: {err}", file=sys.stderr)
         return 2
+    if not args.list and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"python -m benchmarks.run: started {time.perf_counter() - _T0:.1f} s "
+            "ago; progress lines follow (at least one every 10 s, with the time "
+            "left once the first step is measured)",
+            flush=True,
+        )
     protocols = [b for b in args.bench or [] if b in PROTOCOLS]
     if protocols:
         import importlib

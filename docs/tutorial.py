@@ -111,7 +111,7 @@ def main(out: Path) -> None:
     cmd = [
         sys.executable, "-m", "benchmarks.run", "--suite", "accuracy",
         "--models", "efficientnet_lite0", "--methods", "gradcam",
-        "--metrics", "average_drop", "deletion:step=7168",
+        "--metrics", "average_drop", "deletion_auc:step=7168",
         "--limit", "2", "--batch-size", "2", "--no-figures",
         "--out", str(out / "main_job"),
     ]  # fmt: skip

@@ -44,7 +44,7 @@ def _blob_case():
     maps = normalize(blobs[t] + 0.01 * torch.rand(3, 16, 16))  # as CAM libraries
     targets = [ClassifierOutputSoftmaxTarget(c) for c in t]
     base = gc.GradCAMPlusPlus(model, [conv])
-    prob = torch.nn.Sequential(model, torch.nn.Softmax(dim=-1))
+    prob = torch.nn.Sequential(model, torch.nn.Softmax(dim=-1)).eval()
     return model, A.LayerGradCamPlusPlus(prob, conv), x, t, targets, maps, base
 
 
@@ -58,7 +58,7 @@ def _case(where):
     targets = [ClassifierOutputSoftmaxTarget(c) for c in t]
     maps = _reference(gc.FullGrad, model, [], x, targets, None)
     base = gc.GradCAMPlusPlus(model, [layer], reshape)
-    prob = torch.nn.Sequential(model, torch.nn.Softmax(dim=-1))
+    prob = torch.nn.Sequential(model, torch.nn.Softmax(dim=-1)).eval()
     layout = A.TokenLayout(grid=(4, 4), num_prefix_tokens=1) if where == "vit" else None
     cam = A.LayerGradCamPlusPlus(prob, layer, layout=layout)
     return model, cam, x, t, targets, maps, base

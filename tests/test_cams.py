@@ -286,7 +286,7 @@ def test_noise_tunnel_and_additional_forward_args(tiny_cnn, images):
         def forward(self, x, scale):
             return self.net(x) * scale
 
-    model = Scaled(tiny_cnn)
+    model = Scaled(tiny_cnn).eval()
     scale = torch.tensor([[1.0], [2.0], [3.0]])
     layer = tiny_cnn.features[4]
     for cls in (A.LayerGradCam, A.LayerScoreCam, A.LayerAblationCam):
@@ -373,7 +373,7 @@ def test_no_gradient_path(tiny_cnn, images):
                 f = self.net.features(x)
             return self.net.fc(self.net.pool(f).flatten(1))
 
-    model = FrozenFeatures(tiny_cnn)
+    model = FrozenFeatures(tiny_cnn).eval()
     with pytest.raises(ValueError, match="No gradient path"):
         A.LayerGradCam(model, tiny_cnn.features[4]).attribute(images, target=0)
     assert _no_hooks(model)

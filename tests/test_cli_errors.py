@@ -52,7 +52,7 @@ CASES = [
     (["--methods", "scorecam:perturbations_per_eval=0"], ["perturbations_per_eval"]),
     (["--methods", "ablationcam:perturbations_per_eval=2.5"], [">= 1"]),
     (["--metrics", "deletionn"], ["unknown metric 'deletionn'", "insertion"]),
-    (["--metrics", "deletion:stepp=3"], ["stepp", "step, substrate"]),
+    (["--metrics", "deletion_auc:stepp=3"], ["stepp", "step, substrate"]),
     (["--models", "resnet"], ["unknown model", "res_50", "efficientnet_lite0"]),
     (["--random-weights", "vit"], ["--random-weights vit", "deit_base"]),
     (["--bench", "camz"], ["--bench camz", "cams", "evaluation"]),

@@ -24,7 +24,7 @@ from benchmarks.evaluation.store import ResultStore
 from tests.conftest import TinyCNN
 
 ROOT = Path(__file__).resolve().parent.parent
-COARSE = ["average_drop", "deletion:step=12544"]  # 5 deletion steps at 224 px
+COARSE = ["average_drop", "deletion_auc:step=12544"]  # 5 deletion steps at 224 px
 
 
 def effnet_spec() -> M.ModelSpec:
@@ -117,21 +117,21 @@ def test_kill_and_resume_loses_nothing_and_computes_nothing_twice(
 
 def test_keys_separate_options_and_code_versions(tmp_path, monkeypatch):
     specs = [effnet_spec()]
-    a = config(tmp_path, specs, metrics=["deletion:step=12544"], limit=2)
+    a = config(tmp_path, specs, metrics=["deletion_auc:step=12544"], limit=2)
     plan_a = P.run(a)
-    b = config(tmp_path, specs, metrics=["deletion:step=25088"], limit=2)
+    b = config(tmp_path, specs, metrics=["deletion_auc:step=25088"], limit=2)
     plan_b = P.run(b)
-    ka = plan_a.result_keys["efficientnet_lite0", "gradcam", "deletion:step=12544"]
-    kb = plan_b.result_keys["efficientnet_lite0", "gradcam", "deletion:step=25088"]
+    ka = plan_a.result_keys["efficientnet_lite0", "gradcam", "deletion_auc:step=12544"]
+    kb = plan_b.result_keys["efficientnet_lite0", "gradcam", "deletion_auc:step=25088"]
     assert ka != kb
     # a new code version: new keys, nothing reused or mixed into its tables
     version = M.code_version()
     monkeypatch.setattr(
         M, "code_version", lambda: {**version, "source_sha256": "another"}
     )
-    c = config(tmp_path, specs, metrics=["deletion:step=12544"], limit=1)
+    c = config(tmp_path, specs, metrics=["deletion_auc:step=12544"], limit=1)
     plan_c = P.run(c)
-    kc = plan_c.result_keys["efficientnet_lite0", "gradcam", "deletion:step=12544"]
+    kc = plan_c.result_keys["efficientnet_lite0", "gradcam", "deletion_auc:step=12544"]
     assert kc != ka
     with ResultStore(tmp_path / P.DB_NAME) as s:
         tabs = T.build_tables(s, plan_c)

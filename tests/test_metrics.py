@@ -149,7 +149,7 @@ def test_cost_is_the_protocols_forward_passes_in_full_chunks(
     setup_cnn, metric, kwargs, per_image
 ):
     model, x, maps, target = setup_cnn
-    counting = _Counting(model)
+    counting = _Counting(model).eval()
     metric(counting, x, maps, target, batch_size=8, **kwargs)
     total = x.shape[0] * per_image
     assert sum(counting.calls) == total

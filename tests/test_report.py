@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: where the browser test keeps its screenshot (git-ignored)
 ARTIFACTS = ROOT / "storage" / "quant_results" / "test_artifacts"
 METHODS = ["gradcam", "eigencam", "saliency"]
-METRICS = ["average_drop", "deletion:step=12544"]
+METRICS = ["average_drop", "deletion_auc:step=12544"]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_report_shows_every_image_method_native_map_and_prediction(run):
     assert f"{wrong} wrong predictions" in page
     # tables: sortable, with each metric's direction; curves; settings
     assert page.count('<table class="sortable">') >= 3
-    assert "average_drop ↓" in page and "deletion:step=12544 ↓" in page
-    assert 'alt="curve efficientnet lite0 deletion step 12544"' in page
+    assert "average_drop ↓" in page and "deletion_auc:step=12544 ↓" in page
+    assert 'alt="curve efficientnet lite0 deletion auc step 12544"' in page
     assert "<th>command</th><td>python -m benchmarks.run --limit 3" in page
     assert page.count("Cost") >= 1 and "attribution_forward_passes" in page
     assert len(page) < 2_000_000  # thumbnails, not full-size pictures
@@ -99,7 +99,7 @@ def test_stored_curves_are_the_deletion_values(run):
         values = {
             (r["key"], r["image"]): r["value"]
             for r in store.results()
-            if r["metric"] == "deletion:step=12544"
+            if r["metric"] == "deletion_auc:step=12544"
         }
     assert set(curves) == set(values) and len(values) == 3 * len(METHODS)
     for k, c in curves.items():

@@ -75,12 +75,12 @@ def test_speed_options_are_not_part_of_the_identity(tmp_path):
     from tests.test_evaluation import config, tiny_spec
 
     spec = tiny_spec("tiny_sup", "supervised", 0)
-    plain = config(tmp_path, [spec], methods=["scorecam"], metrics=["deletion"])
+    plain = config(tmp_path, [spec], methods=["scorecam"], metrics=["deletion_auc"])
     fast = config(
         tmp_path,
         [spec],
         methods=["scorecam:perturbations_per_eval=8,show_progress=False"],
-        metrics=["deletion:batch_size=16"],
+        metrics=["deletion_auc:batch_size=16"],
     )
     other = config(
         tmp_path, [spec], methods=["scorecam:relu_attributions=False"], metrics=[]
@@ -89,7 +89,7 @@ def test_speed_options_are_not_part_of_the_identity(tmp_path):
         a, b = P.make_plan(plain, store), P.make_plan(fast, store)
         c = P.make_plan(other, store)
     assert list(a.methods) == list(b.methods) == ["scorecam"]
-    assert list(a.metrics) == list(b.metrics) == ["deletion"]
+    assert list(a.metrics) == list(b.metrics) == ["deletion_auc"]
     assert a.result_keys == b.result_keys and a.map_keys == b.map_keys
     # an option that changes the map still makes its own label and key
     assert list(c.methods) == ["scorecam:relu_attributions=False"]

@@ -50,11 +50,11 @@ def test_docs_never_ask_timm_to_download():
 def test_metrics_doc_states_the_quick_step_the_main_job_uses():
     from benchmarks.evaluation import methods as M
 
-    (quick,) = [m for m in M.QUICK_METRICS if m.startswith("deletion")]
+    (quick,) = [m for m in M.QUICK_METRICS if m.startswith("deletion_auc")]
     step = int(quick.split("step=")[1])
     text = (ROOT / "docs" / "metrics.md").read_text()
-    assert f"deletion:step={step}" in text
-    passes = M.METRICS["deletion"].passes({"step": step}, 224 * 224)
+    assert f"deletion_auc:step={step}" in text
+    passes = M.METRICS["deletion_auc"].passes({"step": step}, 224 * 224)
     assert re.search(rf"{step // 224} rows\s+per step \({passes} passes\)", text)
 
 

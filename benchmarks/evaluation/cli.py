@@ -32,6 +32,7 @@ def expand_methods(words: Optional[List[str]], full: bool) -> List[str]:
         elif w == "all":
             out += M.method_names()
         else:
+            w = M.method_word(w)
             M.method_defaults(M.parse_spec(w)[0])  # fails early on unknown names
             out.append(w)
     return list(dict.fromkeys(out))
@@ -47,8 +48,9 @@ def expand_metrics(words: Optional[List[str]], full: bool) -> List[str]:
         elif w == "thesis":
             out += M.THESIS_METRICS
         elif w == "all":
-            out += [m for m in M.METRICS if not m.startswith("road")]
+            out += M.ALL_METRICS
         else:
+            w = M.metric_word(w)
             if M.parse_spec(w)[0] not in M.METRICS:
                 raise SystemExit(f"unknown metric {w!r}; known: {', '.join(M.METRICS)}")
             out.append(w)
@@ -131,18 +133,76 @@ def config_from_args(args: argparse.Namespace):
 
 
 def describe_pipeline(args: argparse.Namespace) -> str:
+    """What the command would run, then every method, metric and model as a
+    table (``--list``)."""
     cfg, notes = config_from_args(args)
+    models = ", ".join(
+        s.name + ("" if s.weights == "pretrained" else " (random weights)")
+        for s in cfg.models
+    )
     lines = [
-        "benchmarks.evaluation accuracy pipeline [accuracy]",
-        f"  models: {', '.join(s.name + ('' if s.weights == 'pretrained' else ' (random weights)') for s in cfg.models)}",  # noqa: E501
+        "benchmarks.evaluation accuracy pipeline [accuracy]; this command runs:",
+        f"  models: {models or 'none'}",
         f"  methods: {', '.join(cfg.methods)}",
         f"  metrics: {', '.join(cfg.metrics)}",
         f"  images: {cfg.limit or 'all'} (batch {cfg.batch_size})",
-        "  all methods [cost class]: "
-        + ", ".join(f"{n} [{M.cost_class(n)}]" for n in M.method_names()),
-        f"  all metrics: {', '.join(M.METRICS)}",
+        "",
+        catalogue(),
     ]
     return "\n".join(lines + notes)
+
+
+def catalogue() -> str:
+    """Methods, metrics and models as readable tables: the names ``--methods``,
+    ``--metrics`` and ``--models`` take, the Python object each one is, its
+    cost class or direction, and whether a model's weights are present."""
+    from benchmarks.evaluation.summary import text_table
+    from captum_ssl.models import describe, list_models
+
+    classes = {
+        **M.CAMS, **M.OTHER_CAMS, **M.ATTENTION, **M.LRP_METHODS, **M.GRADIENT
+    }  # fmt: skip
+    rows = []
+    for name in M.method_names():
+        if "+" in name:
+            continue
+        where = "captum.attr" if name in M.GRADIENT else "captum_ssl.attr"
+        rows.append([name, f"{where}.{classes[name]}", M.cost_class(name)])
+    methods = text_table(["--methods", "Python class", "cost class"], rows)
+    rows = []
+    for name, d in M.METRICS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in d.defaults.items())
+        better = "higher" if M.metric_direction(name, {}) else "lower"
+        rows.append(
+            [name, f"captum_ssl.metrics.{d.fn_name}({opts})", better,
+             str(d.passes(d.defaults, 224 * 224))]
+        )  # fmt: skip
+    metrics = text_table(
+        ["--metrics", "Python function (defaults)", "better", "passes/image"], rows
+    )
+    old = ", ".join(
+        f"{k} -> {v}" + "".join(f":{a}={b}" for a, b in o.items())
+        for k, (v, o) in M.METRIC_ALIASES.items()
+    )
+    rows = []
+    for name in list_models():
+        info = describe(name)
+        files = info["files"]
+        missing = [f["filename"] for f in files if not f["present"] or f["problem"]]
+        weights = "present" if not missing else "missing: " + ", ".join(missing)
+        if name == "efficientnet_lite0" and not missing:
+            weights = "present (installed package)"
+        rows.append([name, info["architecture"], info["training"], weights])
+    models = text_table(["--models", "architecture", "training", "weights"], rows)
+    return "\n".join([
+        "Methods (by name or by Python class; gradient methods also as "
+        "NAME+smoothgrad / +smoothgrad_sq / +vargrad; cost class: what one map "
+        "costs):", methods, "",
+        "Metrics (perturbation AUC and ROAD directions follow mode / order):",
+        metrics, f"Old metric names, still accepted with a note: {old}", "",
+        "Models (weights: the checkpoint files in storage/pretrained_weights/):",
+        models,
+    ])  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -263,7 +263,7 @@ def curve_charts(
     paths: List[Path] = []
     for (model, metric), per_method in curves.items():
         name, opts = plan.metrics[metric]
-        moved = "inserted" if name == "insertion" else "deleted"
+        moved = "inserted" if name == "insertion_auc" else "deleted"
         fig = curve_figure(
             f"{model}, {metric}", per_method, list(plan.methods), moved,
             str(opts.get("score", "probability")),

@@ -2,7 +2,7 @@
 
 A method or metric is named on the command line as ``name`` or
 ``name:option=value,option=value`` (values are Python literals), e.g.
-``rollout:discard_ratio=0.9`` or ``deletion:step=448``. Captum's gradient
+``rollout:discard_ratio=0.9`` or ``deletion_auc:step=448``. Captum's gradient
 methods take a NoiseTunnel variant as a suffix: ``saliency+smoothgrad``,
 ``integrated_gradients+vargrad:nt_samples=16``. The options, with their
 defaults filled in, are part of each result's config key, except the speed
@@ -354,6 +354,20 @@ def method_names() -> List[str]:
     return base + [f"{g}+{nt}" for g in GRADIENT for nt in NOISE_TUNNELS]
 
 
+def method_word(text: str) -> str:
+    """A ``--methods`` word given by its Python class name (``LayerGradCam``,
+    ``AttentionRollout``, ``Saliency+smoothgrad``) written with the short name
+    the tables use (``gradcam``, ``rollout``, ``saliency+smoothgrad``)."""
+    head, colon, rest = text.partition(":")
+    base, plus, nt = head.partition("+")
+    by_class: Dict[str, str] = {}
+    for table in (CAMS, OTHER_CAMS, ATTENTION, LRP_METHODS, GRADIENT):
+        for short, cls in table.items():
+            by_class.setdefault(cls, short)
+    base = by_class.get(base.strip(), base)
+    return base + plus + nt + colon + rest
+
+
 def method_defaults(name: str) -> Dict[str, Any]:
     """Options of a method with their defaults (part of the config key)."""
     base, _, nt = name.partition("+")
@@ -550,34 +564,88 @@ def _rise_passes(o: Dict[str, Any], hw: int) -> int:
     return -(-hw // int(o["step"])) + 1
 
 
+#: metrics by their Python name (``captum_ssl.metrics.<name>``); the options
+#: given are part of the label where they differ from these defaults
 METRICS: Dict[str, MetricDef] = {
-    "deletion": MetricDef(
+    "deletion_auc": MetricDef(
         "deletion_auc", {"step": 224, "substrate": "zero"}, _rise_passes
     ),
-    "insertion": MetricDef(
+    "insertion_auc": MetricDef(
         "insertion_auc", {"step": 224, "substrate": "blur"}, _rise_passes
     ),
     "average_drop": MetricDef("average_drop", {}, lambda o, hw: 2),
     "average_increase": MetricDef("average_increase", {}, lambda o, hw: 2),
-    "masked_probability": MetricDef("class_probability", {}, lambda o, hw: 1),
-    "masked_accuracy": MetricDef("accuracy", {}, lambda o, hw: 1),
-    "positive_perturbation": MetricDef(
+    "class_probability": MetricDef("class_probability", {}, lambda o, hw: 1),
+    "accuracy": MetricDef("accuracy", {}, lambda o, hw: 1),
+    "perturbation_auc": MetricDef(
         "perturbation_auc", {"mode": "positive"}, lambda o, hw: 10
     ),
-    "negative_perturbation": MetricDef(
-        "perturbation_auc", {"mode": "negative"}, lambda o, hw: 10
-    ),
-    "road_morf": MetricDef("road", {"order": "morf"}, lambda o, hw: 10),
-    "road_lerf": MetricDef("road", {"order": "lerf"}, lambda o, hw: 10),
+    "road": MetricDef("road", {"order": "morf"}, lambda o, hw: 10),
 }
+#: the old command-line spellings (kept for one release, with a note):
+#: old name -> (Python name, the options the old name stood for)
+METRIC_ALIASES: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "deletion": ("deletion_auc", {}),
+    "insertion": ("insertion_auc", {}),
+    "masked_probability": ("class_probability", {}),
+    "masked_accuracy": ("accuracy", {}),
+    "positive_perturbation": ("perturbation_auc", {"mode": "positive"}),
+    "negative_perturbation": ("perturbation_auc", {"mode": "negative"}),
+    "road_morf": ("road", {"order": "morf"}),
+    "road_lerf": ("road", {"order": "lerf"}),
+}
+_NOTED: set = set()
+
+
+def metric_word(text: str, note: bool = True) -> str:
+    """A ``--metrics`` word with an old spelling replaced by the Python name
+    (``deletion:step=448`` -> ``deletion_auc:step=448``, ``road_lerf`` ->
+    ``road:order=lerf``); a note on stderr, once per old name and process
+    (none with ``note=False``: option checks stay one line)."""
+    name, _, rest = text.partition(":")
+    if name.strip() not in METRIC_ALIASES:
+        return text
+    new, fixed = METRIC_ALIASES[name.strip()]
+    opts = ",".join(f"{k}={v}" for k, v in fixed.items())
+    word = new + (":" if opts or rest else "") + ",".join(o for o in (opts, rest) if o)
+    if note and name not in _NOTED:
+        _NOTED.add(name)
+        import sys
+
+        shown = new + (f":{opts}" if opts else "")
+        print(
+            f"note: metric {name!r} is now called {shown!r}, as in "
+            "captum_ssl.metrics; the old name still works in this release",
+            file=sys.stderr,
+        )
+    return word
+
+
+def metric_spec(text: str) -> Tuple[str, Dict[str, Any]]:
+    """:func:`parse_spec` of a metric word, old spellings resolved."""
+    return parse_spec(metric_word(text))
+
+
 #: the thesis's metrics (its step sizes)
-THESIS_METRICS = ["average_drop", "average_increase", "deletion", "insertion"]
+THESIS_METRICS = ["average_drop", "average_increase", "deletion_auc", "insertion_auc"]
 #: quick default: coarse deletion/insertion (32 rows of 224 px per step)
 QUICK_METRICS = [
     "average_drop",
     "average_increase",
-    "deletion:step=7168",
-    "insertion:step=7168",
+    "deletion_auc:step=7168",
+    "insertion_auc:step=7168",
+]
+#: ``--metrics all``: every metric and direction except ROAD (a sparse solve
+#: per image and fraction on the CPU)
+ALL_METRICS = [
+    "deletion_auc",
+    "insertion_auc",
+    "average_drop",
+    "average_increase",
+    "class_probability",
+    "accuracy",
+    "perturbation_auc:mode=positive",
+    "perturbation_auc:mode=negative",
 ]
 
 

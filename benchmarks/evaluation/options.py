@@ -266,7 +266,7 @@ def check_method(word: str) -> None:
     arguments of that method."""
     if word in SET_WORDS:
         return
-    name, opts = _parse("--methods", word)
+    name, opts = _parse("--methods", M.method_word(word))
     base, _, nt = name.partition("+")
     if name not in M.method_names():
         if base in M.GRADIENT and nt:
@@ -316,11 +316,12 @@ def check_metric(word: str) -> None:
     its function."""
     if word in SET_WORDS:
         return
-    name, opts = _parse("--metrics", word)
+    name, opts = _parse("--metrics", M.metric_word(word, note=False))
     if name not in M.METRICS:
         raise OptionError(
             f"--metrics {word}: unknown metric {name!r}; known: "
-            f"{', '.join(list(SET_WORDS) + list(M.METRICS))}"
+            f"{', '.join(list(SET_WORDS) + list(M.METRICS))} (old spellings: "
+            f"{', '.join(M.METRIC_ALIASES)})"
         )
     allowed = _params(M.metric_function(name))
     if allowed is not None:

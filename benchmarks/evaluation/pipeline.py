@@ -32,7 +32,7 @@ from benchmarks.evaluation.store import ResultStore
 
 DB_NAME = "results.sqlite"
 #: metrics whose per-image curves are stored (their value is the curve's area)
-CURVE_METRICS = ("deletion", "insertion")
+CURVE_METRICS = ("deletion_auc", "insertion_auc")
 
 
 @dataclass
@@ -258,15 +258,15 @@ def make_plan(
     plan = Plan(version, source, model_specs=list(cfg.models))
     plan.runtime = runtime(cfg, device)
     for text in cfg.methods:
-        name, opts = M.parse_spec(text)
+        name, opts = M.parse_spec(M.method_word(text))
         full = {**M.method_defaults(name), **opts}
         plan.methods[M.spec_label(name, opts, M.method_defaults(name))] = (name, full)
     for text in cfg.metrics:
-        name, opts = M.parse_spec(text)
+        name, opts = M.metric_spec(text)
         if name not in M.METRICS:
             raise ValueError(f"unknown metric {name!r}; known: {', '.join(M.METRICS)}")
         full = {**M.METRICS[name].defaults, **opts}
-        if name in ("deletion", "insertion"):
+        if name in ("deletion_auc", "insertion_auc"):
             full.setdefault("score", "probability")
         M.metric_direction(name, opts)  # validates options
         plan.metrics[M.spec_label(name, opts, M.METRICS[name].defaults)] = (name, full)
@@ -381,15 +381,26 @@ def small_maps(maps: Tensor, size: int, hw: Tuple[int, int]) -> np.ndarray:
     return F.adaptive_avg_pool2d(full, size)[:, 0].cpu().numpy()
 
 
-def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
-    """Compute everything of ``cfg`` not yet in the store; return the plan."""
+def run(
+    cfg: EvalConfig, dist: Optional[Dist] = None, progress: Optional[Progress] = None
+) -> Plan:
+    """Compute everything of ``cfg`` not yet in the store; return the plan.
+    A line is logged at least every :data:`QUIET_SECONDS` while it works."""
+    dist = dist or Dist(device=cfg.device)
+    if progress is not None:
+        return _run(cfg, dist, progress)
+    with Progress(cfg.log if dist.rank == 0 else (lambda s: None)) as progress:
+        return _run(cfg, dist, progress)
+
+
+def _run(cfg: EvalConfig, dist: Dist, progress: Progress) -> Plan:
     from captum_ssl.metrics import class_probability
 
-    dist = dist or Dist(device=cfg.device)
     device = torch.device(
         dist.device or cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
-    log = cfg.log if dist.rank == 0 else (lambda s: None)
+    log = progress.say
+    progress.now("reading the results store and the photo list")
     cfg.out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(cfg.out / DB_NAME)
     plan = make_plan(cfg, store, str(device))
@@ -410,7 +421,10 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
             "computing the rest"
         )
     todos = {spec.name: _todo(store, plan, spec.name, names) for spec in cfg.models}
-    progress = Progress(sum(-(-len(t) // cfg.batch_size) for t in todos.values()), log)
+    progress.total = sum(  # (batch x method) steps
+        -(-len(todo) // cfg.batch_size) * sum(m == name for m, _ in plan.map_keys)
+        for name, todo in todos.items()
+    )
     for i, spec in enumerate(cfg.models, 1):
         todo = todos[spec.name]
         if not todo:
@@ -420,6 +434,7 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
             f"[model {i}/{len(cfg.models)}] {spec.name} ({spec.architecture}, "
             f"{spec.training}, {spec.weights} weights): {len(todo)} images to do"
         )
+        progress.now(f"loading {spec.name}")
         model = spec.build().to(device).eval()
         explainers = {
             mlabel: M.build_method(mname, mopts, model, spec)
@@ -434,6 +449,7 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
         for b, batch in enumerate(
             plan.source.batches(spec.preprocessing, ordered, cfg.batch_size), 1
         ):
+            progress.now(f"{spec.name} batch {b}/{nb}: predictions and timing")
             x = batch.images.to(device)
             with torch.no_grad():
                 logits = model(x)  # also the warm-up
@@ -479,15 +495,17 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
                 )
             shown = []
             for mlabel, explain in explainers.items():
+                progress.now(f"{spec.name} batch {b}/{nb}: {mlabel} and its metrics")
                 s = _method_batch(
                     cfg, store, plan, spec, mlabel, explain, model, batch, x,
                     target, t_dev, (fwd, metric_fwd), device, dist.rank,
                 )  # fmt: skip
                 if s is not None:
                     shown.append(f"{mlabel} {s:.1f}s")
+                progress.tick()
             log(
                 f"  {spec.name} batch {b}/{nb} ({len(batch.names)} images, "
-                f"forward {fwd:.2f}s): " + ", ".join(shown) + progress.step()
+                f"forward {fwd:.2f}s): " + ", ".join(shown) + progress.status()
             )
             sys.stdout.flush()
         if (
@@ -498,6 +516,7 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
         ):
             from benchmarks.evaluation.figures import vit_layer_figure
 
+            progress.now(f"{spec.name}: per-layer figure")
             first = plan.source.names[: min(2, len(plan.source.names))]
             for batch in plan.source.batches(spec.preprocessing, first, len(first)):
                 vit_layer_figure(model, batch, spec, cfg.out / "figures", device)
@@ -507,20 +526,60 @@ def run(cfg: EvalConfig, dist: Optional[Dist] = None) -> Plan:
     return plan
 
 
+#: longest silence of a run: a "still working" line comes after this long
+QUIET_SECONDS = 8.0
+
+
 class Progress:
-    """Elapsed time and an estimate of what is left, per finished batch."""
+    """Elapsed time and an estimate of what is left, in (batch x method)
+    steps; while active (``with``), a line naming the current step whenever
+    nothing was logged for :data:`QUIET_SECONDS`."""
 
-    def __init__(self, total: int, log: Callable[[str], None]) -> None:
-        self.total, self.done, self.start = max(total, 1), 0, time.perf_counter()
+    def __init__(self, log: Callable[[str], None], total: int = 0) -> None:
+        import threading
 
-    def step(self) -> str:
+        self.log, self.total, self.done = log, total, 0
+        self.start = self.last = time.perf_counter()
+        self.doing = "starting"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def say(self, line: str) -> None:
+        with self._lock:
+            self.log(line)
+            sys.stdout.flush()
+            self.last = time.perf_counter()
+
+    def now(self, doing: str) -> None:
+        """Name the step under way (shown by the "still working" lines)."""
+        self.doing = doing
+
+    def tick(self) -> None:
         self.done += 1
+
+    def left(self) -> str:
         spent = time.perf_counter() - self.start
-        left = spent / self.done * (self.total - self.done)
-        return (
-            f" [{self.done}/{self.total} batches, {spent:.0f} s elapsed, "
-            f"about {left:.0f} s left]"
-        )
+        if not self.done or not self.total:
+            return f"{spent:.0f} s elapsed, time left estimated after the first step"
+        left = spent / self.done * max(self.total - self.done, 0)
+        return f"{spent:.0f} s elapsed, about {left:.0f} s left"
+
+    def status(self) -> str:
+        return f" [{self.done}/{max(self.total, 1)} steps, {self.left()}]"
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.5):
+            if time.perf_counter() - self.last >= QUIET_SECONDS:
+                self.say(f"  ... {self.doing} ({self.left()})")
 
 
 def reused(store: ResultStore, plan: Plan, names: List[str]) -> Tuple[int, int]:
@@ -679,10 +738,12 @@ def evaluate(cfg: EvalConfig, notes: List[str] = ()) -> Tuple[Plan, Dict[str, Pa
     """Run (or resume) and, on rank 0, write the report. Under ``torchrun``
     each process calls this; images are split across ranks."""
     dist = init_distributed(cfg.device)
-    plan = run(cfg, dist)
     paths: Dict[str, Path] = {}
-    if dist.rank == 0:
-        paths = report(cfg, plan, notes)
+    with Progress(cfg.log if dist.rank == 0 else (lambda s: None)) as progress:
+        plan = run(cfg, dist, progress)
+        if dist.rank == 0:
+            progress.now("writing the tables and figures")
+            paths = report(cfg, plan, notes)
     dist.barrier()
     if dist.active:
         import torch.distributed as tdist

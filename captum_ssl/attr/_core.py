@@ -39,6 +39,7 @@ from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
 from captum_ssl._outputs import model_output
+from captum_ssl._progress import progress_bar
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
 nan = float("nan")
@@ -1086,11 +1087,8 @@ def chunked_scores(
         )
     targets = per_sample_targets(target, batch)
     scores: Optional[Tensor] = None  # float32, or the model's dtype if wider
-    starts = range(0, total, perturbations_per_eval)
-    if show_progress:
-        from captum._utils.progress import progress
-
-        starts = progress(starts, desc=desc, total=len(starts))
+    chunks = range(0, total, perturbations_per_eval)
+    starts = progress_bar(chunks, desc, len(chunks), show_progress, unit="batch")
     # one eval-mode switch (and at most one warning) for the whole loop
     with eval_mode(forward_func):
         for start in starts:

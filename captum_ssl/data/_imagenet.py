@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._progress import progress_bar
 from ..models._preprocessing import Preprocessing
 from ._files import UnreadableImageError, image_ids, open_image, skip_warning
 from ._photos import Photos, _preprocessing, bundled_photos
@@ -167,9 +168,10 @@ class ImageNetSamples(Dataset):
         """Consecutive batches as :class:`Photos` (images, labels, names, raw)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        starts = range(0, len(self), batch_size)
-        if progress:
-            starts = _progress(starts, total=len(starts), desc="ImageNet samples")
+        chunks = range(0, len(self), batch_size)
+        starts = progress_bar(
+            chunks, "ImageNet samples", len(chunks), progress, unit="batch"
+        )
         for start in starts:
             raws, idx = [], []
             for i in range(start, min(start + batch_size, len(self))):
@@ -189,14 +191,6 @@ class ImageNetSamples(Dataset):
                 raw=raw,
                 accepted=[(label,) for label in labels],
             )
-
-
-def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with quantus
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="batch")
 
 
 def image_batches(

@@ -187,6 +187,7 @@ def road_combined(
     seed: Optional[int] = 0,
     generator: Optional[torch.Generator] = None,
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> Tensor:
     r"""pytorch-grad-cam's ``ROADCombined``: ``(LeRF - MoRF) / 2``, each the
     mean over ``percentiles`` of the change of the target score when pixels
@@ -212,6 +213,8 @@ def road_combined(
         noise (float, optional): imputation noise std. Default: 0.01
         seed, generator: for the noise.
         batch_size (int, optional): Default: 64
+        show_progress (bool, optional): print a progress bar of the forward
+                    passes (on stderr). Default: False
 
     Returns:
         Tensor: ``(B,)`` on the model's device.
@@ -256,7 +259,10 @@ def road_combined(
         return out
 
     n = len(percentiles)
-    scores = evaluate(model, x, target, 1 + 2 * n, make_batch, score, batch_size)
+    scores = evaluate(
+        model, x, target, 1 + 2 * n, make_batch, score, batch_size,
+        show_progress, "ROAD combined",
+    )  # fmt: skip
     change = scores[:, 1:] - scores[:, :1]
     return (change[:, n:].mean(dim=1) - change[:, :n].mean(dim=1)) / 2
 

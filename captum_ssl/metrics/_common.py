@@ -318,12 +318,15 @@ def evaluate(
     make_batch: Callable[[Tensor, Tensor], Tensor],
     score: ScoreType = "probability",
     batch_size: int = 64,
+    show_progress: bool = False,
+    desc: str = "metric",
 ) -> Tensor:
     """Scores ``(B, n_per_sample)`` of perturbed copies, ``batch_size`` at a time.
 
     ``make_batch(b_idx, j_idx)`` returns the copies for images ``b_idx`` at
     perturbation steps ``j_idx`` (index tensors on the input's device); a chunk
     mixes images and steps, so a forward pass is always ``batch_size`` full.
+    ``show_progress`` draws a progress bar (named ``desc``) of the passes.
     """
     if batch_size < 1:
         raise MetricInputError(f"batch_size must be >= 1, got {batch_size}.")
@@ -341,6 +344,8 @@ def evaluate(
             n_per_sample,
             build,
             perturbations_per_eval=batch_size,
+            show_progress=show_progress,
+            desc=desc,
         )
 
 

@@ -45,6 +45,7 @@ def perturbation_curve(
     descending: bool = True,
     score: ScoreType = "probability",
     batch_size: int = 64,
+    show_progress: bool = False,
 ) -> Tensor:
     r"""Scores after moving the first ``counts[j]`` pixels from ``start`` to ``end``.
 
@@ -67,6 +68,8 @@ def perturbation_curve(
         score (str or callable): ``"probability"``, ``"logit"``,
                     ``"accuracy"`` or a callable output -> scores.
         batch_size (int): perturbed images per forward pass. Default: 64
+        show_progress (bool, optional): print a progress bar of the forward
+                    passes (on stderr). Default: False
 
     Returns:
         Tensor: ``(B, len(counts))`` scores on the model's device.
@@ -86,7 +89,10 @@ def perturbation_curve(
         moved = first_k_mask(rank[b_idx], counts[j_idx], hw)
         return torch.where(moved, rows(b, b_idx), rows(a, b_idx))
 
-    return evaluate(model, x, target, len(counts), make_batch, score, batch_size)
+    return evaluate(
+        model, x, target, len(counts), make_batch, score, batch_size,
+        show_progress, "perturbed images",
+    )  # fmt: skip
 
 
 def _rise_counts(inputs: Tensor, step: int) -> Tensor:
@@ -106,6 +112,7 @@ def deletion_auc(
     score: ScoreType = "probability",
     batch_size: int = 64,
     return_curve: bool = False,
+    show_progress: bool = False,
 ) -> Tensor:
     r"""Deletion AUC (Petsiuk et al., RISE, BMVC 2018). Lower is better.
 
@@ -116,8 +123,10 @@ def deletion_auc(
     score. A faithful map makes the probability drop fast (low AUC).
 
     Cost: ``ceil(H*W / step) + 1`` forward passes per image, ``batch_size``
-    copies per pass. The thesis used ``step=224`` (225 passes at 224x224);
-    a larger step is proportionally cheaper and coarser.
+    copies per pass. The thesis used ``step=224`` (225 passes at 224x224:
+    seconds per image on a GPU, up to minutes on a CPU, where
+    ``show_progress=True`` shows how far it is); a larger step is
+    proportionally cheaper and coarser.
 
     Args:
         model (Callable): the classifier, ``(B, C, H, W) -> (B, K)``.
@@ -134,6 +143,8 @@ def deletion_auc(
         batch_size (int, optional): perturbed images per forward pass. Default: 64
         return_curve (bool, optional): return the ``(B, steps + 1)`` curve
                     instead of its area. Default: False
+        show_progress (bool, optional): print a progress bar of the forward
+                    passes (on stderr). Default: False
 
     Returns:
         Tensor: ``(B,)`` AUC in [0, 1] for probabilities, on the model's device.
@@ -146,7 +157,7 @@ def deletion_auc(
     counts = _rise_counts(inputs, step)
     curve = perturbation_curve(
         model, inputs, attributions, target, counts, "input", substrate,
-        True, score, batch_size,
+        True, score, batch_size, show_progress,
     )  # fmt: skip
     return curve if return_curve else normalized_auc(curve)
 
@@ -162,6 +173,7 @@ def insertion_auc(
     score: ScoreType = "probability",
     batch_size: int = 64,
     return_curve: bool = False,
+    show_progress: bool = False,
 ) -> Tensor:
     r"""Insertion AUC (Petsiuk et al., RISE, BMVC 2018). Higher is better.
 
@@ -188,7 +200,7 @@ def insertion_auc(
     counts = _rise_counts(inputs, step)
     curve = perturbation_curve(
         model, inputs, attributions, target, counts, substrate, "input",
-        True, score, batch_size,
+        True, score, batch_size, show_progress,
     )  # fmt: skip
     return curve if return_curve else normalized_auc(curve)
 
@@ -208,6 +220,7 @@ def perturbation_auc(
     substrate: SubstrateType = "zero",
     batch_size: int = 64,
     return_curve: bool = False,
+    show_progress: bool = False,
 ) -> Tensor:
     r"""Positive / negative perturbation AUC (Chefer et al., CVPR 2021).
 
@@ -238,6 +251,8 @@ def perturbation_auc(
         batch_size (int, optional): Default: 64
         return_curve (bool, optional): return ``(B, len(fractions) + 1)``
                     scores (the first at 0%). Default: False
+        show_progress (bool, optional): print a progress bar of the forward
+                    passes (on stderr). Default: False
 
     Returns:
         Tensor: ``(B,)`` per-image AUC on the model's device.
@@ -256,7 +271,7 @@ def perturbation_auc(
     ]  # as Chefer's int(f * 224**2)
     curve = perturbation_curve(
         model, inputs, attributions, target, counts, "input", substrate,
-        MODES[mode], score, batch_size,
+        MODES[mode], score, batch_size, show_progress,
     )  # fmt: skip
     if return_curve:
         return curve

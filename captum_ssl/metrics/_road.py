@@ -139,6 +139,7 @@ def road(
     generator: Optional[torch.Generator] = None,
     batch_size: int = 64,
     return_curve: bool = False,
+    show_progress: bool = False,
 ) -> Tensor:
     r"""ROAD, RemOve And Debias (Rong et al., ICML 2022).
 
@@ -169,6 +170,8 @@ def road(
         generator (torch.Generator, optional): used instead of ``seed``.
         batch_size (int, optional): Default: 64
         return_curve (bool, optional): return ``(B, len(percentages))``.
+        show_progress (bool, optional): print a progress bar of the forward
+                    passes (on stderr). Default: False
 
     Returns:
         Tensor: ``(B,)`` on the model's device.
@@ -194,7 +197,10 @@ def road(
         removed = first_k_mask(rank[b_idx], counts[j_idx], hw)
         return noisy_linear_imputation(x[b_idx], removed, noise, gen)
 
-    curve = evaluate(model, x, target, len(counts), make_batch, score, batch_size)
+    curve = evaluate(
+        model, x, target, len(counts), make_batch, score, batch_size,
+        show_progress, "ROAD",
+    )  # fmt: skip
     if return_curve or curve.shape[1] == 1:
         return curve if return_curve else curve[:, 0]
     xs = fr.to(curve.device, curve.dtype)

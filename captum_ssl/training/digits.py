@@ -78,13 +78,14 @@ def standard_explainers(nt_samples: int = 16) -> Dict[str, Explainer]:
         return cam.attribute(x, target=y, relu_attributions=True)
 
     def guided(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        x = x.detach().requires_grad_()  # Captum warns when it has to set it
         return GuidedGradCam(model, model.features[-1]).attribute(x, target=y)
 
     def ig(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return IntegratedGradients(model).attribute(x, target=y, n_steps=32).abs()
 
     def saliency(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return Saliency(model).attribute(x, target=y)
+        return Saliency(model).attribute(x.detach().requires_grad_(), target=y)
 
     def smoothgrad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         torch.manual_seed(0)

@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from captum_ssl._progress import progress_bar
+
 LossFn = Callable[[Tensor, Optional[Tensor]], Any]
 
 
@@ -108,10 +110,8 @@ def train(
         n = 0
         batches: Iterable = loader
         if progress:
-            from captum._utils.progress import progress as bar
-
             total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore
-            batches = bar(loader, desc=f"epoch {epoch + 1}/{epochs}", total=total)
+            batches = progress_bar(loader, f"epoch {epoch + 1}/{epochs}", total)
         for batch in batches:
             images, labels = _split(batch)
             images = images.to(device)
