@@ -229,41 +229,49 @@ def test_chefer_methods_equal_reference_algorithm(method, cls, kw):
 
 
 # ----------------------------------------------- AttnLRP, gradient x input form
-def attnlrp_gradient_form(model, x, target, cp=False):
-    """Relevance of the patch tokens: input x gradient of a forward pass whose
-    gradient is the AttnLRP rules' (LayerNorm: 1/sigma constant; GELU:
-    identity rule; matmuls: uniform, half the gradient to each operand;
-    softmax, linear, add: plain gradient)."""
+def ln_const_sigma(mod, t):
+    """LayerNorm with 1/sigma a constant (AttnLRP's LayerNorm rule)."""
+    mu = t.mean(-1, keepdim=True)
+    sigma = (t.var(-1, unbiased=False, keepdim=True) + mod.eps).sqrt()
+    return (t - mu) / sigma.detach() * mod.weight + mod.bias
+
+
+def gradient_form_block(blk, h, cp=False):
+    """One timm ViT block whose gradient is the AttnLRP rules' (LayerNorm:
+    1/sigma constant; GELU: identity rule; matmuls: uniform, half the
+    gradient to each operand; softmax, linear, add, layer scale: plain
+    gradient; CP-LRP: attention constant)."""
 
     def half(t):
         return 0.5 * t + 0.5 * t.detach()
 
-    def ln(mod, t):
-        mu = t.mean(-1, keepdim=True)
-        sigma = (t.var(-1, unbiased=False, keepdim=True) + mod.eps).sqrt()
-        return (t - mu) / sigma.detach() * mod.weight + mod.bias
-
     def gelu(t):
         return t * (F.gelu(t) / t).detach()
 
+    a, (b, n, c) = blk.attn, h.shape
+    qkv = a.qkv(ln_const_sigma(blk.norm1, h)).reshape(b, n, 3, a.num_heads, -1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    attn = (half(q) * a.scale @ half(k).transpose(-2, -1)).softmax(-1)
+    attn = attn.detach() if cp else half(attn)
+    o = (attn @ (v if cp else half(v))).transpose(1, 2).reshape(b, n, c)
+    h = h + blk.ls1(a.proj(o))
+    mlp = blk.mlp
+    return h + blk.ls2(mlp.fc2(gelu(mlp.fc1(ln_const_sigma(blk.norm2, h)))))
+
+
+def attnlrp_gradient_form(model, x, target, cp=False):
+    """Relevance of the patch tokens: input x gradient of a forward pass whose
+    gradient is the AttnLRP rules' (:func:`gradient_form_block`)."""
     with torch.enable_grad():
         tok = model.patch_embed(x).detach().requires_grad_()
         h = torch.cat([model.cls_token.expand(len(x), -1, -1), tok], 1)
         h = h + model.pos_embed
-        b, n, c = h.shape
         for blk in model.blocks:
-            a = blk.attn
-            qkv = a.qkv(ln(blk.norm1, h)).reshape(b, n, 3, a.num_heads, -1)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            attn = (half(q) * a.scale @ half(k).transpose(-2, -1)).softmax(-1)
-            attn = attn.detach() if cp else half(attn)
-            o = (attn @ (v if cp else half(v))).transpose(1, 2).reshape(b, n, c)
-            h = h + a.proj(o)
-            h = h + blk.mlp.fc2(gelu(blk.mlp.fc1(ln(blk.norm2, h))))
-        out = model.head(ln(model.norm, h)[:, 0])
-        logit = out[torch.arange(b), torch.tensor(target)]
+            h = gradient_form_block(blk, h, cp)
+        out = model.head(ln_const_sigma(model.norm, h)[:, 0])
+        logit = out[torch.arange(len(x)), torch.tensor(target)]
         (g,) = torch.autograd.grad(logit.sum(), tok)
-    return (tok * g).sum(-1).reshape(b, 1, 4, 4), logit.detach()
+    return (tok * g).sum(-1).reshape(len(x), 1, 4, 4), logit.detach()
 
 
 @pytest.mark.parametrize("cp", [False, True])
@@ -403,6 +411,22 @@ def _snapshot(model):
     )
 
 
+def raise_mid_forward(model, block, x):
+    """TransformerAttribution and AttnLRP interrupted by an exception raised
+    before ``block``."""
+
+    def boom(*_):
+        raise RuntimeError("raised in the middle of the forward pass")
+
+    handle = block.register_forward_pre_hook(boom)
+    try:
+        for cls in (TransformerAttribution, AttnLRP):
+            with pytest.raises(RuntimeError, match="middle"):
+                cls(model).attribute(x, target=TARGETS)
+    finally:
+        handle.remove()
+
+
 def test_model_untouched_also_after_error():
     model = vit()
     model.blocks[0].attn.qkv.weight.requires_grad_(False)
@@ -412,15 +436,7 @@ def test_model_untouched_also_after_error():
         cls(model).attribute(x, target=TARGETS)
     with pytest.raises(AttributionInputError, match="out of range"):
         TransformerAttribution(model).attribute(x, target=[1, 99, 3])
-
-    def boom(*_):
-        raise RuntimeError("raised in the middle of the forward pass")
-
-    handle = model.blocks[2].register_forward_pre_hook(boom)
-    for cls in (TransformerAttribution, AttnLRP):
-        with pytest.raises(RuntimeError, match="middle"):
-            cls(model).attribute(x, target=TARGETS)
-    handle.remove()
+    raise_mid_forward(model, model.blocks[2], x)
     after = _snapshot(model)
     for a, b in zip(before[0].values(), after[0].values()):
         assert torch.equal(a, b)

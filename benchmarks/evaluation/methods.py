@@ -168,16 +168,6 @@ def registry_model(name: str, random_weights: bool = False) -> ModelSpec:
         preprocessing=e.preprocessing,
         fingerprint=fingerprint,
         family=e.family,
-        lrp=_probe_lrp(e.probe),
-    )
-
-
-def _probe_lrp(probe: Any) -> str:
-    if probe is None:
-        return ""
-    return (
-        f"LRP rules do not cover the linear-probe wrapper ({probe.describe()}) "
-        "around the timm ViT yet"
     )
 
 

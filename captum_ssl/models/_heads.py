@@ -12,7 +12,7 @@ and the embedding targets explain the real classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -110,8 +110,14 @@ class TokenLinearProbe(nn.Module):
         self.head = head
         self.probe = probe
 
-    def features(self, x: Tensor) -> Tensor:
-        """The probe's input ``(B, in_features)``."""
+    def features(
+        self, x: Tensor, mean: Optional[Callable[[Tensor], Tensor]] = None
+    ) -> Tensor:
+        """The probe's input ``(B, in_features)``.
+
+        ``mean`` averages the patch tokens ``(B, N, C) -> (B, C)`` (default:
+        ``tokens.mean(dim=1)``; LRP passes the same average routed through
+        its rules)."""
         b: Any = self.backbone  # a timm VisionTransformer
         p = self.probe
         if p.n_last_blocks == 1:
@@ -124,11 +130,23 @@ class TokenLinearProbe(nn.Module):
                 x = blk(x)
                 if i >= first:
                     outs.append(b.norm(x))
-        feats = torch.cat([o[:, 0] for o in outs], dim=-1)
         if not p.patch_mean:
+            return self.combine([o[:, 0] for o in outs])
+        patches = outs[-1][:, b.num_prefix_tokens :]
+        pooled = patches.mean(dim=1) if mean is None else mean(patches)
+        return self.combine([o[:, 0] for o in outs], pooled)
+
+    def combine(
+        self, cls_tokens: List[Tensor], mean: Optional[Tensor] = None
+    ) -> Tensor:
+        """The probe's input from the class tokens it reads (oldest block
+        first, each ``(B, C)``) and, with ``patch_mean``, the patch mean."""
+        feats = torch.cat(cls_tokens, dim=-1)
+        if not self.probe.patch_mean:
             return feats
-        mean = outs[-1][:, b.num_prefix_tokens :].mean(dim=1)
-        if p.interleave:
+        if mean is None:
+            raise ValueError("this probe also reads the mean of the patch tokens")
+        if self.probe.interleave:
             return torch.stack((feats, mean), dim=-1).flatten(1)
         return torch.cat((feats, mean), dim=-1)
 

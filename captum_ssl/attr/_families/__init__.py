@@ -5,6 +5,7 @@ from captum_ssl.attr._families import (  # noqa: F401  (registers the families)
     hf_vit,
     timm_beit,
     timm_eva,
+    timm_probe,
     timm_vit,
     torch_mha,
 )

@@ -127,8 +127,11 @@ class FamilyAdapter:
     #: and are tried only after every adapter that matches the model itself
     fallback: ClassVar[bool] = False
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, prefix: str = "") -> None:
         self.model = model
+        #: where ``model`` sits in the module the user passed (``"backbone."``
+        #: when another adapter wraps this one), for layer names in messages
+        self.prefix = prefix
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

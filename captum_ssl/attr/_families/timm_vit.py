@@ -190,16 +190,18 @@ def plan_model(
     stacks: Sequence[Tuple[str, Dict[type, Any], Dict[type, Any], Tuple, Tuple]],
     top: Sequence[str],
     embedding: bool,
+    prefix: str = "",
 ) -> Plan:
     """The plan of a timm-style model: for each ``(attribute, {block class:
     block forward}, {attention class: attention forward}, block leaves,
     attention leaves)`` stack of blocks, every block's attention, MLP and
     block forward; then the model-level leaves ``top`` and, with
-    ``embedding``, the rules below the first block."""
+    ``embedding``, the rules below the first block. ``prefix`` is the
+    model's path in the module the user passed (for messages)."""
     plan: Plan = []
     for attr, block_fwds, attn_fwds, block_leaves, attn_leaves in stacks:
         for i, blk in enumerate(getattr(model, attr)):
-            where = f"{attr}.{i}"
+            where = f"{prefix}{attr}.{i}"
             for m, fwds, w in (
                 (blk, block_fwds, where),
                 (blk.attn, attn_fwds, where + ".attn"),
@@ -217,7 +219,7 @@ def plan_model(
             plan.append((blk, block_fwds[type(blk)](P, blk)))
     for name in top:
         if getattr(model, name, None) is not None:
-            plan_leaf(P, plan, getattr(model, name), name)
+            plan_leaf(P, plan, getattr(model, name), prefix + name)
     if embedding:
         plan.extend(timm_embedding_plan(P, model))
     return plan
@@ -437,6 +439,7 @@ class TimmViTAdapter(TimmAdapter):
             ("norm_pre", "norm", "fc_norm", "head", "head_drop", "patch_drop")
             + ("head_dist",),
             embedding,
+            self.prefix,
         )
 
     def hooks(self, P: Propagator) -> list:
