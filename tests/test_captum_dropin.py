@@ -488,11 +488,11 @@ def test_maps_of_every_rank_upsample_as_captums_interpolate(cfg):
     cam = A.LayerGradCam(model, layer).attribute(x, target=0)
     size = tuple(x.shape[2:])
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    # an odd-sized layer map, so that the resize does real work
-    small = torch.nn.functional.avg_pool1d(cam.flatten(2), 2).reshape(
-        *cam.shape[:2], -1
+    # a smaller layer map of the same aspect ratio (each side one shorter),
+    # so that the resize does real work
+    small = torch.nn.functional.interpolate(
+        cam, size=[max(1, s - 1) for s in cam.shape[2:]], mode="area"
     )
-    small = small.reshape(*cam.shape[:2], *[1] * (len(size) - 1), -1)
     expected = LayerAttribution.interpolate(small, size, interpolate_mode=mode)
     torch.testing.assert_close(upsample(small, x), expected)
     torch.testing.assert_close(prepare_maps(small, x), expected)

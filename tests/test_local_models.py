@@ -6,6 +6,7 @@ main job to the family table; their bad paths as one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,16 @@ def test_local_timm_and_hf_models_join_the_family_tables(tmp_path, capsys):
     )  # fmt: skip
     assert t.preprocessing.crop == 160 and t.preprocessing.mean == (0.5,) * 3
     assert (h.preprocessing.crop, h.preprocessing.interpolation) == (32, "bicubic")
-    assert h.cam_layer == "model.vit.layers.-1.layernorm_before"
+    # the family adapter's answers: CAM layer, attention layers, layout, LRP
+    assert (h.cam_layer, h.attention_layers, h.lrp) == (
+        "vit.layers.-1.layernorm_before", "vit.layers.*.attention", ""
+    )  # fmt: skip
+    assert h.cam_layout == {"grid": (4, 4), "num_prefix_tokens": 1}
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(h.build()(x), hf_model(pixel_values=x).logits)
+    with torch.no_grad():  # the Hugging Face model itself, not a wrapper
+        built = h.build()
+        assert type(built) is type(hf_model)
+        assert torch.equal(built(x).logits, hf_model(pixel_values=x).logits)
         y = torch.randn(1, 3, 160, 160)
         assert torch.equal(t.build()(y), source(y))
 
@@ -72,19 +79,25 @@ def test_local_timm_and_hf_models_join_the_family_tables(tmp_path, capsys):
     argv = _args(out, "--threads", "1")
     i = argv.index("efficientnet_lite0")
     argv[i : i + 1] = [timm_word, hf_word]
-    argv[argv.index("--methods") + 1] = "gradcam"
-    argv.insert(argv.index("--methods") + 2, "raw_attention")
+    vit_methods = ["raw_attention", "generic_attention", "attnlrp"]
+    i = argv.index("--methods") + 1
+    argv[i : i + 1] = ["gradcam", *vit_methods]
     assert R.main(argv) == 0
     text = capsys.readouterr().out
     assert "my_vit (test_vit (timm), supervised)" in text
     assert "my_hf (ViTForImageClassification (Hugging Face), self-supervised)" in text
-    # the family table pairs them; attention methods ran on the timm ViT only
+    # the family table pairs them; the ViT methods ran on both models
     assert "\nViT-S:\n" in text and "my_hf - my_vit  gradcam" in text
-    assert "skip my_hf / raw_attention" in text
+    assert "skip my_hf" not in text, text
     tabs = json.loads((out / "accuracy.json").read_text())
-    rows = {(r["model"], r["method"]) for r in tabs["per_model"]}
-    assert {("my_vit", "gradcam"), ("my_vit", "raw_attention")} <= rows
-    assert ("my_hf", "gradcam") in rows and ("my_hf", "raw_attention") not in rows
+    rows: dict = {}
+    for r in tabs["per_model"]:
+        rows.setdefault((r["model"], r["method"]), []).append(r)
+    for model in ("my_vit", "my_hf"):
+        for method in ("gradcam", *vit_methods):  # every metric: finite values
+            for r in rows[(model, method)]:
+                assert r["n"] == 2 and r["nonfinite"] == 0, r
+                assert math.isfinite(r["mean"]), r
     (cmp,) = {
         (r["family"], r["supervised"], r["self_supervised"]) for r in tabs["comparison"]
     }
@@ -176,7 +189,13 @@ def test_hf_layers_layout_and_preprocessing_are_found(kind, prefix, grid, tmp_pa
         assert (s.preprocessing.resize, s.preprocessing.crop) == (32, 28)
         assert s.preprocessing.interpolation == "bicubic"
     size = s.preprocessing.crop
-    maps = M.build_method("gradcam", {}, s.build(), s)(
-        torch.randn(2, 3, size, size), torch.tensor([1, 2])
-    )
-    assert maps.shape == (2, 1, grid, grid) and torch.isfinite(maps).all()
+    model, x, t = s.build(), torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    vit = ["raw_attention", "generic_attention", "attnlrp"]
+    for method in ["gradcam"] + (vit if prefix is not None else []):
+        assert M.applies(method, s) is None, method
+        maps = M.build_method(method, {}, model, s)(x, t)
+        assert maps.shape == (2, 1, grid, grid), method
+        assert torch.isfinite(maps).all(), method
+    if prefix is None:  # a CNN: no attention layers, the ViT methods skipped
+        assert s.attention_layers == "" and M.applies("attnlrp", s)
+        assert M.applies("raw_attention", s)

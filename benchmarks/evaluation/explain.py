@@ -18,6 +18,7 @@ from typing import Dict, List
 import torch
 
 from benchmarks.evaluation import methods as M
+from captum_ssl._outputs import model_output
 from captum_ssl.viz import as_map
 
 TOP = 5
@@ -68,7 +69,7 @@ def explain_files(args: argparse.Namespace) -> int:
             raw = pre.raw_transform()(image)
             x = pre.normalize(raw)[None].to(device)
             with torch.no_grad():
-                prob = model(x).softmax(1)[0].cpu()
+                prob = model_output(model(x)).softmax(1)[0].cpu()
             top = prob.topk(TOP)
             print(f"{path.name} / {spec.name}: top-{TOP} classes")
             for p, c in zip(top.values.tolist(), top.indices.tolist()):

@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
-from torch import Tensor, nn
+from torch import nn
 
 from benchmarks.evaluation.methods import ModelSpec
 
@@ -264,38 +264,10 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
 # ------------------------------------------------------------- Hugging Face
 
 
-class HFLogits(nn.Module):
-    """A Hugging Face image classifier as a plain ``images -> logits`` module
-    (its ``ModelOutput`` reduced to ``logits``); the model at ``.model``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.training = model.training
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(pixel_values=x).logits
-
-
-#: CAM layer of the Hugging Face vision classifiers, by ``model_type``: the
-#: first of these paths the model has (module names differ between
-#: transformers versions; ``{base}`` is the model's ``base_model_prefix``)
-_VIT_NORM = (
-    "{base}.layers.-1.layernorm_before",
-    "{base}.encoder.layer.-1.layernorm_before",
-)
-_DINOV2_NORM = ("{base}.encoder.layer.-1.norm1", "{base}.layers.-1.norm1")
-HF_CAM_LAYERS = {
-    "vit": _VIT_NORM,
-    "deit": _VIT_NORM,
-    "dinov2": _DINOV2_NORM,
-    "dinov2_with_registers": _DINOV2_NORM,
-    "resnet": ("{base}.encoder.stages.-1",),
-    "convnext": ("{base}.encoder.stages.-1",),
-}
-#: prefix tokens before the patch tokens of the token models (DINOv2 with
-#: registers adds ``num_register_tokens``)
-_HF_PREFIX_TOKENS = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 1}
+#: CAM layer of a Hugging Face vision classifier that no ViT family adapter
+#: covers (ResNet, ConvNeXt: their last stage; ``{base}`` is the model's
+#: ``base_model_prefix``); the ViT families name theirs (``norm_layer()``)
+_HF_CNN_CAM_LAYER = "{base}.encoder.stages.-1"
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 
@@ -322,32 +294,35 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         first = str(err).strip().splitlines()[0][:300]
         raise ValueError(f"{m.path} cannot be read by transformers: {first}") from None
     archs = list(config.architectures)
-    model_type = config.model_type
-    if model_type not in HF_CAM_LAYERS and "cam_layer" not in m.options:
-        raise ValueError(
-            f"no CAM layer known for model_type {model_type!r}; pass one with "
-            f"cam_layer=model.<dotted path> (known types: {', '.join(HF_CAM_LAYERS)})"
-        )
     import torch
     from transformers import AutoModelForImageClassification
 
+    from captum_ssl.attr._core import AttributionInputError
+    from captum_ssl.attr._families.base import find_adapter, lrp_adapter
     from captum_ssl.models import get_layer
 
     with torch.device("meta"):  # module names only, no weights
         skeleton = AutoModelForImageClassification.from_config(config)
-    cam = ""
-    for pattern in HF_CAM_LAYERS.get(model_type, ()):
-        path = pattern.format(base=skeleton.base_model_prefix)
+    adapter = find_adapter(skeleton)  # the ViT family's own answers, if any
+    if adapter is not None:
+        cam = adapter.norm_layer() or ""
+        attention = _pattern([site.name for site in adapter.attention_sites()])
         try:
-            get_layer(skeleton, path)
-        except ValueError:
-            continue
-        cam = path
-        break
+            lrp_adapter(skeleton)
+            lrp = ""
+        except AttributionInputError as err:  # the reason, shown when skipped
+            lrp = str(err)
+    else:  # a CNN (ResNet, ConvNeXt): its last stage, no attention, no LRP
+        cam = _HF_CNN_CAM_LAYER.format(base=skeleton.base_model_prefix)
+        attention, lrp = "", f"{archs[0]} is no Vision Transformer"
+    try:
+        get_layer(skeleton, cam)
+    except ValueError:
+        cam = ""
     if not cam and "cam_layer" not in m.options:
         raise ValueError(
-            f"no CAM layer found in this {model_type} model; pass one with "
-            "cam_layer=model.<dotted path>"
+            f"no CAM layer known for this {config.model_type} model; pass one "
+            "with cam_layer=<dotted path>"
         )
     side = _side(getattr(proc, "size", 224))
     crop = (
@@ -368,23 +343,34 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     )
 
     layout: Dict[str, Any] = {}
-    prefix = _HF_PREFIX_TOKENS.get(model_type)
-    if prefix is not None:  # token sequences: class (+ distillation, registers)
-        grid = pre.crop // int(config.patch_size)
-        regs = int(getattr(config, "num_register_tokens", 0) or 0)
-        layout = dict(grid=(grid, grid), num_prefix_tokens=prefix + regs)
+    tokens = None if adapter is None else adapter.layout((pre.crop, pre.crop))
+    if tokens is not None:  # class (+ distillation, register) tokens, grid
+        layout = dict(
+            grid=tokens.patch_grid, num_prefix_tokens=tokens.num_prefix_tokens
+        )
 
     def build() -> nn.Module:
+        # the model itself: the methods and metrics read its ModelOutput's
+        # logits (captum_ssl._outputs.model_output)
         from transformers import AutoModelForImageClassification as Auto
 
-        model = Auto.from_pretrained(m.path, local_files_only=True).eval()
-        return HFLogits(model).eval()
+        return Auto.from_pretrained(m.path, local_files_only=True).eval()
 
     return build, dict(
         architecture=f"{archs[0]} (Hugging Face)",
-        cam_layer=f"model.{cam}" if cam else "",
+        cam_layer=cam,
         cam_layout=layout,
-        attention_layers="",
+        attention_layers=attention,
         preprocessing=pre,
-        lrp="LRP rules cover timm ViTs, not Hugging Face models",
+        lrp=lrp,
     )
+
+
+def _pattern(names: List[str]) -> str:
+    """The ``*`` pattern of dotted names that differ in one part
+    (``vit.layers.0.attention``, ``vit.layers.1.attention`` ->
+    ``vit.layers.*.attention``); "" for none."""
+    split = [n.split(".") for n in names]
+    if not split or len({len(p) for p in split}) != 1:
+        return ""
+    return ".".join(parts[0] if len(set(parts)) == 1 else "*" for parts in zip(*split))

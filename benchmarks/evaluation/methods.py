@@ -97,7 +97,8 @@ class ModelSpec:
                     the tables pair (``"vit_s"``, ...); "" pairs by
                     ``architecture``.
         lrp (str): why the LRP methods do not apply to this model ("" when
-                    they may: a plain timm ViT / DeiT / CaiT).
+                    they may: a ViT whose family adapter has LRP rules, as
+                    ``lrp_adapter`` in ``captum_ssl/attr/_families`` says).
     """
 
     name: str

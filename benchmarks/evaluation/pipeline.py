@@ -29,6 +29,7 @@ from torch import Tensor
 
 from benchmarks.evaluation import methods as M
 from benchmarks.evaluation.store import ResultStore
+from captum_ssl._outputs import model_output
 
 DB_NAME = "results.sqlite"
 #: metrics whose per-image curves are stored (their value is the curve's area)
@@ -452,7 +453,7 @@ def _run(cfg: EvalConfig, dist: Dist, progress: Progress) -> Plan:
             progress.now(f"{spec.name} batch {b}/{nb}: predictions and timing")
             x = batch.images.to(device)
             with torch.no_grad():
-                logits = model(x)  # also the warm-up
+                logits = model_output(model(x))  # also the warm-up
                 fwd = _forward_seconds(model, x, device)
                 if metric_fwd is None:  # per image, at the metrics' batch size
                     metric_fwd = _metric_forward(model, x, cfg, device)

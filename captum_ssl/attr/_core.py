@@ -1003,6 +1003,37 @@ AUTO_CHUNK_INPUT_COPIES = 32
 AUTO_CHUNK_CPU_BYTES = 64 << 20
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the library computes scores and map arithmetic in for a
+    model of ``dtype``: float32, or ``dtype`` itself where it is wider
+    (float64). bfloat16 / float16 keep 8 / 11 significant bits, too few for
+    sums of products over layers, or for differences of close scores."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def refuse_precision(
+    forward_func: Callable,
+    inputs: Any,
+    dtypes: Tuple[torch.dtype, ...],
+    method: str,
+    why: str,
+) -> None:
+    """Refuse a model or inputs in one of ``dtypes``, for a method whose map
+    a pass in that precision cannot give correctly (``why``), naming the fix."""
+    xs = inputs if isinstance(inputs, tuple) else (inputs,)
+    found = [x.dtype for x in xs if isinstance(x, Tensor) and x.is_floating_point()]
+    for model in models_behind(forward_func):
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if param is not None:
+            found.append(param.dtype)
+    bad = next((d for d in found if d in dtypes), None)
+    if bad is not None:
+        raise AttributionInputError(
+            f"{method} is not correct in {bad} ({why}): explain a float32 copy, "
+            "model.float() with inputs.float()."
+        )
+
+
 def auto_perturbations_per_eval(inputs: Tuple[Tensor, ...], total: int) -> int:
     """Perturbed inputs per forward pass when ``perturbations_per_eval=None``.
 
@@ -1070,7 +1101,7 @@ def chunked_scores(
             with ctx:
                 chunk = target_scores(forward_func, batch_inputs, sub_target, args)
             if scores is None:
-                dtype = torch.promote_types(chunk.dtype, torch.float32)
+                dtype = working_dtype(chunk.dtype)
                 scores = torch.empty(total, device=device, dtype=dtype)
             scores[start : start + len(idx)] = chunk
     if scores is None:  # nothing to evaluate

@@ -263,8 +263,9 @@ def _named_storages(obj: Any, name: str = "", depth: int = 0) -> Iterable:
         for i, v in enumerate(obj):
             yield from _named_storages(v, name or f"[{i}]", depth + 1)
     elif isinstance(obj, _Node):
-        yield from _named_storages(obj.args, name, depth + 1)
-        yield from _named_storages(obj.items, name, depth + 1)
+        # objects rebuilt with ``cls.__new__`` (NEWOBJ) skip ``__init__``
+        for part in ("args", "items", "state"):
+            yield from _named_storages(getattr(obj, part, None), name, depth + 1)
 
 
 def oversized_tensor(path: PathLike) -> Optional[str]:

@@ -45,6 +45,7 @@ from captum_ssl.attr._core import (
     format_inputs,
     input_hw,
     selecting_forward,
+    working_dtype,
 )
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
@@ -296,9 +297,11 @@ def attention_forward(
             )
     lay = layout_for(forward_func, modules[-1], input_hw(inputs), layout)
     lay = lay.resolve(torch.Size((batch, n, 1)))
+    # rollout / flow / relevance products accumulate error in bf16 / fp16
+    work = working_dtype(attns[0].dtype)
     return Captured(
-        [a.detach() for a in attns],
-        None if grads is None else [g.detach() for g in grads],
+        [a.detach().to(work) for a in attns],
+        None if grads is None else [g.detach().to(work) for g in grads],
         kinds,  # type: ignore[arg-type]
         lay,
         record[0] if record else None,

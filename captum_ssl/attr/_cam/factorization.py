@@ -19,6 +19,7 @@ from captum_ssl.attr._core import (
     check_target,
     format_inputs,
     per_sample_targets,
+    working_dtype,
 )
 from captum_ssl.attr._layout import TokenLayout, spatial_shape
 
@@ -215,7 +216,9 @@ class DeepFeatureFactorization(_LayerActivationCam):
         )
         b, c = acts.shape[:2]
         spatial = spatial_shape(acts)
+        # NMF's alternating updates drift in bfloat16 / float16
         x = torch.nan_to_num(acts.transpose(0, 1).reshape(c, -1))
+        x = x.to(working_dtype(x.dtype))
         offset = x.min(dim=1, keepdim=True).values
         weights, comps = nmf(x - offset, n_components, init, max_iter, tol, generator)
         concepts = weights + offset
@@ -224,7 +227,8 @@ class DeepFeatureFactorization(_LayerActivationCam):
         scores = None
         if clf is not None:
             with torch.no_grad():
-                scores = clf(concepts.t().contiguous())
+                scores = clf(concepts.t().contiguous().to(acts.dtype))
+                scores = scores.to(concepts.dtype)
         return Factorization(concepts, maps, scores)
 
     @log_usage()

@@ -37,6 +37,7 @@ from captum_ssl.attr._core import (
     selecting_forward,
     stack_targets,
     target_scores,
+    working_dtype,
 )
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 from captum_ssl.viz._maps import normalize, upsample
@@ -339,9 +340,15 @@ def _resize_short_side(x: Tensor, short: int) -> Tensor:
         size = (int(short * h / w), short)
     if size == (h, w):
         return x
-    return F.interpolate(
-        x, size=size, mode="bilinear", align_corners=False, antialias=True
+    # antialiased resizing has no bfloat16 / float16 kernel on the CPU
+    out = F.interpolate(
+        x.to(working_dtype(x.dtype)),
+        size=size,
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
     )
+    return out.to(x.dtype)
 
 
 def _gaussian_blur_reflect(m: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:

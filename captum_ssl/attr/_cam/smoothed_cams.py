@@ -30,6 +30,7 @@ from captum_ssl.attr._core import (
     format_inputs,
     layer_activations,
     layer_activations_and_gradients,
+    working_dtype,
 )
 from captum_ssl.attr._layout import spatial_reduce
 
@@ -409,7 +410,9 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                     create_graph=create_graph,
                     **common,
                 )
-                step = [torch.stack([g, g * g, g * g * g]) for g in grads]
+                # the cubes overflow float16 (and lose bfloat16's few bits)
+                work = [g.to(working_dtype(g.dtype)) for g in grads]
+                step = [torch.stack([g, g * g, g * g * g]) for g in work]
                 powers = (
                     step if powers is None else [p + s for p, s in zip(powers, step)]
                 )

@@ -155,6 +155,13 @@ class FamilyAdapter:
                 return name
         return type(module).__name__
 
+    def norm_layer(self) -> Optional[str]:
+        """The dotted path (relative to :attr:`model`, e.g.
+        ``"vit.layers.-1.layernorm_before"``) of the norm before the last
+        block's attention, the CAM layer; ``None`` where the family does not
+        name one."""
+        return None
+
     def norm_layer_hint(self) -> str:
         """A layer for the CAMs (named as in the user's model)."""
         sites = self.attention_sites()

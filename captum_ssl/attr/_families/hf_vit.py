@@ -376,11 +376,13 @@ class HFViTAdapter(FamilyAdapter):
             for i, blk in enumerate(self._blocks())
         ]
 
+    def norm_layer(self) -> Optional[str]:
+        return self._path(f"{self.family.blocks}.-1.{self.family.block.norm1}")
+
     def norm_layer_hint(self) -> str:
         from captum_ssl.models._layers import layer_expression
 
-        blocks = layer_expression(self._path(self.family.blocks))
-        return f"{blocks}[-1].{self.family.block.norm1}"
+        return layer_expression(self.norm_layer() or "")
 
     # ---------------------------------------------------------------- tokens
     def prefix_tokens(self) -> int:
