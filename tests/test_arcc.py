@@ -123,7 +123,10 @@ def test_road_combined_ties_remove_everything():
     model, _, x, t, _, maps, _ = _case("cnn")
     tied = maps.clone()
     tied[0, :16] = 0
-    with pytest.warns(UserWarning, match="removes every pixel"):
+    with (
+        pytest.warns(A.NonFiniteWarning, match="is NaN"),
+        pytest.warns(UserWarning, match="removes every pixel"),
+    ):
         out = M.road_combined(model, x, tied, t, noise=0.0)
     assert bool(out[0].isnan()) and not bool(out[1:].isnan().any())
 

@@ -41,7 +41,7 @@ def test_embedding_similarity_keeps_the_vit_patch_grid(headless_vit):
     rel = A.GenericAttention(model).attribute(x, target=[1, 0])
     assert rel.shape == (2, 1, 4, 4)
     # and so does a wrapper of the wrapper
-    seq = torch.nn.Sequential(torch.nn.Identity(), model)
+    seq = torch.nn.Sequential(torch.nn.Identity(), model).eval()
     torch.testing.assert_close(
         A.LayerGradCam(seq, layer).attribute(x, target=[0, 1]), got
     )
@@ -72,6 +72,6 @@ def test_headless_resnet_similarity_map():
     resnet.fc = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     refs = reference_embeddings(resnet, torch.flip(x, dims=[3]))  # mirrored views
-    model = EmbeddingSimilarity(resnet, refs)
+    model = EmbeddingSimilarity(resnet, refs).eval()  # the new fc is in train mode
     maps = A.LayerGradCam(model, resnet.layer4).attribute(x, target=[0, 1])
     assert maps.shape == (2, 1, 2, 2) and maps.abs().max() > 0
