@@ -69,10 +69,12 @@ def test_report_shows_every_image_method_native_map_and_prediction(run):
     assert native["saliency", images[0]] == (224, 224)  # input resolution
     # prediction and probability under each image; wrong ones marked in red
     preds = {r["image"]: r for r in rows}
-    from captum_ssl.data import bundled_photos, class_name
+    from captum_ssl.data import class_name
 
-    photos = bundled_photos(None, n=3)
-    accepted = dict(zip(photos.names, photos.accepted))
+    source = P.ImageSource(None, 3)  # the run's photos: ImageNet samples or bundled
+    accepted = {}
+    for batch in source.batches(None, source.names, 8):
+        accepted.update(zip(batch.names, batch.accepted))
     wrong = 0
     for image in images:
         p = preds[image]
