@@ -200,6 +200,19 @@ def _rgb(values: Any) -> Tuple[float, float, float]:
     return (v[0], v[1], v[2])
 
 
+def _lrp_skip_reason(model: nn.Module) -> str:
+    """Why the LRP methods do not apply to ``model`` (shown when the main job
+    skips them), or ``""``: the family adapter's own answer."""
+    from captum_ssl.attr._core import AttributionInputError
+    from captum_ssl.attr._families.base import lrp_adapter
+
+    try:
+        lrp_adapter(model)
+    except AttributionInputError as err:
+        return str(err)
+    return ""
+
+
 # ---------------------------------------------------------------------- timm
 
 
@@ -209,8 +222,6 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     from timm.models import get_pretrained_cfg
 
     from captum_ssl.attr._attention.capture import SELF, attention_kind
-    from captum_ssl.attr._core import AttributionInputError
-    from captum_ssl.attr._families.base import lrp_adapter
     from captum_ssl.models import Preprocessing
 
     cfg = get_pretrained_cfg(m.arch)
@@ -232,11 +243,7 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         _rgb(cfg.mean if cfg is not None else (0.485, 0.456, 0.406)),
         _rgb(cfg.std if cfg is not None else (0.229, 0.224, 0.225)),
     )
-    try:
-        lrp_adapter(probe)
-        lrp = ""
-    except AttributionInputError as err:  # the reason, shown when LRP is skipped
-        lrp = str(err)
+    lrp = _lrp_skip_reason(probe)
 
     def build() -> nn.Module:
         overlay = dict(file=str(m.path))
@@ -297,8 +304,7 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     import torch
     from transformers import AutoModelForImageClassification
 
-    from captum_ssl.attr._core import AttributionInputError
-    from captum_ssl.attr._families.base import find_adapter, lrp_adapter
+    from captum_ssl.attr._families.base import find_adapter
     from captum_ssl.models import get_layer
 
     with torch.device("meta"):  # module names only, no weights
@@ -307,11 +313,7 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     if adapter is not None:
         cam = adapter.norm_layer() or ""
         attention = _pattern([site.name for site in adapter.attention_sites()])
-        try:
-            lrp_adapter(skeleton)
-            lrp = ""
-        except AttributionInputError as err:  # the reason, shown when skipped
-            lrp = str(err)
+        lrp = _lrp_skip_reason(skeleton)
     else:  # a CNN (ResNet, ConvNeXt): its last stage, no attention, no LRP
         cam = _HF_CNN_CAM_LAYER.format(base=skeleton.base_model_prefix)
         attention, lrp = "", f"{archs[0]} is no Vision Transformer"

@@ -20,7 +20,7 @@ from captum_ssl.attr._families.base import (
     register,
     register_attention,
 )
-from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model
+from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model, scaled
 from captum_ssl.attr._lrp.propagate import Plan, Propagator
 
 if TYPE_CHECKING:
@@ -67,12 +67,9 @@ def beit_block_forward(P: Propagator, module: nn.Module) -> Callable:
 
     def forward(x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
         h = m.attn(P.leaf(m.norm1, x), shared_rel_pos_bias=shared_rel_pos_bias)
-        if m.gamma_1 is not None:
-            h = P.scale(h, m.gamma_1)
+        h = scaled(P, h, m.gamma_1)
         x = P.add(x, P.leaf(m.drop_path1, h))
-        h = m.mlp(P.leaf(m.norm2, x))
-        if m.gamma_2 is not None:
-            h = P.scale(h, m.gamma_2)
+        h = scaled(P, m.mlp(P.leaf(m.norm2, x)), m.gamma_2)
         return P.add(x, P.leaf(m.drop_path2, h))
 
     return forward

@@ -20,7 +20,7 @@ from captum_ssl.attr._families.base import (
     register,
     register_attention,
 )
-from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model
+from captum_ssl.attr._families.timm_vit import TimmAdapter, plan_model, scaled
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, no_mask
 
 if TYPE_CHECKING:
@@ -89,10 +89,6 @@ register_attention(
 )
 
 
-def _scaled(P: Propagator, x: Tensor, gamma: Optional[Tensor]) -> Tensor:
-    return x if gamma is None else P.scale(x, gamma)
-
-
 def eva_block_forward(P: Propagator, module: nn.Module) -> Callable:
     m = cast("EvaBlock", module)
 
@@ -103,9 +99,9 @@ def eva_block_forward(P: Propagator, module: nn.Module) -> Callable:
         is_causal: bool = False,
     ) -> Tensor:
         no_mask(attn_mask, is_causal)
-        h = _scaled(P, m.attn(P.leaf(m.norm1, x), rope=rope), m.gamma_1)
+        h = scaled(P, m.attn(P.leaf(m.norm1, x), rope=rope), m.gamma_1)
         x = P.add(x, P.leaf(m.drop_path1, h))
-        h = _scaled(P, m.mlp(P.leaf(m.norm2, x)), m.gamma_2)
+        h = scaled(P, m.mlp(P.leaf(m.norm2, x)), m.gamma_2)
         return P.add(x, P.leaf(m.drop_path2, h))
 
     return forward

@@ -183,6 +183,12 @@ def mlp_forward(P: Propagator, module: nn.Module) -> Callable:
     return forward
 
 
+def scaled(P: Propagator, x: Tensor, gamma: Optional[Tensor]) -> Tensor:
+    """``x * gamma`` through the scale rule; ``x`` when the block has no layer
+    scale (BEiT, EVA: ``gamma`` is ``None``)."""
+    return x if gamma is None else P.scale(x, gamma)
+
+
 def block_forward(P: Propagator, module: nn.Module) -> Callable:
     m = cast("Block", module)
 
