@@ -103,13 +103,21 @@ class EmbeddingSimilarity(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        embedding = _flat(self.backbone(x))
+        return self.score(_flat(self.backbone(x)))
+
+    def check(self, embedding: Tensor) -> None:
+        """Refuse embeddings of another size than the references'."""
         if embedding.shape[1] != self.references.shape[1]:
             raise ValueError(
                 f"backbone embeddings have {embedding.shape[1]} dims but the "
                 f"references have {self.references.shape[1]}: compute them with the "
                 f"same backbone (reference_embeddings(backbone, images))"
             )
+
+    def score(self, embedding: Tensor) -> Tensor:
+        """``(B, R)`` cosine similarities of ``(B, D)`` embeddings to the
+        references (what :meth:`forward` computes after the backbone)."""
+        self.check(embedding)
         refs = self.references.to(embedding.dtype)
         sims = F.normalize(embedding, dim=1) @ refs.T
         if torch.is_grad_enabled():
@@ -155,7 +163,11 @@ class EmbeddingNorm(nn.Module):
         self.training = backbone.training  # follows the backbone's mode
 
     def forward(self, x: Tensor) -> Tensor:
-        return _flat(self.backbone(x)).norm(dim=1, keepdim=True)
+        return self.score(_flat(self.backbone(x)))
+
+    def score(self, embedding: Tensor) -> Tensor:
+        """``(B, 1)`` norms of ``(B, D)`` embeddings."""
+        return embedding.norm(dim=1, keepdim=True)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 :mod:`.base`). Importing this package registers every family."""
 
 from captum_ssl.attr._families import (  # noqa: F401  (registers the families)
+    embedding_head,
     hf_vit,
     timm_beit,
     timm_eva,

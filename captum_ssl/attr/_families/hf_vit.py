@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -336,8 +337,8 @@ class HFViTAdapter(FamilyAdapter):
         "without registers), CLIPVisionModel (eager, sdpa)"
     )
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, prefix: str = "") -> None:
+        super().__init__(model, prefix)
         head = _hf_class(model, HEADS)
         self.reads = HEADS[head][1] if head else None
         self.base_name = HEADS[head][0] if head else ""
@@ -463,7 +464,13 @@ class HFViTAdapter(FamilyAdapter):
             if leaf is None:
                 continue  # e.g. ViTModel(add_pooling_layer=False)
             if _is_activation(leaf):
-                plan.append((leaf, lambda x, f=leaf: P.elementwise(f, x)))
+                act = leaf  # its class's forward: the instance's is this plan's
+                plan.append(
+                    (
+                        act,
+                        lambda x, f=act: P.elementwise(partial(type(f).forward, f), x),
+                    )
+                )
             else:
                 plan_leaf(P, plan, leaf, self._path(path))
         if self.reads is not None:
