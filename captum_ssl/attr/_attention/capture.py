@@ -246,6 +246,8 @@ def attention_forward(
 
     Returns detached tensors; attentions are ``(B, heads, Nq, N)``.
     """
+    from captum_ssl.attr._families.base import family_call
+
     inputs = format_inputs(inputs, with_gradients, forward_func)
     batch = inputs[0].shape[0]
     record: List[Tensor] = []
@@ -256,7 +258,11 @@ def attention_forward(
             record.append(~torch.isfinite(out.reshape(out.shape[0], -1)).all(1))
         return out
 
-    with eval_mode(forward_func), capture_attention(modules) as store:
+    with (
+        eval_mode(forward_func),
+        family_call(forward_func),
+        capture_attention(modules) as store,
+    ):
         if with_gradients:
             # gradients flow even when the model's parameters are frozen
             inputs = tuple(
