@@ -335,8 +335,13 @@ def family_call(forward_func: Callable) -> Iterator[None]:
     """The scope of one attribution call: ``forward_func``'s model runs with
     its family's :meth:`FamilyAdapter.call_plan` installed, removed on exit
     (also when the block raises). A no-op for every model whose family needs
-    none."""
-    adapter = find_adapter(forward_func)
+    none (only a model that holds a module of such a family is searched for
+    its adapter: the search is cheap for every other model)."""
+    root = root_module(forward_func)
+    planners = [a for a in _ADAPTERS if a.call_plan is not FamilyAdapter.call_plan]
+    adapter = None
+    if root is not None and any(a.matches(m) for m in root.modules() for a in planners):
+        adapter = find_adapter(forward_func)
     plan = [] if adapter is None else adapter.call_plan()
     if not plan:
         yield
