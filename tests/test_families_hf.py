@@ -501,6 +501,16 @@ def test_every_method_on_vit_mae_equals_the_same_weights_in_vit_model():
     with pytest.raises(ValueError, match="out of range"):
         _methods()["AttnLRP"](mae).attribute(x, target=99)
     _assert_same(before, _snapshot(mae))
+    # another input size: interpolated position embeddings (both signatures:
+    # pixel_values, noise / bool_masked_pos, interpolate_pos_encoding)
+    big = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    for make in (_methods()["GenericAttention"], _methods()["AttnLRP"]):
+        got, want = (
+            make(m).attribute(big, target=[5, 17], additional_forward_args=(None, True))
+            for m in (mae, vit)
+        )
+        assert got.shape == (2, 1, 6, 6)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max())
     # the CAMs see the patches in order too
     refs32 = refs.float()
     mae32, vit32 = mae.float(), vit.float()
