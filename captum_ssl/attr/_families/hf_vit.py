@@ -559,11 +559,11 @@ def mae_embeddings_forward(embeddings: nn.Module) -> Callable:
     the tokens form the plain ViT layout: class token, then the patch grid in
     raster order."""
     cls = type(embeddings)
-    patch = embeddings.patch_embeddings.patch_size
+    ph, pw = cast(Any, embeddings).patch_embeddings.patch_size
 
     def forward(pixel_values: Tensor, noise: Any = None, *args: Any, **kw: Any):
         h, w = pixel_values.shape[-2:]
-        n = (h // patch[0]) * (w // patch[1])
+        n = int(h // ph) * int(w // pw)
         order = torch.arange(n, device=pixel_values.device, dtype=torch.float32)
         noise = order.expand(pixel_values.shape[0], n)
         return cls.forward(embeddings, pixel_values, noise, *args, **kw)
