@@ -181,7 +181,10 @@ def capture_attention(
     attention forward for the duration of the block (see the module
     docstring); without ``propagator`` a plain one (no rule), with one (an LRP
     call that has installed its forwards already) that one records. Restored
-    on exit, also when the block raises.
+    on exit, also when the block raises. A Hugging Face ViT-MAE shuffles its
+    patches unless the block runs inside
+    :func:`~captum_ssl.attr._families.base.family_call` ``(model)`` (the
+    attribution methods do).
 
     Example::
 
