@@ -1,5 +1,6 @@
 """The other ViT implementations of the timing suites (issue 18): Hugging
-Face DINOv2-S/14 and torchvision ViT-B/16, random weights, 224 px."""
+Face DINOv2-S/14, torchvision ViT-B/16, timm EVA02-S/14 and BEiT-B/16, random
+weights, 224 px."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ from benchmarks._measure import RatioSuite, default_device
 #: other implementations timed like DeiT-S (issue 18): Hugging Face DINOv2-S/14
 #: (its default sdpa attention) and torchvision's ViT-B/16, random weights
 FAMILIES = ["hf-dinov2-s14", "torchvision-vit-b16"]
+#: timm's EVA02-S/14 (rotary position embedding, SwiGLU) and BEiT-B/16
+#: (relative position bias), timed in suites of their own (``--filter EvaBeit``)
+#: so that the suites above keep their run time
+EVA_BEIT = ["timm-eva02-s14", "timm-beit-b16"]
+#: timm model names; ``global_pool="token"``: their default average pooling
+#: never reads the class token, and the class-token methods refuse it
+TIMM = {
+    "timm-eva02-s14": "eva02_small_patch14_224",
+    "timm-beit-b16": "beit_base_patch16_224",
+}
 
 
 @cache
@@ -31,6 +42,12 @@ def family_model(name: str, device: str) -> torch.nn.Module:
             num_labels=1000,
         )
         model = Dinov2ForImageClassification(config)
+    elif name in TIMM:
+        import timm
+
+        model = timm.create_model(
+            TIMM[name], pretrained=False, num_classes=1000, global_pool="token"
+        )
     else:
         import torchvision
 

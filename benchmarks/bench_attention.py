@@ -14,7 +14,7 @@ from functools import cache
 import torch
 
 import captum_ssl.attr._attention as AT
-from benchmarks._families import FAMILIES, FamilySuite
+from benchmarks._families import EVA_BEIT, FAMILIES, FamilySuite
 from benchmarks._measure import best_times, default_device
 from captum_ssl._outputs import model_output
 
@@ -179,6 +179,16 @@ class FamilyAttentionCost(FamilySuite):
                     net(x)
 
         self.fns = {"method": run, "baseline": base}
+
+
+class EvaBeitAttentionCost(FamilyAttentionCost):
+    """:class:`FamilyAttentionCost` on timm EVA02-S/14 (rotary position
+    embedding, SwiGLU) and BEiT-B/16 (relative position bias), random weights,
+    224 px, batch 8, class-token pooling; the baseline runs timm's fused
+    attention."""
+
+    params = [EVA_BEIT, CLASS_AGNOSTIC + ["GenericAttention"], [BATCH]]
+    note = "timm EVA02-S/14, BEiT-B/16 (global_pool='token'), random weights, 224 px"
 
 
 class AttentionFlowCost:

@@ -12,7 +12,7 @@ import os
 import torch
 
 import captum_ssl.attr._lrp as L
-from benchmarks._families import FAMILIES, FamilySuite
+from benchmarks._families import EVA_BEIT, FAMILIES, FamilySuite
 from benchmarks._measure import best_times, default_device
 from benchmarks.bench_attention import _forward_backward, _training_step, deit_small
 
@@ -103,3 +103,13 @@ class FamilyLRPCost(FamilySuite):
             "method": lambda: explainer.attribute(x, target=target, **kw),
             "baseline": _forward_backward(net, x, target),
         }
+
+
+class EvaBeitLRPCost(FamilyLRPCost):
+    """:class:`FamilyLRPCost` on timm EVA02-S/14 (the rotary embedding is a
+    fixed linear map of q and k: the z-rule of a linear map) and BEiT-B/16
+    (relative position bias: the constant add rule), random weights, 224 px,
+    batch 8, class-token pooling; the baseline runs timm's fused attention."""
+
+    params = [EVA_BEIT, ["AttnLRP"], [BATCH]]
+    note = "timm EVA02-S/14, BEiT-B/16 (global_pool='token'), random weights, 224 px"

@@ -37,6 +37,9 @@ def model_output(out: Any) -> Any:
     - else the class token ``last_hidden_state[:, 0]`` (``ViTMAEModel``,
       ``ViTModel(config, add_pooling_layer=False)``).
 
+    ``ViTMAEForPreTraining``'s output (a pixel reconstruction) is refused,
+    naming its encoder ``model.vit``.
+
     Args:
         out (Any): what the model returned.
 
@@ -44,8 +47,9 @@ def model_output(out: Any) -> Any:
         The tensor above for a ``ModelOutput``, else ``out`` itself.
 
     Raises:
-        ValueError: a ``ModelOutput`` with none of those fields; the message
-            names the fields it has and how to choose one.
+        ValueError: a ``ModelOutput`` with none of those fields (the message
+            names the fields it has and how to choose one), or
+            ``ViTMAEForPreTraining``'s.
 
     Examples::
 
@@ -56,6 +60,15 @@ def model_output(out: Any) -> Any:
     """
     if isinstance(out, Tensor) or not _is_model_output(out):
         return out
+    if type(out).__name__ == "ViTMAEForPreTrainingOutput":
+        raise ValueError(
+            "ViTMAEForPreTraining returns its decoder's reconstruction of the "
+            "patches (logits of shape (B, patches, pixels)) and the loss: there "
+            "is no class score or embedding to explain. Explain its encoder "
+            "`model.vit` (a ViTMAEModel, read by its class token), e.g. "
+            "`EmbeddingSimilarity(model.vit, reference_embeddings(model.vit, "
+            "images))`, with `model.config.mask_ratio = 0.0`."
+        )
     for name in FIELDS:
         value = out.get(name)
         if isinstance(value, Tensor):

@@ -400,25 +400,160 @@ def test_clip_classifier_that_never_reads_the_class_token_is_refused():
     )
 
 
-def test_vit_mae_is_refused_and_its_weights_explain_in_vit_model():
-    from captum_ssl.attr import RawAttention
-
+# ------------------------------------------------------------------ ViT-MAE
+def vit_mae(mask_ratio: float = 0.0, dtype=torch.float64) -> nn.Module:
+    """A small ViTMAEModel with sharp attention (perturbed weights)."""
     torch.manual_seed(0)
     mae = transformers.ViTMAEModel(
-        transformers.ViTMAEConfig(image_size=32, patch_size=8, **SMALL)
-    ).eval()
-    x = torch.randn(2, 3, 32, 32)
-    refs = torch.randn(2, 32)
-    with pytest.raises(ValueError, match="ViTModel.*load_state_dict"):
-        RawAttention(EmbeddingSimilarity(mae, refs)).attribute(x, target=0)
-    # the fix the message names: all patches, in order, same weights
+        transformers.ViTMAEConfig(
+            image_size=32, patch_size=8, mask_ratio=mask_ratio, **SMALL
+        )
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in mae.named_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(3.0)
+    return mae.to(dtype).eval()
+
+
+def mae_to_vit(mae: nn.Module) -> nn.Module:
+    """ViTMAEModel -> ViTModel: the same keys (class token, position
+    embeddings, patch convolution, layers, final norm); ViTModel adds the
+    class token's position before the concatenation, MAE after the shuffle."""
     vit = transformers.ViTModel(
         transformers.ViTConfig(**mae.config.to_dict()), add_pooling_layer=False
+    )
+    state = mae.state_dict()
+    assert set(state) == set(vit.state_dict()), set(state) ^ set(vit.state_dict())
+    vit.load_state_dict(state)
+    return vit.to(next(mae.parameters()).dtype).eval()
+
+
+def _ordered(mae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MAE's own ``noise`` argument with increasing values: patches in order."""
+    n = (x.shape[-1] // mae.config.patch_size) ** 2
+    return torch.arange(n, dtype=x.dtype).expand(x.shape[0], n)
+
+
+def test_vit_mae_raw_attention_equals_probabilities_recomputed_from_q_and_k():
+    from captum_ssl.attr import RawAttention
+
+    mae = vit_mae(dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 32)
+    attn = mae.layers[-1].attention
+    inputs = []
+    handle = mae.layers[-1].layernorm_before.register_forward_hook(
+        lambda _m, _a, out: inputs.append(out)
+    )
+    try:
+        with torch.no_grad():
+            mae(x, noise=_ordered(mae, x))
+    finally:
+        handle.remove()
+    h = inputs[0]
+    q = attn.q_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
+    k = attn.k_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    want = probs.mean(1)[:, 0, 1:].reshape(2, 1, 4, 4)
+    refs = reference_embeddings(mae, torch.randn(3, 3, 32, 32))
+    got = RawAttention(EmbeddingSimilarity(mae, refs)).attribute(x, target=[2, 0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_every_method_on_vit_mae_equals_the_same_weights_in_vit_model():
+    """Batched, per-sample targets; the attention methods explain the
+    backbone in EmbeddingSimilarity, LRP the backbone itself (target = an
+    embedding dimension: a wrapper's cosine has no rule); float64."""
+    mae = vit_mae()
+    vit = mae_to_vit(mae)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():  # same function (MAE: any patch order, all patches)
+        torch.testing.assert_close(model_output(mae(x)), model_output(vit(x)))
+    refs = reference_embeddings(vit, torch.randn(3, 3, 32, 32, dtype=x.dtype))
+    before = _snapshot(mae)
+
+    def legrad(model):
+        project = lambda z: model.layernorm(z.mean(1)) @ refs.t()  # noqa: E731
+        return _methods()["LeGrad"](
+            EmbeddingSimilarity(model, refs), score_projection=project
+        )
+
+    def attention(name):
+        return lambda m: _methods()[name](EmbeddingSimilarity(m, refs))
+
+    cases = {n: (attention(n), [2, 0], {}) for n in METHODS[:5]}
+    cases["LeGrad"] = (legrad, [1, 2], {})
+    for name in ("TransformerAttribution", "TransformerLRP", "PartialLRP"):
+        cases[name] = (_methods()[name], [5, 17], {})
+    cases["AttnLRP"] = (_methods()["AttnLRP"], [5, 17], {})
+    cases["AttnLRP pixels"] = (_methods()["AttnLRP"], [3, 30], {"at": "pixels"})
+    cases["CP-LRP"] = (_methods()["AttnLRP"], [3, 30], {"cp": True})
+    for name, (make, target, kw) in cases.items():
+        got = make(mae).attribute(x, target=target, **kw)
+        want = make(vit).attribute(x, target=target, **kw)
+        assert got.shape[:2] == (2, 1) and want.abs().max() > 0, name
+        torch.testing.assert_close(
+            got, want, rtol=1e-6, atol=1e-6 * want.abs().max(), msg=name
+        )
+    _assert_same(before, _snapshot(mae))
+    with pytest.raises(ValueError, match="out of range"):
+        _methods()["AttnLRP"](mae).attribute(x, target=99)
+    _assert_same(before, _snapshot(mae))
+    # another input size: interpolated position embeddings (both signatures:
+    # pixel_values, noise / bool_masked_pos, interpolate_pos_encoding)
+    big = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    for make in (_methods()["GenericAttention"], _methods()["AttnLRP"]):
+        got, want = (
+            make(m).attribute(big, target=[5, 17], additional_forward_args=(None, True))
+            for m in (mae, vit)
+        )
+        assert got.shape == (2, 1, 6, 6)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max())
+    # the CAMs see the patches in order too
+    refs32 = refs.float()
+    mae32, vit32 = mae.float(), vit.float()
+    got = LayerGradCam(
+        EmbeddingSimilarity(mae32, refs32), mae32.layers[-1].layernorm_before
+    ).attribute(x.float(), target=[1, 0])
+    want = LayerGradCam(
+        EmbeddingSimilarity(vit32, refs32), vit32.layers[-1].layernorm_before
+    ).attribute(x.float(), target=[1, 0])
+    torch.testing.assert_close(got, want)
+
+
+def test_vit_mae_dropping_patches_is_refused_with_the_fix():
+    from captum_ssl.attr import AttnLRP, RawAttention
+
+    mae = vit_mae(mask_ratio=0.75, dtype=torch.float32)
+    x = torch.randn(1, 3, 32, 32)
+    fix = r"mask_ratio=0\.75.*model\.config\.mask_ratio = 0\.0"
+    refs = torch.randn(2, 32)
+    with pytest.raises(ValueError, match=fix):
+        RawAttention(EmbeddingSimilarity(mae, refs)).attribute(x, target=0)
+    with pytest.raises(ValueError, match=fix):
+        AttnLRP(mae)
+    mae.config.mask_ratio = 0.0  # the fix
+    assert RawAttention(EmbeddingSimilarity(mae, refs)).attribute(
+        x, target=0
+    ).shape == (1, 1, 4, 4)
+    # the pre-training model reconstructs pixels: its encoder `.vit` is explained
+    decoder = dict(
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    pre = transformers.ViTMAEForPreTraining(
+        transformers.ViTMAEConfig(
+            image_size=32, patch_size=8, mask_ratio=0.0, **SMALL, **decoder
+        )
     ).eval()
-    missing = vit.load_state_dict(mae.state_dict(), strict=False)
-    assert not missing.missing_keys
-    maps = RawAttention(EmbeddingSimilarity(vit, refs)).attribute(x, target=0)
-    assert maps.shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"reconstruction.*`model\.vit`"):
+        RawAttention(pre).attribute(x, target=0)
+    maps = RawAttention(EmbeddingSimilarity(pre.vit, refs)).attribute(x, target=1)
+    assert maps.shape == (1, 1, 4, 4)
 
 
 def test_messages_name_layers_that_exist_in_the_hf_model():

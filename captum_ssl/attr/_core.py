@@ -293,7 +293,12 @@ def attribution_call(
     ``keep_mode=True`` (differentiable maps, ``create_graph=True``, computed
     inside a training step) leaves every module's mode as the caller set it.
     Either way the call holds :func:`model_lock`: calls on one model from
-    several threads run one after the other."""
+    several threads run one after the other. A model whose family needs a
+    forward of its own for the call (ViT-MAE keeps its patches in order) has
+    it installed for the block (:func:`~captum_ssl.attr._families.base.
+    family_call`)."""
+    from captum_ssl.attr._families.base import family_call
+
     outer = _BAD_ROWS.get()
     record: List[Tensor] = [] if outer is None else outer
     token = _BAD_ROWS.set(record) if outer is None else None
@@ -301,6 +306,7 @@ def attribution_call(
         with (
             model_lock(forward_func),
             contextlib.nullcontext() if keep_mode else eval_mode(forward_func),
+            family_call(forward_func),
         ):
             yield record
     finally:

@@ -181,7 +181,10 @@ def capture_attention(
     attention forward for the duration of the block (see the module
     docstring); without ``propagator`` a plain one (no rule), with one (an LRP
     call that has installed its forwards already) that one records. Restored
-    on exit, also when the block raises.
+    on exit, also when the block raises. A Hugging Face ViT-MAE shuffles its
+    patches unless the block runs inside
+    :func:`~captum_ssl.attr._families.base.family_call` ``(model)`` (the
+    attribution methods do).
 
     Example::
 
@@ -246,6 +249,8 @@ def attention_forward(
 
     Returns detached tensors; attentions are ``(B, heads, Nq, N)``.
     """
+    from captum_ssl.attr._families.base import family_call
+
     inputs = format_inputs(inputs, with_gradients, forward_func)
     batch = inputs[0].shape[0]
     record: List[Tensor] = []
@@ -256,7 +261,11 @@ def attention_forward(
             record.append(~torch.isfinite(out.reshape(out.shape[0], -1)).all(1))
         return out
 
-    with eval_mode(forward_func), capture_attention(modules) as store:
+    with (
+        eval_mode(forward_func),
+        family_call(forward_func),
+        capture_attention(modules) as store,
+    ):
         if with_gradients:
             # gradients flow even when the model's parameters are frozen
             inputs = tuple(

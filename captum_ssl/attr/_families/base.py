@@ -20,6 +20,7 @@ is one file: an :func:`attention_impl` registration per attention class and a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import (
@@ -27,6 +28,7 @@ from typing import (
     Callable,
     ClassVar,
     Dict,
+    Iterator,
     List,
     Optional,
     Tuple,
@@ -225,6 +227,13 @@ class FamilyAdapter:
         """Hook handles to add for one LRP call (removed afterwards)."""
         return []
 
+    def call_plan(self) -> Plan:
+        """(module, forward) pairs installed for every attribution call on the
+        model, whatever the method (CAMs included; see :func:`family_call`),
+        where the model's own forward would not give a token map (ViT-MAE's
+        embeddings shuffle the patches). Default: none."""
+        return []
+
 
 def loaded_class(module: str, name: str) -> Optional[type]:
     """Class ``name`` of ``module`` if that module is imported already (a
@@ -319,6 +328,28 @@ def lrp_adapter(forward_func: Callable) -> FamilyAdapter:
     if why is not None:
         raise AttributionInputError(why)
     return adapter
+
+
+@contextlib.contextmanager
+def family_call(forward_func: Callable) -> Iterator[None]:
+    """The scope of one attribution call: ``forward_func``'s model runs with
+    its family's :meth:`FamilyAdapter.call_plan` installed, removed on exit
+    (also when the block raises). A no-op for every model whose family needs
+    none (only a model that holds a module of such a family is searched for
+    its adapter: the search is cheap for every other model)."""
+    root = root_module(forward_func)
+    planners = [a for a in _ADAPTERS if a.call_plan is not FamilyAdapter.call_plan]
+    adapter = None
+    if root is not None and any(a.matches(m) for m in root.modules() for a in planners):
+        adapter = find_adapter(forward_func)
+    plan = [] if adapter is None else adapter.call_plan()
+    if not plan:
+        yield
+        return
+    from captum_ssl.attr._lrp.propagate import installed
+
+    with installed(plan):
+        yield
 
 
 def supported() -> str:

@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` families: ViT, DeiT, DINOv2 (with and without
-registers), CLIP vision, ViT-MAE (refused, see :data:`MAE_REFUSAL`).
+registers), CLIP vision, ViT-MAE (with ``config.mask_ratio == 0``; its
+embeddings keep the patch order for the call, see :func:`mae_embeddings_forward`).
 
 Every one of them computes attention the same way (``q_proj``, ``k_proj``,
 ``v_proj``, ``o_proj`` / ``out_proj``; ``softmax(q k^T * scaling) v`` through
@@ -136,6 +137,9 @@ class Family:
     leaves: Tuple[str, ...] = ()  # other leaves of the backbone (pooler)
     distilled: bool = False  # DeiT: a distillation token after the class token
     registers: bool = False  # DINOv2 with registers
+    #: ViT-MAE: the embeddings shuffle the patches (and drop config.mask_ratio
+    #: of them) after the position add; no module receives the sum
+    shuffles: bool = False
 
 
 POOLER = ("pooler.dense", "pooler.activation")
@@ -164,7 +168,9 @@ FAMILIES: Dict[str, Family] = {
         after_pos="pre_layrnorm",
         norm="post_layernorm",
     ),
-    "ViTMAEModel": Family("vit_mae", "ViTMAEAttention", "layers", VIT_BLOCK),
+    "ViTMAEModel": Family(
+        "vit_mae", "ViTMAEAttention", "layers", VIT_BLOCK, shuffles=True
+    ),
 }
 
 #: classifier class name -> (attribute of its backbone, what its head reads)
@@ -181,13 +187,13 @@ HEADS: Dict[str, Tuple[str, str]] = {
 }
 
 MAE_REFUSAL = (
-    "ViTMAEModel drops config.mask_ratio of the patches at random and shuffles "
-    "the others in every forward pass (also with mask_ratio=0), so its tokens "
-    "are no patch grid and two calls see different images. Its encoder has "
-    "the keys of ViTModel: explain `vit = transformers.ViTModel(transformers."
-    "ViTConfig(**mae.config.to_dict()), add_pooling_layer=False)` after "
-    "`vit.load_state_dict(mae.state_dict(), strict=False)` (same weights, all "
-    "patches, in order)."
+    "ViTMAEModel drops config.mask_ratio={ratio} of the patches at random in "
+    "every forward pass, so its tokens are no patch grid and two calls see "
+    "different images. Set `model.config.mask_ratio = 0.0` (all patches, kept "
+    "in order while a map is computed), or load its weights into ViTModel: "
+    "`vit = transformers.ViTModel(transformers.ViTConfig(**mae.config.to_dict()), "
+    "add_pooling_layer=False)`, `vit.load_state_dict(mae.state_dict(), "
+    "strict=False)`."
 )
 
 
@@ -334,7 +340,8 @@ class HFViTAdapter(FamilyAdapter):
     label = (
         "Hugging Face transformers ViTModel / ViTForImageClassification, DeiT "
         "(with teacher), Dinov2Model / Dinov2ForImageClassification (with and "
-        "without registers), CLIPVisionModel (eager, sdpa)"
+        "without registers), CLIPVisionModel, ViTMAEModel (mask_ratio=0) (eager, "
+        "sdpa)"
     )
 
     def __init__(self, model: nn.Module, prefix: str = "") -> None:
@@ -361,9 +368,17 @@ class HFViTAdapter(FamilyAdapter):
     def _blocks(self) -> nn.ModuleList:
         return _get(self.base, self.family.blocks)
 
+    def _mae_refusal(self) -> Optional[str]:
+        """Why a ViT-MAE cannot be explained (it drops patches), or None."""
+        ratio = getattr(self.base.config, "mask_ratio", 0.0)
+        if self.family.shuffles and ratio != 0:
+            return MAE_REFUSAL.format(ratio=ratio)
+        return None
+
     def _refuse_mae(self) -> None:
-        if self.family.module == "vit_mae":
-            raise AttributionInputError(MAE_REFUSAL)
+        why = self._mae_refusal()
+        if why is not None:
+            raise AttributionInputError(why)
 
     # ------------------------------------------------------------ structure
     def attention_sites(self):
@@ -435,8 +450,9 @@ class HFViTAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------- LRP
     def lrp_unsupported(self) -> Optional[str]:
-        if self.family.module == "vit_mae":
-            return MAE_REFUSAL
+        mae = self._mae_refusal()
+        if mae is not None:
+            return mae
         why = self.class_token_unread()
         if why is not None:
             return (
@@ -486,9 +502,18 @@ class HFViTAdapter(FamilyAdapter):
         any size, ``interpolate_pos_encoding=True``)."""
         fam, base = self.family, self.base
         proj = _get(base, fam.proj)
-        after = _get(base, fam.after_pos)
         plan: Plan = [(proj, conv_forward(P, proj))]
         add = position_forward(P, self._positions, 0, [])  # always this call's
+        if fam.shuffles:  # ViT-MAE: no module receives the sum; its embeddings
+            embeddings = base.embeddings  # in patch order, the add redone
+            ordered = mae_embeddings_forward(embeddings)
+
+            def mae(pixel_values: Tensor, *args: Any, **kw: Any):
+                tokens, *rest = ordered(pixel_values, *args, **kw)
+                return (add(tokens), *rest)
+
+            return plan + [(embeddings, mae)]
+        after = _get(base, fam.after_pos)
         if isinstance(after, nn.LayerNorm):  # CLIP: the add, then its norm
             plan.append((after, lambda x: P.leaf(after, add(x))))
         else:
@@ -522,6 +547,35 @@ class HFViTAdapter(FamilyAdapter):
 
     def patch_tokens(self) -> nn.Module:
         return _get(self.base, self.family.patches)
+
+    def call_plan(self) -> Plan:
+        """ViT-MAE with ``mask_ratio == 0``: its embeddings keep the patch
+        order (the class token's output does not depend on it)."""
+        if not self.family.shuffles or self._mae_refusal() is not None:
+            return []
+        embeddings = self.base.embeddings
+        return [(embeddings, mae_embeddings_forward(embeddings))]
+
+
+def mae_embeddings_forward(embeddings: nn.Module) -> Callable:
+    """ViT-MAE's embeddings as the model computes them, with the patches kept
+    in order: ``noise = 0, 1, 2, ...`` (whatever noise the caller passed), so
+    its ``argsort`` is the identity. With ``config.mask_ratio == 0`` no patch
+    is dropped and the position embeddings are added before the shuffle, so
+    the model's result does not depend on the order (up to rounding), while
+    the tokens form the plain ViT layout: class token, then the patch grid in
+    raster order."""
+    cls = type(embeddings)
+    ph, pw = cast(Any, embeddings).patch_embeddings.patch_size
+
+    def forward(pixel_values: Tensor, noise: Any = None, *args: Any, **kw: Any):
+        h, w = pixel_values.shape[-2:]
+        n = int(h // ph) * int(w // pw)
+        order = torch.arange(n, device=pixel_values.device, dtype=torch.float32)
+        noise = order.expand(pixel_values.shape[0], n)
+        return cls.forward(embeddings, pixel_values, noise, *args, **kw)
+
+    return forward
 
 
 def _is_activation(m: nn.Module) -> bool:
