@@ -224,7 +224,8 @@ def spec(word: str) -> ModelSpec:
         build, info = _hf(m)
     o = m.options
     target = o.get("target", "view") if m.headless else ""
-    if target:
+    if target:  # every table names what the backbone is explained by
+        info["architecture"] += f", headless: {BACKBONE_TARGETS[target]}"
         side = info["preprocessing"].crop
         build = partial(_backbone, build, target, side)
         cam_path = lambda p: f"backbone.{p}" if p else p  # noqa: E731

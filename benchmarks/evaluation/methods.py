@@ -152,6 +152,13 @@ BACKBONE_TARGETS = {
 }
 
 
+def backbone_caption(target: str, value: float) -> str:
+    """The caption under an image explained by a backbone's score (where a
+    classifier's shows its predicted class)."""
+    short = {"view": "sim. to flipped view", "norm": "embedding norm"}
+    return f"{short[target]}: {value:.2f}"
+
+
 def backbone_model(backbone: nn.Module, target: str, side: int) -> nn.Module:
     """A headless ``backbone`` wrapped so that its output is the score of
     ``target`` (:data:`BACKBONE_TARGETS`): ``EmbeddingNorm``, or an
