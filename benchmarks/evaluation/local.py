@@ -413,6 +413,12 @@ def _hf_parts(m: LocalModel) -> Tuple[Any, Any, Dict[str, str]]:
         f"{m.path} holds {archs[0]}, neither an image classifier nor a vision "
         f"backbone this job explains ({HF_BACKBONES}): save an "
         "AutoModelForImageClassification or one of these backbones there"
+        + (
+            " (CLIP's image tower: CLIPVisionModel.from_pretrained(PATH)"
+            ".save_pretrained(NEW_PATH))"
+            if config.model_type == "clip"
+            else ""
+        )
     )
     auto = AutoModel if m.headless else AutoModelForImageClassification
     try:
