@@ -377,3 +377,25 @@ def test_headless_timm_architecture_is_a_backbone(tmp_path):
     m = local.check(f"timm:vit_small_patch14_dinov2={tmp_path}/a.pth")
     assert m.headless
     assert not local.check(f"timm:test_vit={tmp_path}/a.pth").headless
+
+
+def test_explain_shows_a_backbones_similarity_not_classes(tmp_path, capsys):
+    from PIL import Image
+
+    from captum_ssl.data import bundled_photos
+
+    folder, _ = _backbones(tmp_path)["dinov2"]
+    photo = bundled_photos(None, n=1)
+    path = tmp_path / "photo.jpg"
+    pixels = (photo.raw[0].permute(1, 2, 0).numpy() * 255).astype("uint8")
+    Image.fromarray(pixels).save(path)
+    args = ["--explain", str(path), "--models", f"hf:{folder},label=bb_dino"]
+    args += ["--methods", "gradcam", "legrad", "--out", str(tmp_path), "--no-figures"]
+    capsys.readouterr()
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    assert "photo.jpg / bb_dino: cosine similarity to its flipped view 0." in out
+    assert "top-5" not in out
+    page = (tmp_path / "explain" / "photo.html").read_text()
+    assert 'alt="gradcam on bb_dino"' in page and "legrad on" not in page
+    assert "sim. to flipped view: 0." in page and "pred:" not in page
