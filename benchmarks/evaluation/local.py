@@ -206,8 +206,8 @@ def _timm_headless(m: LocalModel) -> bool:
         return False
     if not cfg.num_classes:
         return True
-    heads = cfg.classifier
-    heads = [heads] if isinstance(heads, str) else list(heads or [])
+    named = cfg.classifier
+    heads = [named] if isinstance(named, str) else list(named or [])
     keys = _checkpoint_keys(m.path)
     if keys is None or not heads:
         return False
@@ -390,7 +390,7 @@ HF_BACKBONES = (
 )
 
 
-def _hf_parts(m: LocalModel) -> Tuple[Any, Any, Dict[str, str]]:
+def _hf_parts(m: LocalModel) -> Tuple[Any, Any, Dict[str, Any]]:
     """``(config, auto class, {cam, attention, lrp})`` of a Hugging Face
     folder, from a skeleton on the meta device (module names only, no
     weights); a ``ValueError`` naming the fix for a backbone this job cannot

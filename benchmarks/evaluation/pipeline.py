@@ -298,15 +298,15 @@ def make_plan(
                 "timing", {**mk, "method": method, "what": "attribution"}
             )
             for xlabel, (xname, xopts) in plan.metrics.items():
-                opts, why = M.metric_options(spec, xname, xopts)
-                if opts is None:
+                used, why = M.metric_options(spec, xname, xopts)
+                if used is None:
                     if (spec.name, xlabel, why) not in plan.skipped:
                         plan.skipped.append((spec.name, xlabel, why))
                     continue
                 full = {
                     **mk,
                     "method": method,
-                    "metric": dict(name=xname, options=M.identity(opts)),
+                    "metric": dict(name=xname, options=M.identity(used)),
                 }
                 plan.result_keys[spec.name, mlabel, xlabel] = store.register(
                     "result", full
