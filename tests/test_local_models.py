@@ -5,10 +5,12 @@ main job to the family table; their bad paths as one-line errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,13 +111,15 @@ BAD = [
     ("timm:test_vit={tmp}", ["is a folder", "hf:PATH"]),
     ("timm:vit_smol_patch16={tmp}/a.pth", ["not a timm model name"]),
     ("timm:test_vit", ["timm:NAME=PATH"]),
-    ("timm:vit_small_patch14_dinov2={tmp}/a.pth", ["headless backbone"]),
+    ("timm:test_vit={tmp}/a.pth,target=norm", ["headless backbone", "target="]),
+    ("timm:test_vit={tmp}/a.pth,target=cls", ["target=view", "target=norm"]),
     ("timm:test_vit={tmp}/a.pth,family=vit_s", ["training=supervised"]),
     ("timm:test_vit={tmp}/a.pth,colour=red", ["unknown option", "family"]),
     ("hf:{tmp}/no-such-folder", ["no such folder", "save_pretrained"]),
     ("hf:{tmp}/a.pth", ["a file", "model folder"]),
     ("hf:{tmp}", ["no config.json", "save_pretrained"]),
-    ("hf:{tmp}/backbone", ["ViTModel", "AutoModelForImageClassification"]),
+    ("hf:{tmp}/text", ["BertModel", "neither an image classifier", "Dinov2Model"]),
+    ("hf:{tmp}/mae", ["ViTMAEModel", "mask_ratio", "ViTModel"]),
 ]
 
 
@@ -131,8 +135,9 @@ def test_two_models_of_one_name_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("word, words", BAD, ids=[b[0][:30] for b in BAD])
 def test_bad_local_model_one_line(word, words, tmp_path, capsys):
     (tmp_path / "a.pth").write_bytes(b"x")
-    if "backbone" in word:
-        _hf_folder(tmp_path / "backbone", classifier=False)
+    for kind in ("text", "mae"):
+        if f"/{kind}" in word:
+            _refused_hf(kind, tmp_path / kind)
     word = word.format(tmp=tmp_path)
     capsys.readouterr()  # save_pretrained's progress bar is not the job's
     assert R.main(["--models", word, "--out", str(tmp_path / "out")]) == 2
@@ -199,3 +204,198 @@ def test_hf_layers_layout_and_preprocessing_are_found(kind, prefix, grid, tmp_pa
     if prefix is None:  # a CNN: no attention layers, the ViT methods skipped
         assert s.attention_layers == "" and M.applies("attnlrp", s)
         assert M.applies("raw_attention", s)
+
+
+# ------------------------------------------------------ headless backbones
+
+
+def _refused_hf(kind: str, folder: Path) -> None:
+    """A folder that is neither a classifier nor a backbone the job explains:
+    a text model, ViT-MAE (which shuffles its patches)."""
+    import transformers as T
+
+    small = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32,
+    )  # fmt: skip
+    if kind == "text":
+        T.BertModel(T.BertConfig(vocab_size=50, **small)).save_pretrained(folder)
+    else:
+        config = T.ViTMAEConfig(image_size=28, patch_size=14, **small)
+        T.ViTMAEModel(config).save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
+
+
+def _backbones(folder: Path) -> dict:
+    """A headless timm checkpoint (``num_classes=0``: no head weights), Hugging
+    Face ``Dinov2Model`` and ``ViTModel`` folders; name -> (path, model)."""
+    import timm
+    import transformers as T
+
+    torch.manual_seed(2)
+    vit = timm.create_model("test_vit", num_classes=0).eval()
+    torch.save(vit.state_dict(), folder / "headless.pth")
+    small = dict(
+        image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=32,
+    )  # fmt: skip
+    out = {"timm": (folder / "headless.pth", vit)}
+    for kind, model in (
+        ("dinov2", T.Dinov2Model(T.Dinov2Config(**small))),
+        ("vit", T.ViTModel(T.ViTConfig(**small))),
+    ):
+        model.eval().save_pretrained(folder / kind)
+        T.BitImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28},
+            do_center_crop=True, resample=3,
+        ).save_pretrained(folder / kind)  # fmt: skip
+        out[kind] = (folder / kind, model)
+    return out
+
+
+def test_headless_backbones_join_the_family_tables(tmp_path, capsys):
+    folders = _backbones(tmp_path)
+    words = [
+        f"timm:test_vit={folders['timm'][0]},label=bb_timm,family=vit_s,"
+        "training=supervised",
+        f"hf:{folders['dinov2'][0]},label=bb_dino,family=vit_s,"
+        "training=self-supervised",
+        f"hf:{folders['vit'][0]},label=bb_vit,target=norm,family=vit_s,"
+        "training=self-supervised",
+    ]
+    specs = [local.spec(w) for w in words]
+    assert [s.target for s in specs] == ["view", "view", "norm"]
+    assert [s.cam_layer for s in specs] == [
+        "backbone.blocks.-1.norm1",
+        "backbone.encoder.layer.-1.norm1",
+        "backbone.layers.-1.layernorm_before",
+    ]
+    # the checkpoint without head weights is loaded strictly, as it was saved
+    model = specs[0].build()
+    assert type(model).__name__ == "EmbeddingSimilarity"
+    source = folders["timm"][1]
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[k], v), k
+
+    out = tmp_path / "out"
+    argv = _args(out, "--threads", "1", "--no-figures")
+    i = argv.index("efficientnet_lite0")
+    argv[i : i + 1] = words
+    methods = ["gradcam", "raw_attention", "generic_attention", "attnlrp", "legrad"]
+    i = argv.index("--methods") + 1
+    argv[i : i + 1] = methods
+    argv[argv.index("--metrics") + 1 : argv.index("--batch-size")] = [
+        "average_drop", "deletion_auc:step=196", "accuracy",
+    ]  # fmt: skip
+    assert R.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "bb_dino (Dinov2Model (Hugging Face), headless: cosine similarity" in text
+    assert "bb_vit (ViTModel (Hugging Face), headless: embedding norm" in text
+    # what needs class scores or has no rule for the similarity is skipped
+    for name in ("bb_timm", "bb_dino", "bb_vit"):
+        assert f"skip {name} / attnlrp: LRP has no rule for the" in text, text
+        assert f"skip {name} / legrad: LeGrad scores the tokens" in text
+        assert f"skip {name} / accuracy: top-1 accuracy needs class scores" in text
+    tabs = json.loads((out / "accuracy.json").read_text())
+    rows: dict = {}
+    for r in tabs["per_model"]:
+        rows.setdefault((r["model"], r["method"]), []).append(r)
+    for name in ("bb_timm", "bb_dino", "bb_vit"):
+        for method in ("gradcam", "raw_attention", "generic_attention"):
+            got = {r["metric"] for r in rows[(name, method)]}
+            assert got == {"average_drop", "deletion_auc:step=196"}
+            for r in rows[(name, method)]:
+                assert r["n"] == 2 and r["nonfinite"] == 0, r
+                assert math.isfinite(r["mean"]), r
+    images = {r["model"]: r for r in tabs["images"]}
+    for name in ("bb_timm", "bb_dino"):  # no class predicted, no top-1
+        assert images[name]["labelled"] == 0
+        assert -1 <= images[name]["probability"] <= 1  # a cosine similarity
+    pairs = {(r["supervised"], r["self_supervised"]) for r in tabs["comparison"]}
+    assert pairs == {("bb_timm", "bb_dino"), ("bb_timm", "bb_vit")}
+    with open(out / "accuracy_per_image.csv", newline="") as f:
+        per_image = list(csv.DictReader(f))
+    assert per_image and all(r["predicted"] == "" for r in per_image)
+
+
+def test_backbone_target_is_the_flipped_views_embedding(tmp_path):
+    from benchmarks.evaluation import figures
+    from benchmarks.evaluation import pipeline as P
+    from benchmarks.evaluation.report import _overlays
+    from benchmarks.evaluation.store import ResultStore
+    from captum_ssl.attr import LayerGradCam, TokenLayout
+    from captum_ssl.models import EmbeddingSimilarity, reference_embeddings
+    from captum_ssl.viz import as_map
+    from tests.test_evaluation import config
+
+    folder, _ = _backbones(tmp_path)["dinov2"]
+    spec = local.spec(f"hf:{folder},label=bb_dino")
+    cfg = config(tmp_path / "out", [spec], ("gradcam",), ["average_drop"], limit=2)
+    plan, _ = P.evaluate(cfg)
+    # by hand: the backbone as saved, its embedding of the flipped images
+    backbone = transformers.Dinov2Model.from_pretrained(folder).eval()
+    names = plan.source.names
+    (batch,) = plan.source.batches(spec.preprocessing, names, 2)
+    x = batch.images
+    refs = reference_embeddings(backbone, x.flip(-1))
+    model = EmbeddingSimilarity(backbone, refs)
+    with torch.no_grad():
+        sims = model(x)
+    target = torch.arange(2)
+    cam = LayerGradCam(
+        model, backbone.encoder.layer[-1].norm1,
+        layout=TokenLayout(grid=(2, 2), num_prefix_tokens=1),
+    )  # fmt: skip
+    maps = cam.attribute(x, target=target, relu_attributions=True)  # the default
+    expected = as_map(maps)[:, 0].detach().numpy()
+    with ResultStore(tmp_path / "out" / P.DB_NAME) as store:
+        score = {
+            r["image"]: r["value"] for r in store.results([plan.model_keys["bb_dino"]])
+        }
+        stored = {
+            r["image"]: r["map"]
+            for r in store.maps([plan.native_keys["bb_dino", "gradcam"]])
+        }
+        sections = figures.stored_overlays(store, plan)
+    for i, name in enumerate(batch.names):
+        assert score[name] == pytest.approx(float(sims[i, i]), abs=1e-5)
+        tol = 2e-3 * float(abs(expected).max())  # maps are stored as float16
+        np.testing.assert_allclose(stored[name], expected[i], atol=tol)
+    assert abs(float(sims[0, 0]) - 1) > 1e-4  # not the image's own embedding
+    # the caption is the similarity, never a class; the note says why
+    (section,) = sections
+    assert [r.prediction for r in section.rows] == [
+        f"sim. to flipped view: {score[n]:.2f}" for n in batch.names
+    ]
+    html = _overlays(section, "jet")
+    assert "headless backbone, explained by its cosine similarity" in html
+    assert "pred:" not in html and 'class="wrong"' not in html
+
+
+def test_headless_timm_architecture_is_a_backbone(tmp_path):
+    (tmp_path / "a.pth").write_bytes(b"x")  # its config has no classifier
+    m = local.check(f"timm:vit_small_patch14_dinov2={tmp_path}/a.pth")
+    assert m.headless
+    assert not local.check(f"timm:test_vit={tmp_path}/a.pth").headless
+
+
+def test_explain_shows_a_backbones_similarity_not_classes(tmp_path, capsys):
+    from PIL import Image
+
+    from captum_ssl.data import bundled_photos
+
+    folder, _ = _backbones(tmp_path)["dinov2"]
+    photo = bundled_photos(None, n=1)
+    path = tmp_path / "photo.jpg"
+    pixels = (photo.raw[0].permute(1, 2, 0).numpy() * 255).astype("uint8")
+    Image.fromarray(pixels).save(path)
+    args = ["--explain", str(path), "--models", f"hf:{folder},label=bb_dino"]
+    args += ["--methods", "gradcam", "legrad", "--out", str(tmp_path), "--no-figures"]
+    capsys.readouterr()
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    assert "photo.jpg / bb_dino: cosine similarity to its flipped view 0." in out
+    assert "top-5" not in out
+    page = (tmp_path / "explain" / "photo.html").read_text()
+    assert 'alt="gradcam on bb_dino"' in page and "legrad on" not in page
+    assert "sim. to flipped view: 0." in page and "pred:" not in page

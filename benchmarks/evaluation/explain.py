@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 
@@ -68,23 +68,34 @@ def explain_files(args: argparse.Namespace) -> int:
         for path, image in images.items():
             raw = pre.raw_transform()(image)
             x = pre.normalize(raw)[None].to(device)
-            with torch.no_grad():
-                prob = model_output(model(x)).softmax(1)[0].cpu()
-            top = prob.topk(TOP)
-            print(f"{path.name} / {spec.name}: top-{TOP} classes")
-            for p, c in zip(top.values.tolist(), top.indices.tolist()):
-                print(f"  {p:6.3f}  {c:4d}  {class_name(c)}")
-            top_classes[path][spec.name] = list(
-                zip(top.indices.tolist(), top.values.tolist())
-            )
-            target = top.indices[:1].to(device)
+            pred: Any
+            if spec.target:  # a backbone: its score (similarity, norm)
+                with torch.no_grad():
+                    target = M.backbone_targets(model, spec, x)
+                    value = float(model_output(model(x))[0, int(target[0])])
+                print(
+                    f"{path.name} / {spec.name}: "
+                    f"{M.BACKBONE_TARGETS[spec.target]} {value:.3f}"
+                )
+                pred = M.backbone_caption(spec.target, value)
+            else:
+                with torch.no_grad():
+                    prob = model_output(model(x)).softmax(1)[0].cpu()
+                top = prob.topk(TOP)
+                print(f"{path.name} / {spec.name}: top-{TOP} classes")
+                for p, c in zip(top.values.tolist(), top.indices.tolist()):
+                    print(f"  {p:6.3f}  {c:4d}  {class_name(c)}")
+                top_classes[path][spec.name] = list(
+                    zip(top.indices.tolist(), top.values.tolist())
+                )
+                target = top.indices[:1].to(device)
+                pred = (int(top.indices[0]), float(top.values[0]))
             row = {}
             for label, (name, opts) in labels.items():
                 if M.applies(name, spec) is None:
                     explain = M.build_method(name, opts, model, spec)
                     a = as_map(explain(x, target).detach().float())
                     row[label] = a[0, 0].cpu().numpy()
-            pred = (int(top.indices[0]), float(top.values[0]))
             rows[path].append(OverlayRow(spec.name, raw, pred, (), row))
         model = None
     folder = args.out / "explain"
@@ -94,7 +105,15 @@ def explain_files(args: argparse.Namespace) -> int:
         ("command", f"python -m benchmarks.run {getattr(args, 'command', '')}"),
         ("models", ", ".join(s.name for s in specs)),
         ("methods", ", ".join(labels)),
-        ("target", "each model's top class"),
+        (
+            "target",
+            "each model's top class"
+            + "".join(
+                f"; {s.name}: its {M.BACKBONE_TARGETS[s.target]}"
+                for s in specs
+                if s.target
+            ),
+        ),
         ("device", str(device)),
     ]
     for path in images:

@@ -13,11 +13,12 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from benchmarks.evaluation.methods import BACKBONE_TARGETS
 from benchmarks.evaluation.store import ResultStore
 from captum_ssl.viz._plot import DPI
 
@@ -108,7 +109,8 @@ class OverlayRow:
 
     label: str  # the image's name (main job) or the model's (--explain)
     image: torch.Tensor  # (3, H, W) in [0, 1], as the model saw it
-    prediction: Optional[Tuple[int, float]]  # predicted class, probability
+    #: predicted class and probability, or a ready caption (a backbone's score)
+    prediction: Union[str, Tuple[int, float], None]
     true_classes: Tuple[int, ...]  # classes counted as correct; () unknown
     maps: Dict[str, Optional[np.ndarray]]  # method -> native map (None: n/a)
 
@@ -120,6 +122,9 @@ class OverlaySection:
     title: str
     methods: List[str]
     rows: List[OverlayRow]
+    #: a headless backbone's score (``methods.BACKBONE_TARGETS``), shown
+    #: under each image instead of a predicted class; "" for a classifier
+    scored: str = ""
 
 
 def stored_overlays(store: ResultStore, plan) -> List[OverlaySection]:
@@ -140,10 +145,17 @@ def stored_overlays(store: ResultStore, plan) -> List[OverlaySection]:
         methods = [m for m in plan.methods if m in per_method]
         have = set().union(*(set(m) for m in per_method.values()))
         names = [n for n in plan.source.names if n in have]
-        pred = {
+        pred: Dict[str, Any] = {
             r["image"]: (r["target"], r["value"])
             for r in store.results([plan.model_keys[spec.name] + ":pred"])
         }
+        if spec.target:  # a backbone: its score (similarity, norm), no class
+            from benchmarks.evaluation.methods import backbone_caption
+
+            pred = {
+                r["image"]: backbone_caption(spec.target, r["value"])
+                for r in store.results([plan.model_keys[spec.name]])
+            }
         rows: List[OverlayRow] = []
         for batch in plan.source.batches(spec.preprocessing, names, 16):
             accepted = batch.accepted or [
@@ -157,7 +169,8 @@ def stored_overlays(store: ResultStore, plan) -> List[OverlaySection]:
                     )
                 )  # fmt: skip
         title = f"{spec.name} ({spec.architecture}, {spec.training})"
-        sections.append(OverlaySection(title, methods, rows))
+        scored = BACKBONE_TARGETS.get(spec.target, "")
+        sections.append(OverlaySection(title, methods, rows, scored))
     return sections
 
 
@@ -228,10 +241,11 @@ def curve_figure(
     curves: Dict[str, np.ndarray],
     order: Sequence[str] = (),
     moved: str = "deleted",
-    score: str = "probability",
+    score: str = "class probability",
 ):
     """Mean curve per method with its 95% CI band (Student t over images);
-    x: fraction of pixels ``moved`` (deleted / inserted), y: the ``score``."""
+    x: fraction of pixels ``moved`` (deleted / inserted), y: the ``score``
+    (its axis label)."""
     from benchmarks.evaluation.tables import mean_ci
 
     plt = _plt()
@@ -247,7 +261,7 @@ def curve_figure(
         ax.fill_between(xs, mean - half, mean + half, alpha=0.2,
                         color=line.get_color(), linewidth=0)  # fmt: skip
     ax.set_xlabel(f"fraction of pixels {moved} (most relevant first)", fontsize=9)
-    ax.set_ylabel(f"class {score}", fontsize=9)
+    ax.set_ylabel(score, fontsize=9)
     ax.set_title(f"{title}: mean and 95% CI band over images", fontsize=10)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3)
@@ -264,10 +278,13 @@ def curve_charts(
     for (model, metric), per_method in curves.items():
         name, opts = plan.metrics[metric]
         moved = "inserted" if name == "insertion_auc" else "deleted"
+        spec = next(s for s in plan.model_specs if s.name == model)
+        score = f"class {opts.get('score', 'probability')}"
+        if spec.target:  # a backbone's score, read raw
+            score = BACKBONE_TARGETS[spec.target]
         fig = curve_figure(
-            f"{model}, {metric}", per_method, list(plan.methods), moved,
-            str(opts.get("score", "probability")),
-        )  # fmt: skip
+            f"{model}, {metric}", per_method, list(plan.methods), moved, score
+        )
         name = f"curve_{safe_name(model)}_{safe_name(metric)}.png"
         paths += save_figure(fig, folder / name)
     return paths

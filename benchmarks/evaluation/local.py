@@ -13,25 +13,37 @@ paths overriding the ones found), e.g.::
 
 Nothing is downloaded: timm reads the file through
 ``pretrained_cfg_overlay=dict(file=PATH)``, transformers reads the folder with
-``local_files_only=True``. The accuracy tables explain class scores, so the
-model must end in a classifier (a timm checkpoint with its head, a Hugging
-Face ``...ForImageClassification``); a headless backbone is refused with the
-fix.
+``local_files_only=True``.
+
+A classifier (a timm checkpoint with its head, a Hugging Face
+``...ForImageClassification``) is explained by its class scores. A headless
+backbone (a timm architecture whose pretrained config has no classifier, or a
+checkpoint without the classifier's weights; a Hugging Face ``ViTModel``,
+``Dinov2Model``, ``CLIPVisionModel``, ...) is explained the way the library
+explains self-supervised backbones: ``target=view`` (default) the cosine
+similarity of each image's embedding to its horizontally flipped view's
+(``EmbeddingSimilarity``), ``target=norm`` the embedding's L2 norm
+(``EmbeddingNorm``); see ``methods.BACKBONE_TARGETS``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from benchmarks.evaluation.methods import ModelSpec
+from benchmarks.evaluation.methods import (
+    BACKBONE_TARGETS,
+    ModelSpec,
+    backbone_model,
+)
 
 KINDS = ("timm", "hf")
-OPTIONS = ("label", "family", "training", "cam_layer", "attention_layers")
+OPTIONS = ("label", "family", "training", "cam_layer", "attention_layers", "target")
 TRAININGS = ("supervised", "self-supervised")
 #: file types timm reads as checkpoints
 TIMM_FILES = (".pth", ".pt", ".bin", ".safetensors", ".tar", ".ckpt")
@@ -51,6 +63,8 @@ class LocalModel:
     arch: str
     path: Path
     options: Dict[str, str] = field(default_factory=dict)
+    #: a headless backbone (set by :func:`check`)
+    headless: bool = False
 
     @property
     def label(self) -> str:
@@ -94,6 +108,12 @@ def parse(word: str) -> LocalModel:
             "training=self-supervised, so that the tables pair it with the "
             "right models"
         )
+    target = options.get("target")
+    if target is not None and target not in BACKBONE_TARGETS:
+        raise ValueError(
+            f"target={target}: write target=view (similarity to the flipped "
+            "view) or target=norm (embedding norm)"
+        )
     return LocalModel(word, kind, arch.strip(), Path(path.strip()), options)
 
 
@@ -117,17 +137,8 @@ def check(word: str) -> LocalModel:
             raise ValueError(f"{m.path}: no such checkpoint file")
         if m.path.stat().st_size == 0:
             raise ValueError(f"{m.path} is empty (0 bytes): download it again")
-        from timm.models import get_pretrained_cfg
-
-        cfg = get_pretrained_cfg(m.arch)
-        if cfg is not None and not cfg.num_classes:
-            raise ValueError(
-                f"timm's {m.arch} is a headless backbone (its config has no "
-                "classifier) and the accuracy tables explain class scores: use "
-                "an architecture whose checkpoint holds its classifier, or a zoo "
-                "entry with the official linear probe (e.g. dinov2_vit_small)"
-            )
-        return m
+        m.headless = _timm_headless(m)
+        return _target_check(m)
     if not m.path.is_dir():
         what = "a file" if m.path.is_file() else "no such folder"
         raise ValueError(
@@ -151,13 +162,56 @@ def check(word: str) -> LocalModel:
             f"{m.path / 'config.json'} is not readable JSON ({err})"
         ) from None
     archs = list(config.get("architectures") or [])
-    if not any(a.endswith("ForImageClassification") for a in archs):
+    m.headless = not any(a.endswith("ForImageClassification") for a in archs)
+    if m.headless:
+        _hf_backbone(m)  # refused here, before any work, if not supported
+    return _target_check(m)
+
+
+def _target_check(m: LocalModel) -> LocalModel:
+    if "target" in m.options and not m.headless:
         raise ValueError(
-            f"{m.path} holds {', '.join(archs) or config.get('model_type')}, a "
-            "backbone without image-classification head, and the accuracy tables "
-            "explain class scores: save an AutoModelForImageClassification there"
+            f"target={m.options['target']} is for a headless backbone; this "
+            "model ends in a classifier and is explained by its class scores "
+            "(leave target= out)"
         )
     return m
+
+
+def _checkpoint_keys(path: Path) -> Optional[List[str]]:
+    """The parameter names in a checkpoint file as timm reads them (wrapper
+    dicts and ``module.`` prefixes removed; tensors not read), or None when
+    the file cannot be read this way (timm's loader then says why)."""
+    from timm.models import load_state_dict
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return list(f.keys())
+        return list(load_state_dict(str(path), device="meta"))
+    except Exception:  # unreadable: timm's own loader reports it at build
+        return None
+
+
+def _timm_headless(m: LocalModel) -> bool:
+    """Whether timm's ``m.arch`` with the checkpoint ``m.path`` is a headless
+    backbone: its pretrained config has no classifier, or the file holds no
+    weights of the classifier the config names."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(m.arch)
+    if cfg is None:
+        return False
+    if not cfg.num_classes:
+        return True
+    named = cfg.classifier
+    heads = [named] if isinstance(named, str) else list(named or [])
+    keys = _checkpoint_keys(m.path)
+    if keys is None or not heads:
+        return False
+    return not any(k.startswith(f"{h}.") for h in heads for k in keys)
 
 
 def spec(word: str) -> ModelSpec:
@@ -169,6 +223,17 @@ def spec(word: str) -> ModelSpec:
     else:
         build, info = _hf(m)
     o = m.options
+    target = o.get("target", "view") if m.headless else ""
+    if target:  # every table names what the backbone is explained by
+        info["architecture"] += f", headless: {BACKBONE_TARGETS[target]}"
+        side = info["preprocessing"].crop
+        build = partial(_backbone, build, target, side)
+        cam_path = lambda p: f"backbone.{p}" if p else p  # noqa: E731
+        info.update(
+            cam_layer=cam_path(info["cam_layer"]),
+            attention_layers=cam_path(info["attention_layers"]),
+            lrp=info["lrp"] or _backbone_lrp(info["lrp_model"], target),
+        )
     return ModelSpec(
         name=m.label,
         build=build,
@@ -182,6 +247,33 @@ def spec(word: str) -> ModelSpec:
         fingerprint={"local": m.word, **fingerprint},
         family=o.get("family", ""),
         lrp=info["lrp"],
+        target=target,
+    )
+
+
+def _backbone(build: Callable[[], nn.Module], target: str, side: int) -> nn.Module:
+    """The headless model wrapped so that it outputs its target's score."""
+    return backbone_model(build(), target, side).eval()
+
+
+def _backbone_lrp(model: nn.Module, target: str) -> str:
+    """Why LRP does not apply to the wrapped backbone (the adapter's answer
+    on the wrapper, whose similarity / norm has no LRP rule)."""
+    import torch
+
+    from captum_ssl.models import EmbeddingNorm, EmbeddingSimilarity
+
+    with torch.device("meta"):
+        wrapped: nn.Module = (
+            EmbeddingNorm(model)
+            if target == "norm"
+            else EmbeddingSimilarity(model, torch.ones(1, 1))
+        )
+    if not _lrp_skip_reason(wrapped):
+        return ""
+    return (
+        f"LRP has no rule for the {BACKBONE_TARGETS[target]} that "
+        f"{type(wrapped).__name__} computes after the backbone"
     )
 
 
@@ -225,8 +317,10 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     from captum_ssl.models import Preprocessing
 
     cfg = get_pretrained_cfg(m.arch)
+    # a headless backbone: no classifier, so that the file loads strictly
+    heads: Dict[str, Any] = dict(num_classes=0) if m.headless else {}
     with torch.device("meta"):  # layer names only, no memory, no weights
-        probe: Any = timm.create_model(m.arch, pretrained=False)
+        probe: Any = timm.create_model(m.arch, pretrained=False, **heads)
     vit = hasattr(probe, "patch_embed") and hasattr(probe, "blocks")
     selfattn = [n for n, mod in probe.named_modules() if attention_kind(mod) == SELF]
     if vit and selfattn and all(n.startswith("blocks.") for n in selfattn):
@@ -246,10 +340,10 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     lrp = _lrp_skip_reason(probe)
 
     def build() -> nn.Module:
-        overlay = dict(file=str(m.path))
+        overlay = dict(file=str(m.path), **heads)
         try:
             return timm.create_model(
-                m.arch, pretrained=True, pretrained_cfg_overlay=overlay
+                m.arch, pretrained=True, pretrained_cfg_overlay=overlay, **heads
             ).eval()
         except (RuntimeError, KeyError, ValueError, OSError) as err:
             first = str(err).strip().splitlines()[0][:300]
@@ -265,6 +359,7 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         attention_layers=attention,
         preprocessing=pre,
         lrp=lrp,
+        lrp_model=probe,
     )
 
 
@@ -288,44 +383,99 @@ def _side(size: Any) -> int:
     raise ValueError(f"unreadable image size {size!r} in preprocessor_config.json")
 
 
-def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
+#: what a Hugging Face backbone folder may hold (the refusal names them)
+HF_BACKBONES = (
+    "ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, "
+    "CLIPVisionModel, or a ResNet / ConvNeXt model"
+)
+
+
+def _hf_parts(m: LocalModel) -> Tuple[Any, Any, Dict[str, Any]]:
+    """``(config, auto class, {cam, attention, lrp})`` of a Hugging Face
+    folder, from a skeleton on the meta device (module names only, no
+    weights); a ``ValueError`` naming the fix for a backbone this job cannot
+    explain (a text model, ViT-MAE, ...)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoImageProcessor
-
-    from captum_ssl.models import Preprocessing
-
-    try:
-        config = AutoConfig.from_pretrained(m.path, local_files_only=True)
-        proc = AutoImageProcessor.from_pretrained(m.path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0][:300]
-        raise ValueError(f"{m.path} cannot be read by transformers: {first}") from None
-    archs = list(config.architectures)
     import torch
-    from transformers import AutoModelForImageClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+    from captum_ssl.attr._core import AttributionInputError
     from captum_ssl.attr._families.base import find_adapter
     from captum_ssl.models import get_layer
 
-    with torch.device("meta"):  # module names only, no weights
-        skeleton = AutoModelForImageClassification.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(m.path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise ValueError(f"{m.path} cannot be read by transformers: {first}") from None
+    archs = list(config.architectures or [config.model_type])
+    refused = (
+        f"{m.path} holds {archs[0]}, neither an image classifier nor a vision "
+        f"backbone this job explains ({HF_BACKBONES}): save an "
+        "AutoModelForImageClassification or one of these backbones there"
+        + (
+            " (CLIP's image tower: CLIPVisionModel.from_pretrained(PATH)"
+            ".save_pretrained(NEW_PATH))"
+            if config.model_type == "clip"
+            else ""
+        )
+    )
+    auto = AutoModel if m.headless else AutoModelForImageClassification
+    try:
+        with torch.device("meta"):  # module names only, no weights
+            skeleton = auto.from_config(config)
+    except ValueError:
+        raise ValueError(refused) from None
     adapter = find_adapter(skeleton)  # the ViT family's own answers, if any
     if adapter is not None:
-        cam = adapter.norm_layer() or ""
-        attention = _pattern([site.name for site in adapter.attention_sites()])
+        try:
+            cam = adapter.norm_layer() or ""
+            attention = _pattern([site.name for site in adapter.attention_sites()])
+        except AttributionInputError as err:  # ViT-MAE: its own fix
+            raise ValueError(f"{archs[0]}: {err}") from None
         lrp = _lrp_skip_reason(skeleton)
     else:  # a CNN (ResNet, ConvNeXt): its last stage, no attention, no LRP
-        cam = _HF_CNN_CAM_LAYER.format(base=skeleton.base_model_prefix)
+        base = skeleton.base_model_prefix
+        base = base if hasattr(skeleton, base) else ""
+        cam = _HF_CNN_CAM_LAYER.format(base=base).lstrip(".")
         attention, lrp = "", f"{archs[0]} is no Vision Transformer"
     try:
         get_layer(skeleton, cam)
     except ValueError:
+        if m.headless:
+            raise ValueError(refused) from None
         cam = ""
     if not cam and "cam_layer" not in m.options:
         raise ValueError(
             f"no CAM layer known for this {config.model_type} model; pass one "
             "with cam_layer=<dotted path>"
         )
+    return (
+        config,
+        auto,
+        dict(cam=cam, attention=attention, lrp=lrp, skeleton=skeleton, arch=archs[0]),
+    )
+
+
+def _hf_backbone(m: LocalModel) -> None:
+    """A Hugging Face backbone folder this job explains, or the refusal."""
+    _hf_parts(m)
+
+
+def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
+    from transformers import AutoImageProcessor
+
+    from captum_ssl.attr._families.base import find_adapter
+    from captum_ssl.models import Preprocessing
+
+    _, auto, parts = _hf_parts(m)
+    try:
+        proc = AutoImageProcessor.from_pretrained(m.path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise ValueError(f"{m.path} cannot be read by transformers: {first}") from None
+    cam, attention, lrp = parts["cam"], parts["attention"], parts["lrp"]
+    adapter = find_adapter(parts["skeleton"])
     side = _side(getattr(proc, "size", 224))
     crop = (
         getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", 0) else None
@@ -353,18 +503,18 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
 
     def build() -> nn.Module:
         # the model itself: the methods and metrics read its ModelOutput's
-        # logits (captum_ssl._outputs.model_output)
-        from transformers import AutoModelForImageClassification as Auto
-
-        return Auto.from_pretrained(m.path, local_files_only=True).eval()
+        # logits (captum_ssl._outputs.model_output); a backbone's output is
+        # read by EmbeddingSimilarity / EmbeddingNorm (pooler_output)
+        return auto.from_pretrained(m.path, local_files_only=True).eval()
 
     return build, dict(
-        architecture=f"{archs[0]} (Hugging Face)",
+        architecture=f"{parts['arch']} (Hugging Face)",
         cam_layer=cam,
         cam_layout=layout,
         attention_layers=attention,
         preprocessing=pre,
         lrp=lrp,
+        lrp_model=parts["skeleton"],
     )
 
 

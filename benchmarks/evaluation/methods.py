@@ -99,6 +99,12 @@ class ModelSpec:
         lrp (str): why the LRP methods do not apply to this model ("" when
                     they may: a ViT whose family adapter has LRP rules, as
                     ``lrp_adapter`` in ``captum_ssl/attr/_families`` says).
+        target (str): "" for a classifier (class scores); for a headless
+                    backbone (``build`` returns it wrapped, see
+                    :data:`BACKBONE_TARGETS`) ``"view"``: the cosine
+                    similarity of each image's embedding to its horizontally
+                    flipped view's (``EmbeddingSimilarity``), ``"norm"``: the
+                    embedding's L2 norm (``EmbeddingNorm``).
     """
 
     name: str
@@ -113,6 +119,7 @@ class ModelSpec:
     fingerprint: Dict[str, Any] = field(default_factory=dict)
     family: str = ""
     lrp: str = ""
+    target: str = ""
 
     @property
     def is_vit(self) -> bool:
@@ -133,7 +140,86 @@ class ModelSpec:
             cam_layout=self.cam_layout,
             preprocessing=pre,
             fingerprint=self.fingerprint,
+            **({"target": self.target} if self.target else {}),
         )
+
+
+#: what a headless backbone's score is (``ModelSpec.target``), as the
+#: captions, logs and docs say it
+BACKBONE_TARGETS = {
+    "view": "cosine similarity to its flipped view",
+    "norm": "embedding norm",
+}
+
+
+def backbone_caption(target: str, value: float) -> str:
+    """The caption under an image explained by a backbone's score (where a
+    classifier's shows its predicted class)."""
+    short = {"view": "sim. to flipped view", "norm": "embedding norm"}
+    return f"{short[target]}: {value:.2f}"
+
+
+def backbone_model(backbone: nn.Module, target: str, side: int) -> nn.Module:
+    """A headless ``backbone`` wrapped so that its output is the score of
+    ``target`` (:data:`BACKBONE_TARGETS`): ``EmbeddingNorm``, or an
+    ``EmbeddingSimilarity`` whose references :func:`backbone_targets` sets
+    for each batch (here a placeholder of the embedding's size, found with
+    one forward pass of a ``side`` x ``side`` image)."""
+    from captum_ssl.models import EmbeddingNorm, EmbeddingSimilarity
+    from captum_ssl.models._targets import _flat
+
+    if target == "norm":
+        return EmbeddingNorm(backbone)
+    if target != "view":
+        raise ValueError(f"target={target}: write target=view or target=norm")
+    with torch.no_grad():
+        dims = _flat(backbone(torch.zeros(1, 3, side, side))).shape[1]
+    return EmbeddingSimilarity(backbone, torch.ones(1, dims))
+
+
+def backbone_targets(model: nn.Module, spec: ModelSpec, x: Tensor) -> Tensor:
+    """The targets of a batch ``x`` for a headless backbone (``spec.target``
+    set; ``model`` from :func:`backbone_model`): ``"view"`` sets the
+    references to the embeddings of the flipped images (computed once from
+    the clean batch, fixed while the metrics perturb it) and returns each
+    image's own index; ``"norm"``: 0 for every image."""
+    n = x.shape[0]
+    if spec.target == "view":
+        from captum_ssl.models import reference_embeddings
+
+        model.set_references(  # type: ignore[operator]
+            reference_embeddings(model.backbone, x.flip(-1), batch_size=n)  # type: ignore[arg-type]
+        )
+        return torch.arange(n, device=x.device)
+    return torch.zeros(n, dtype=torch.long, device=x.device)
+
+
+#: methods that read a classifier (its weights, or other classes' scores),
+#: which a backbone's similarity or norm does not have
+NEEDS_CLASSIFIER = {
+    "cam": "CAM weights the feature maps by the classifier's weights",
+    "dff": "DFF labels its concepts with the classifier",
+    "finercam": "Finer-CAM contrasts the target with similar classes",
+    "legrad": "LeGrad scores the tokens of every layer with the classifier",
+}
+
+
+def metric_options(
+    spec: ModelSpec, name: str, opts: Dict[str, Any]
+) -> Tuple[Optional[Dict[str, Any]], str]:
+    """``(options, "")`` a metric runs with on a model, or ``(None, reason)``
+    when it does not apply. A headless backbone's output is its score itself
+    (a similarity or norm, one per reference): every metric scores it raw
+    (``score="logit"``: no softmax over references, no top-1 among them);
+    the ``accuracy`` metric, which is top-1 correctness, does not apply."""
+    if not spec.target:
+        return opts, ""
+    if name == "accuracy":
+        return None, (
+            "top-1 accuracy needs class scores; a backbone's score is its "
+            f"{BACKBONE_TARGETS[spec.target]}"
+        )
+    return {**opts, "score": "logit"}, ""
 
 
 def registry_model(name: str, random_weights: bool = False) -> ModelSpec:
@@ -409,6 +495,11 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
         return model.lrp
     if base in ("guided_gradcam", "cam") and not model.is_cnn:
         return f"{base} needs a convolutional (B, C, H, W) CAM layer"
+    if base in NEEDS_CLASSIFIER and model.target:
+        return (
+            f"{NEEDS_CLASSIFIER[base]}; this headless backbone is explained by "
+            f"its {BACKBONE_TARGETS[model.target]}"
+        )
     return None
 
 

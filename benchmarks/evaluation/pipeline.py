@@ -298,10 +298,15 @@ def make_plan(
                 "timing", {**mk, "method": method, "what": "attribution"}
             )
             for xlabel, (xname, xopts) in plan.metrics.items():
+                used, why = M.metric_options(spec, xname, xopts)
+                if used is None:
+                    if (spec.name, xlabel, why) not in plan.skipped:
+                        plan.skipped.append((spec.name, xlabel, why))
+                    continue
                 full = {
                     **mk,
                     "method": method,
-                    "metric": dict(name=xname, options=M.identity(xopts)),
+                    "metric": dict(name=xname, options=M.identity(used)),
                 }
                 plan.result_keys[spec.name, mlabel, xlabel] = store.register(
                     "result", full
@@ -344,10 +349,9 @@ def _correct(pred: int, label: int, accepted: Tuple[int, ...]) -> float:
     return float(pred in ok) if ok else float("nan")
 
 
-def _warm_up(explainers, plan, x, labels, pred, device) -> None:
+def _warm_up(explainers, plan, x, t) -> None:
     """One untimed call per method on one image (not the perturbation CAMs,
     whose single call already costs one pass per channel)."""
-    t = torch.where(labels >= 0, labels, pred).to(device)
     for mlabel, explain in explainers.items():
         if plan.methods[mlabel][0] not in M.PERTURBATION_CAMS:
             explain(x, t)
@@ -452,26 +456,35 @@ def _run(cfg: EvalConfig, dist: Dist, progress: Progress) -> Plan:
         ):
             progress.now(f"{spec.name} batch {b}/{nb}: predictions and timing")
             x = batch.images.to(device)
+            labels = batch.labels
             with torch.no_grad():
+                if spec.target:  # a backbone: its references, its targets
+                    t_dev = M.backbone_targets(model, spec, x)
                 logits = model_output(model(x))  # also the warm-up
                 fwd = _forward_seconds(model, x, device)
                 if metric_fwd is None:  # per image, at the metrics' batch size
                     metric_fwd = _metric_forward(model, x, cfg, device)
-            prob_pred, pred = logits.softmax(1).max(1)
-            pred, prob_pred = pred.cpu(), prob_pred.cpu()
-            labels = batch.labels
-            target = torch.where(labels >= 0, labels, pred)
-            t_dev = target.to(device)
+            if spec.target:  # no classes: nothing predicted, no top-1
+                target = t_dev.cpu()
+            else:
+                prob_pred, pred = logits.softmax(1).max(1)
+                pred, prob_pred = pred.cpu(), prob_pred.cpu()
+                target = torch.where(labels >= 0, labels, pred)
+                t_dev = target.to(device)
             if b == 1:  # first calls allocate; keep them out of the timings
-                _warm_up(explainers, plan, x[:1], labels[:1], pred[:1], device)
+                _warm_up(explainers, plan, x[:1], t_dev[:1])
             accepted = batch.accepted or [(int(v),) if v >= 0 else () for v in labels]
             if any(n not in done_top1 for n in batch.names):
-                prob = class_probability(model, x, None, t_dev).cpu()
+                # the score of the target: class probability, or the
+                # backbone's similarity / norm (M.metric_options)
+                score = M.metric_options(spec, "class_probability", {})[0] or {}
+                prob = class_probability(model, x, None, t_dev, **score).cpu()
                 rows = [
                     (n, int(t), int(lab), float(p))
                     for n, t, lab, p in zip(batch.names, target, labels, prob)
                 ]
                 store.add_results(mkey, spec.name, "(image)", "probability", rows)
+            if not spec.target and any(n not in done_top1 for n in batch.names):
                 store.add_results(
                     mkey + ":pred",
                     spec.name,
@@ -614,7 +627,9 @@ def _method_batch(
 
     mkey = plan.map_keys[spec.name, mlabel]
     rkeys = {
-        xlabel: plan.result_keys[spec.name, mlabel, xlabel] for xlabel in plan.metrics
+        xlabel: plan.result_keys[spec.name, mlabel, xlabel]
+        for xlabel in plan.metrics
+        if (spec.name, mlabel, xlabel) in plan.result_keys
     }
     nkey = plan.native_keys[spec.name, mlabel]
     done_map = store.done(mkey, "maps") & store.done(nkey, "maps")
@@ -650,12 +665,14 @@ def _method_batch(
         save_saliency(folder, batch, idx, maps, mlabel)
     total = seconds
     for xlabel, (xname, xopts) in plan.metrics.items():
+        if xlabel not in rkeys:  # does not apply to this model (the plan says)
+            continue
         todo = [j for j, n in enumerate(names) if n not in done[xlabel]]
         if not todo:
             continue
         j = torch.tensor(todo, device=device)
         fn = M.metric_function(xname)
-        opts = dict(xopts)
+        opts = dict(M.metric_options(spec, xname, xopts)[0] or xopts)
         opts.setdefault("batch_size", cfg.metric_batch_size)
         curve = xname in CURVE_METRICS  # keep the curve, its area is the value
         if curve:

@@ -215,7 +215,12 @@ def _overlays(section: OverlaySection, cmap: str) -> str:
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     n = len(section.rows)
-    if any(r.true_classes for r in section.rows):
+    if section.scored:
+        marked = (
+            f"a headless backbone, explained by its {section.scored}: under "
+            "each image that score (no class is predicted)"
+        )
+    elif any(r.true_classes for r in section.rows):
         marked = f"{wrong_n} wrong predictions (framed in red, with the true class)"
     else:
         marked = "true class unknown (each prediction is the model's top class)"

@@ -87,6 +87,25 @@ class EmbeddingSimilarity(nn.Module):
 
     def __init__(self, backbone: nn.Module, references: Tensor) -> None:
         super().__init__()
+        self.backbone = backbone
+        # the wrapper has no layers of its own: it follows the backbone's mode
+        # (a new module is in training mode, which would warn on every call)
+        self.training = backbone.training
+        self.register_buffer("references", torch.empty(0))
+        self.set_references(references)
+
+    def set_references(self, references: Tensor) -> None:
+        r"""Replace the reference embeddings (in place: attribution methods and
+        metrics already built on this module use the new ones).
+
+        Args:
+            references (Tensor): ``(R, D)`` or ``(D,)`` embeddings; ``R`` may
+                        differ from before (targets index the new ones).
+
+        Examples::
+
+            >>> model.set_references(reference_embeddings(backbone, x.flip(-1)))
+        """
         if references.dim() == 1:
             references = references[None]
         if references.dim() != 2 or references.shape[0] == 0:
@@ -94,13 +113,7 @@ class EmbeddingSimilarity(nn.Module):
                 f"references must be (R, D) embeddings with R >= 1, got shape "
                 f"{tuple(references.shape)}"
             )
-        self.backbone = backbone
-        # the wrapper has no layers of its own: it follows the backbone's mode
-        # (a new module is in training mode, which would warn on every call)
-        self.training = backbone.training
-        self.register_buffer(
-            "references", F.normalize(references.detach().float(), dim=1)
-        )
+        self.references = F.normalize(references.detach().float(), dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.score(_flat(self.backbone(x)))
