@@ -163,3 +163,16 @@ def test_wrapped_backbone_inside_another_module_is_refused_for_lrp():
     model = _wrapped(backbone, x, "norm")
     with pytest.raises(AttributionInputError, match="Pass the model itself"):
         AttnLRP(model).attribute(x, target=0)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_legrad_on_the_wrapper_runs_on_every_family(name):
+    """The backbone's embedding of intermediate tokens, scored by the
+    wrapper: finite maps that differ between references."""
+    backbone = BACKBONES[name]()
+    x = images(2, 32)
+    model = _wrapped(backbone, x, "similarity")
+    maps = LeGrad(model).attribute(x, target=[0, 1])
+    assert maps.shape == (2, 1, 4, 4) and torch.isfinite(maps).all()
+    other = LeGrad(model).attribute(x, target=[1, 0])
+    assert not torch.allclose(maps, other)

@@ -463,9 +463,9 @@ def test_vit_mae_raw_attention_equals_probabilities_recomputed_from_q_and_k():
 
 
 def test_every_method_on_vit_mae_equals_the_same_weights_in_vit_model():
-    """Batched, per-sample targets; the attention methods explain the
-    backbone in EmbeddingSimilarity, LRP the backbone itself (target = an
-    embedding dimension: a wrapper's cosine has no rule); float64."""
+    """Batched, per-sample targets; every method explains the backbone in
+    EmbeddingSimilarity (LeGrad also with a hand-written projection), LRP
+    also the backbone itself (target = an embedding dimension); float64."""
     mae = vit_mae()
     vit = mae_to_vit(mae)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -485,8 +485,11 @@ def test_every_method_on_vit_mae_equals_the_same_weights_in_vit_model():
 
     cases = {n: (attention(n), [2, 0], {}) for n in METHODS[:5]}
     cases["LeGrad"] = (legrad, [1, 2], {})
+    cases["LeGrad wrapped"] = (attention("LeGrad"), [1, 2], {})
     for name in ("TransformerAttribution", "TransformerLRP", "PartialLRP"):
         cases[name] = (_methods()[name], [5, 17], {})
+        cases[f"{name} wrapped"] = (attention(name), [2, 0], {})
+    cases["AttnLRP wrapped"] = (attention("AttnLRP"), [1, 2], {})
     cases["AttnLRP"] = (_methods()["AttnLRP"], [5, 17], {})
     cases["AttnLRP pixels"] = (_methods()["AttnLRP"], [3, 30], {"at": "pixels"})
     cases["CP-LRP"] = (_methods()["AttnLRP"], [3, 30], {"cp": True})

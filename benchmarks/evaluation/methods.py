@@ -200,7 +200,6 @@ NEEDS_CLASSIFIER = {
     "cam": "CAM weights the feature maps by the classifier's weights",
     "dff": "DFF labels its concepts with the classifier",
     "finercam": "Finer-CAM contrasts the target with similar classes",
-    "legrad": "LeGrad scores the tokens of every layer with the classifier",
 }
 
 

@@ -140,5 +140,8 @@ class EmbeddingTargetAdapter(FamilyAdapter):
     def hooks(self, P: Propagator) -> list:
         return self.inner.hooks(P)
 
+    def call_plan(self) -> Plan:
+        return self.inner.call_plan()
+
     def patch_tokens(self) -> nn.Module:
         return self.inner.patch_tokens()

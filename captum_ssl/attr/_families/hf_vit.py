@@ -428,15 +428,17 @@ class HFViTAdapter(FamilyAdapter):
 
     def score_projection(self) -> Callable[[Tensor], Tensor]:
         """LeGrad: the mean token through the backbone's final norm and the
-        classifier, read as the classifier reads its tokens."""
-        if self.reads is None:
-            raise AttributionInputError(
-                f"{type(self.model).__name__} has no classifier to score "
-                "intermediate tokens: pass score_projection=<function (B, N, C) "
-                "tokens -> (B, classes) logits>."
-            )
-        model, reads = cast("_Classifier", self.model), self.reads
+        classifier, read as the classifier reads its tokens; for a backbone
+        without classifier, its embedding as
+        :func:`~captum_ssl._outputs.model_output` reads it (through the
+        pooler where the model has one)."""
         norm = _get(self.base, self.family.norm)
+        if self.reads is None:
+            pooler = getattr(self.base, "pooler", None)
+            if isinstance(pooler, nn.Module):  # ViTModel: dense + tanh of token 0
+                return lambda z: pooler(norm(z.mean(dim=1))[:, None])
+            return lambda z: norm(z.mean(dim=1))
+        model, reads = cast("_Classifier", self.model), self.reads
 
         def project(z: Tensor) -> Tensor:
             t = norm(z.mean(dim=1))
