@@ -258,7 +258,7 @@ def _attribute(method, cls: type, **args: Any) -> torch.Tensor:
         options["generator"] = torch.Generator().manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. zero gradients of a random net
-        return method.attribute(**args, **options)
+        return method.attribute(**{**options, **args})
 
 
 #: configs on which every target form is tried (one rule for all methods:
@@ -544,3 +544,75 @@ def test_a_tuple_target_longer_than_the_output_is_an_assertion_error(cls):
     for target in [(1, 0), [(1, 0), (2, 0)]]:
         with pytest.raises(AssertionError, match="one index per output dimension"):
             _attribute(method, cls, inputs=x, target=target)
+
+
+# ------------------------------------------------------- several outputs
+class TwoMaps(nn.Module):
+    """A layer whose forward returns two tensors (two convolution branches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.a(x), self.b(x)
+
+
+class TwoOutputNet(nn.Module):
+    """The two outputs of ``pair`` are used together after it; ``pair.a`` and
+    ``pair.b`` are the model variants that expose one output each (the same
+    model, the layer returning that output alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = TwoMaps()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.pair(x)
+        return self.fc((torch.relu(a) + 0.5 * torch.relu(b) * a).mean(dim=(2, 3)))
+
+
+#: methods whose random draws (Random-CAM's weights, SS-CAM's mask noise,
+#: DFF's NMF start) come from ``generator`` output after output: explained
+#: one output at a time, the same generator is passed on from output 0 to 1
+GENERATOR_CAMS = {A.LayerRandomCam, A.LayerSSCam, A.DeepFeatureFactorization}
+
+
+def _several_outputs_args(cls: type, x: torch.Tensor) -> Dict[str, Any]:
+    kw: Dict[str, Any] = {"inputs": x, "target": [1, 3]}
+    if cls is A.LayerSmoothGradCamPlusPlus:  # one noise for every output
+        kw["noise"] = torch.randn(2, *x.shape, generator=torch.Generator())
+    return kw
+
+
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_a_layer_with_two_outputs_gives_one_map_per_output(cls):
+    """Every layer CAM on a layer returning two tensors returns a tuple of two
+    maps; map ``i`` equals the method on the submodule that returns output
+    ``i`` alone (the other output as the model computes it); no hook is
+    left; ``LayerGradCam`` equals Captum's on the two-output layer."""
+    torch.manual_seed(0)
+    model = TwoOutputNet().eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    cfg = {"fc": "fc"}
+    kw = _several_outputs_args(cls, x)
+    if cls in GENERATOR_CAMS:  # the draws of output 0, then those of output 1
+        kw["generator"] = torch.Generator().manual_seed(0)
+    before = _state(model)
+    both = _attribute(_method(cls, model, model.pair, cfg), cls, **kw)
+    assert _state(model) == before
+    assert isinstance(both, tuple) and len(both) == 2
+    if cls in GENERATOR_CAMS:
+        kw["generator"] = torch.Generator().manual_seed(0)
+    one_by_one = [
+        _attribute(_method(cls, model, model.get_submodule(name), cfg), cls, **kw)
+        for name in ("pair.a", "pair.b")
+    ]
+    for ours, alone in zip(both, one_by_one):
+        assert ours.shape == (2, 1, 6, 6)
+        _close(ours, alone)
+    if cls is A.LayerGradCam:
+        _same(both, CaptumLayerGradCam(model, model.pair).attribute(**kw))
+    assert _state(model) == before
