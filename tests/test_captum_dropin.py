@@ -616,3 +616,187 @@ def test_a_layer_with_two_outputs_gives_one_map_per_output(cls):
     if cls is A.LayerGradCam:
         _same(both, CaptumLayerGradCam(model, model.pair).attribute(**kw))
     assert _state(model) == before
+
+
+# ------------------------------------------------- JIT and DataParallel
+#: Captum's ``JITCompareMode`` (tests/attr/test_jit.py)
+JIT_MODES = [
+    "cpu_jit_trace",
+    "cpu_jit_script",
+    "data_parallel_jit_trace",
+    "data_parallel_jit_script",
+]
+#: Captum's ``DataParallelCompareMode`` (tests/attr/test_data_parallel.py)
+DP_MODES = ["cpu_cuda", "data_parallel_default", "data_parallel_alt_dev_ids"]
+NO_CUDA = "Captum runs this mode on CUDA only (it needs a GPU: no CUDA here)"
+#: the configs the JIT and DataParallel checks run on (a pooled layer, 1-D,
+#: 2-D and 3-D CNNs, a ViT: every layout rule once)
+PARALLEL_ON = ("captum_basic_linear", "conv1d", "conv3d", "project_cnn", "project_vit")
+
+
+def _same_draws(cls: type, x: torch.Tensor) -> Dict[str, Any]:
+    """Options making two calls draw the same random numbers."""
+    if cls is A.LayerSmoothGradCamPlusPlus:
+        return {"noise": torch.randn(2, *x.shape, generator=torch.Generator())}
+    if cls in GENERATOR_CAMS - {A.DeepFeatureFactorization}:
+        return {"generator": torch.Generator().manual_seed(0)}
+    return {}
+
+
+def _on(device: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_on(device, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on(device, v) for k, v in value.items()}
+    return value
+
+
+def _jit(model: nn.Module, x: torch.Tensor, mode: str) -> nn.Module:
+    if mode.startswith("data_parallel") and not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
+    if mode.startswith("data_parallel"):
+        model = model.cuda()
+    if mode.endswith("script"):
+        return torch.jit.script(model)
+    return torch.jit.trace(model, (x.to(next(model.parameters()).device),))
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``, also on a ScriptModule (which lacks it)."""
+    for part in name.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _cam_on(
+    cls: type,
+    forward_func: Any,
+    layer: nn.Module,
+    eager: nn.Module,
+    cfg: Dict[str, Any],
+    device_ids: Optional[List[int]] = None,
+):
+    """``cls`` on ``forward_func`` with ``eager``'s classifier where the class
+    needs one (CAM, DFF), so wrapped and compiled models get the same."""
+    kw: Dict[str, Any] = {**INIT.get(cls, {}), "device_ids": device_ids}
+    if cls is A.LayerClassActivationMap:
+        kw["fc"] = eager.get_submodule(cfg["fc"])
+    if cls is A.DeepFeatureFactorization:
+        kw["classifier"] = eager.get_submodule(cfg["fc"])
+    return cls(forward_func, layer, **kw)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.filterwarnings("ignore:The .grad attribute:UserWarning")  # tracing
+@pytest.mark.parametrize("mode", JIT_MODES)
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_jit(cls, mode):
+    """Captum's ``test_jit.py`` runs only non-layer methods on JIT models
+    (its ``JIT_SUPPORTED`` list: IntegratedGradients, FeatureAblation,
+    Saliency, ...): a layer method reads the layer with a Python hook, and the
+    compiled forward of a traced or scripted model calls its submodules
+    without hooks. So Captum tests no layer method on a JIT model, and the
+    same holds here. What is checked instead, in Captum's modes (the
+    ``data_parallel_jit_*`` modes on CUDA only, as in Captum):
+
+    * a layer inside the compiled model is refused with an ``AssertionError``
+      (Captum's ``LayerGradCam`` raises one too) whose message names the fix,
+      and no hook is left;
+    * with everything after the layer compiled (an eager layer followed by a
+      traced / scripted head, one ``forward_func``), the map equals the eager
+      model's.
+    """
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = copy.deepcopy(cfg["model"])
+    x = cfg["attribute_args"]["inputs"][:2]
+    jit_model = _jit(copy.deepcopy(model), x, mode)
+    device = next(jit_model.parameters()).device
+    model, x = model.to(device), x.to(device)
+    args = {"inputs": x, "target": [0, 2]}
+    inner = _submodule(jit_model, cfg["layer"])
+    before = _state(jit_model)
+    # Captum: AssertionError (traced: the hook never runs) or RuntimeError
+    # (scripted: the hook is refused); here one error that is both
+    with pytest.raises((AssertionError, RuntimeError)):
+        CaptumLayerGradCam(jit_model, inner).attribute(**args)
+    with pytest.raises(A.CompiledLayerError, match="TorchScript.*eager model") as err:
+        _attribute(_cam_on(cls, jit_model, inner, model, cfg), cls, **args)
+    assert isinstance(err.value, AssertionError) and isinstance(err.value, RuntimeError)
+    assert _state(jit_model) == before
+
+    head = nn.Sequential(model.pool, nn.Flatten(), model.fc)
+    features = model.features(x)
+    mixed = nn.Sequential(model.features, _jit(head, features, mode)).eval()
+    layer = model.get_submodule(cfg["layer"])
+    args.update(_on(device, _same_draws(cls, x)))
+    eager = _attribute(_cam_on(cls, model, layer, model, cfg), cls, **args)
+    args.update(_on(device, _same_draws(cls, x)))
+    compiled = _attribute(_cam_on(cls, mixed, layer, model, cfg), cls, **args)
+    _close(compiled, eager, 1e-4)
+
+
+DP_CASES = [
+    pytest.param(cls, cfg, mode, id=f"{cfg['name']}-{mode}-{cls.__name__}")
+    for cfg in CONFIG
+    if cfg["name"] in PARALLEL_ON
+    for mode in DP_MODES
+    for cls in LAYER_CAMS
+    if _applies(cls, cfg)
+]
+
+
+@pytest.mark.parametrize("cls,cfg,mode", DP_CASES)
+def test_data_parallel(cls, cfg, mode, monkeypatch):
+    """Captum's ``test_data_parallel.py`` modes over the layer CAMs: the same
+    maps on the CPU and on CUDA (``cpu_cuda``), with the model wrapped in
+    ``nn.DataParallel`` (``data_parallel_default``; the layer taken from the
+    wrapped model, as Captum), and with ``forward_func=dp.forward`` and the
+    CAM's ``device_ids`` (``data_parallel_alt_dev_ids``, the device order
+    ``[0, n-1, ..., 1]``). Captum runs all three on CUDA only. Here
+    ``data_parallel_default`` also runs on the CPU, where ``DataParallel``
+    without a GPU calls the wrapped model directly: it checks that every CAM
+    sees through the wrapper (layout, classifier, prefix caching, eval
+    mode). ``cpu_cuda`` and ``data_parallel_alt_dev_ids`` need a GPU
+    (``device_ids`` name CUDA devices) and are skipped without one."""
+    cuda = torch.cuda.is_available()
+    if mode != "data_parallel_default" and not cuda:
+        pytest.skip(NO_CUDA)
+    device = "cuda" if cuda else "cpu"
+    # full float32 convolutions on the GPU too (cuDNN uses TF32 by default;
+    # torch's float32 matrix products do not)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = copy.deepcopy(cfg["model"]).to("cpu" if mode == "cpu_cuda" else device)
+    layer = model.get_submodule(cfg["layer"])
+    if mode == "cpu_cuda":
+        model_2 = copy.deepcopy(model).to(device)
+        method_2 = _cam_on(
+            cls, model_2, model_2.get_submodule(cfg["layer"]), model_2, cfg
+        )
+    elif mode == "data_parallel_default":
+        method_2 = _cam_on(cls, nn.DataParallel(model), layer, model, cfg)
+    else:
+        ids = [0] + list(range(torch.cuda.device_count() - 1, 0, -1))
+        dp = nn.DataParallel(model, device_ids=ids)
+        method_2 = _cam_on(cls, dp.forward, layer, model, cfg, device_ids=ids)
+    method_1 = _cam_on(cls, model, layer, model, cfg)
+    x = cfg["attribute_args"]["inputs"]
+    args_1 = _on(str(next(model.parameters()).device), cfg["attribute_args"])
+    args_2 = _on(device, cfg["attribute_args"])
+    # the same random draws in both calls (CPU generators: device-independent)
+    ours_1 = _attribute(method_1, cls, **args_1, **_on(device, _same_draws(cls, x)))
+    ours_2 = _attribute(method_2, cls, **args_2, **_on(device, _same_draws(cls, x)))
+    assert ours_2.device == args_2["inputs"].device
+    _close(ours_2.cpu(), ours_1.cpu(), 1e-4 if device == "cpu" else 1e-3)
+
+
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_constructor_takes_captums_layer_arguments(cls):
+    """``(forward_func, layer, device_ids=None)`` first, as Captum's layer
+    methods (``device_ids`` is what ``data_parallel_alt_dev_ids`` passes)."""
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:4]
+    assert [p.name for p in params] == ["forward_func", "layer", "device_ids"]
+    assert params[2].default is None

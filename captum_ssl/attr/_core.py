@@ -59,6 +59,25 @@ class AttributionAssertionError(AttributionInputError, AssertionError):
     expects; the message names the fix."""
 
 
+class CompiledLayerError(AttributionAssertionError, RuntimeError):
+    """A layer inside a TorchScript model (``torch.jit.trace`` /
+    ``torch.jit.script``), which no layer method can hook. Catchable as what
+    Captum raises there: ``AssertionError`` (a traced model: the hook never
+    runs) and ``RuntimeError`` (a scripted model refuses the hook)."""
+
+
+def compiled_layer_error(layer: nn.Module) -> CompiledLayerError:
+    """The error for ``layer``, a submodule of a TorchScript model."""
+    name = getattr(layer, "original_name", type(layer).__name__)
+    return CompiledLayerError(
+        f"The layer {name} is part of a TorchScript model (torch.jit.trace or "
+        "torch.jit.script): the compiled forward calls it without Python hooks, "
+        "so no layer method (Captum's included) can read its output. Explain the "
+        "eager model (the module before tracing or scripting, with the same "
+        "weights) instead; a TorchScript part after the layer is fine."
+    )
+
+
 class TrainModeWarning(UserWarning):
     """The model (or a module of it) was in training mode; the call ran in eval."""
 
@@ -491,7 +510,8 @@ def layer_hint(forward_func: Optional[Callable]) -> str:
 
 
 def check_layer(forward_func: Callable, layer: Any) -> None:
-    """Refuse a layer that is not a module, and a ``torch.compile``d model."""
+    """Refuse a layer that is not a module, a layer inside a TorchScript model,
+    and a ``torch.compile``d model."""
     model = root_module(forward_func)
     if isinstance(layer, str):
         raise AttributionInputError(
@@ -503,6 +523,10 @@ def check_layer(forward_func: Callable, layer: Any) -> None:
             f"layer must be an nn.Module of the model, got {type(layer).__name__}: "
             f"pass e.g. {layer_hint(forward_func)}."
         )
+    if isinstance(model, torch.jit.ScriptModule) and any(
+        m is layer for m in model.modules()
+    ):
+        raise compiled_layer_error(layer)
     check_not_compiled(model)
 
 
@@ -785,6 +809,10 @@ def layer_errors(
     try:
         yield
     except AssertionError as err:
+        if "did not obtain any outputs" in str(err) and isinstance(
+            layer, torch.jit.ScriptModule
+        ):
+            raise compiled_layer_error(layer) from err
         if "did not obtain any outputs" in str(err):
             raise AttributionAssertionError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
@@ -795,6 +823,8 @@ def layer_errors(
         raise
     except RuntimeError as err:
         msg = str(err)
+        if "is not supported on ScriptModules" in msg:
+            raise compiled_layer_error(layer) from err
         if any(
             m in msg
             for m in (
@@ -1001,6 +1031,21 @@ AUTO_CHUNK_INPUT_COPIES = 32
 #: the caches (Score-CAM, EfficientNet-Lite0, 224 px, 2 cores: 1 or 4 inputs
 #: per pass 14-16 s, 16 per pass 25 s), so chunks stay at a few 224 px images.
 AUTO_CHUNK_CPU_BYTES = 64 << 20
+
+
+def draw(
+    sample: Callable[..., Tensor],
+    shape: Sequence[int],
+    generator: Optional[torch.Generator],
+    like: Tensor,
+) -> Tensor:
+    """``sample(shape)`` (``torch.rand`` or ``torch.randn``) in ``like``'s dtype,
+    drawn on ``generator``'s device and moved to ``like``'s: a generator on any
+    device gives the same numbers for an input on the CPU or a GPU. Without a
+    generator, torch's global one of ``like``'s device."""
+    device = generator.device if generator is not None else like.device
+    out = sample(tuple(shape), generator=generator, device=device, dtype=like.dtype)
+    return out.to(like.device)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -497,6 +497,8 @@ class LayerClassActivationMap(_LayerActivationCam):
 
 def _find_classifier(forward_func: Callable) -> nn.Linear:
     model = root_module(forward_func)
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # the classifier is the wrapped model's
     candidates = []
     if model is not None:
         get_classifier = getattr(model, "get_classifier", None)

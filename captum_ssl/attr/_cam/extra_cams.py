@@ -44,6 +44,7 @@ from captum_ssl.attr._core import (
     TensorOrTuple,
     attribution_call,
     check_target,
+    draw,
     format_inputs,
     layer_errors,
     normalize_target,
@@ -308,7 +309,8 @@ class LayerRandomCam(_LayerActivationCam):
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
             generator (torch.Generator, optional): source of the weights, on
-                        the input's device; ``None`` uses torch's global one.
+                        any device (the same weights for an input on the CPU
+                        or a GPU); ``None`` uses torch's global one.
 
         Returns:
             Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
@@ -326,7 +328,7 @@ class LayerRandomCam(_LayerActivationCam):
 
     def _weights(self, acts: Tensor, inputs, target, args, generator=None) -> Tensor:
         b, c = acts.shape[:2]
-        u = torch.rand(b, c, generator=generator, device=acts.device, dtype=acts.dtype)
+        u = draw(torch.rand, (b, c), generator, acts)
         return 2 * u - 1
 
 

@@ -17,6 +17,7 @@ from captum_ssl.attr._core import (
     TensorOrTuple,
     attribution_call,
     check_target,
+    draw,
     format_inputs,
     per_sample_targets,
     working_dtype,
@@ -65,7 +66,8 @@ def nmf(
                     m))``; ``None`` draws them with ``generator``.
         max_iter (int, optional): Default: 200
         tol (float, optional): Default: 1e-4
-        generator (torch.Generator, optional): on ``x``'s device.
+        generator (torch.Generator, optional): on any device (the draws are
+                    made there and moved to ``x``'s).
 
     Returns:
         tuple[Tensor, Tensor]: ``W (n, k)``, ``H (k, m)``.
@@ -73,18 +75,8 @@ def nmf(
     n, m = x.shape
     if init is None:
         avg = torch.sqrt(x.mean() / n_components)
-        h = (
-            avg
-            * torch.randn(
-                n_components, m, generator=generator, device=x.device, dtype=x.dtype
-            ).abs()
-        )
-        w = (
-            avg
-            * torch.randn(
-                n, n_components, generator=generator, device=x.device, dtype=x.dtype
-            ).abs()
-        )
+        h = avg * draw(torch.randn, (n_components, m), generator, x).abs()
+        w = avg * draw(torch.randn, (n, n_components), generator, x).abs()
     else:
         w = init[0].to(x.device, x.dtype).clone()
         h = init[1].to(x.device, x.dtype).clone()

@@ -27,6 +27,7 @@ from captum_ssl.attr._core import (
     TensorOrTuple,
     attribution_call,
     chunked_scores,
+    draw,
     format_inputs,
     layer_activations,
     layer_activations_and_gradients,
@@ -260,10 +261,7 @@ class LayerSSCam(_LayerSmoothedScoreCam):
         noise = self._output_noise
         if noise is not None:
             return up + noise[i, b, k].to(up.device, up.dtype).unsqueeze(1)
-        gen = self._generator
-        dev = gen.device if gen is not None else up.device
-        delta = torch.randn(up.shape, generator=gen, device=dev, dtype=up.dtype)
-        return up + self.std * delta.to(up.device)
+        return up + self.std * draw(torch.randn, up.shape, self._generator, up)
 
 
 class LayerSmoothGradCamPlusPlus(LayerGradCam):
@@ -403,10 +401,7 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                 if noise is not None:
                     delta = noise[i].to(x.device, x.dtype).expand_as(x)
                 else:
-                    dev = generator.device if generator is not None else x.device
-                    delta = self.std * torch.randn(
-                        x.shape, generator=generator, device=dev, dtype=x.dtype
-                    ).to(x.device)
+                    delta = self.std * draw(torch.randn, x.shape, generator, x)
                 _, grads = layer_activations_and_gradients(
                     self.forward_func,
                     self.layer,
