@@ -38,7 +38,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
-from captum_ssl._outputs import model_output
+from captum_ssl._outputs import keep_device_ids, model_output
 from captum_ssl._progress import progress_bar
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
@@ -573,26 +573,24 @@ def normalize_target(target: TargetType) -> TargetType:
     if target is None:
         return None
     if isinstance(target, bool):
-        return _raise(refuse(f"{target!r} (a bool)"))
+        raise refuse(f"{target!r} (a bool)")
     if isinstance(target, int):
         return int(target)
     if isinstance(target, float):
-        return _raise(refuse(f"{target!r} (a float)"))
+        raise refuse(f"{target!r} (a float)")
     if isinstance(target, Tensor):
         if (
             target.dtype == torch.bool
             or target.is_floating_point()
             or (target.is_complex())
         ):
-            return _raise(refuse(f"of dtype {target.dtype}"))
+            raise refuse(f"of dtype {target.dtype}")
         if target.dim() == 2 and target.shape[1] == 1:
             target = target[:, 0]
         if target.dim() > 1:
-            return _raise(
-                AttributionAssertionError(
-                    f"target has shape {tuple(target.shape)}: give one class per "
-                    "sample as a 1-D tensor (B,) or (B, 1), or one int."
-                )
+            raise AttributionAssertionError(
+                f"target has shape {tuple(target.shape)}: give one class per "
+                "sample as a 1-D tensor (B,) or (B, 1), or one int."
             )
         return target.long()
     if isinstance(target, tuple):
@@ -603,21 +601,13 @@ def normalize_target(target: TargetType) -> TargetType:
             if isinstance(t, Tensor) and t.numel() == 1:
                 t = normalize_target(t).item()
             elif not isinstance(t, (int, tuple)) or isinstance(t, bool):
-                return _raise(
-                    refuse(f"entry {t!r} ({type(t).__name__}) in the target list")
-                )
+                raise refuse(f"entry {t!r} ({type(t).__name__}) in the target list")
             out.append(normalize_target(t))
         return out
-    return _raise(
-        AttributionAssertionError(
-            f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
-            "a tensor or a list with one entry per sample."
-        )
+    raise AttributionAssertionError(
+        f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
+        "a tensor or a list with one entry per sample."
     )
-
-
-def _raise(err: Exception) -> Any:
-    raise err
 
 
 def check_target_count(target: TargetType, batch: int) -> None:
@@ -736,8 +726,7 @@ def checked_forward(forward_func: Callable, target: TargetType) -> Callable:
         return out
 
     # keep what Captum reads off the forward function (DataParallel)
-    if hasattr(forward_func, "device_ids"):
-        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    keep_device_ids(forward, forward_func)
     return forward
 
 
@@ -767,8 +756,7 @@ def selecting_forward(
             _record_bad_rows(out)
         return select_target(out, target) if select else out
 
-    if hasattr(forward_func, "device_ids"):
-        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    keep_device_ids(forward, forward_func)
     return forward
 
 

@@ -165,9 +165,11 @@ class _Replay:
                 self.pos.get(m, 0) != len(c) for m, c in self.rec.frontier.items()
             ):
                 raise _NotReplayable("the replay does not follow the recording")
+            perturb = self.perturb
+            if perturb is None:  # never: chunk() sets it with b_idx
+                raise _NotReplayable("no perturbation for this chunk")
             self.layer_done = True
-            out = _rows(self.rec.layer_out, self.b_idx, self.batch)
-            return self.perturb(out)  # type: ignore[misc]
+            return perturb(_rows(self.rec.layer_out, self.b_idx, self.batch))
 
         return forward
 
