@@ -49,6 +49,21 @@ def _forward_backward(model: torch.nn.Module, x: torch.Tensor, target: list):
     return run
 
 
+def _training_step(model: torch.nn.Module, x: torch.Tensor, target: list):
+    """Forward + backward as in training: gradients of the input and of
+    every parameter (``loss.backward()``), the usual meaning of "a backward
+    pass"; :func:`_forward_backward` takes the input's gradient only."""
+
+    def run() -> None:
+        xx = x.detach().requires_grad_()
+        logits = model_output(model(xx))
+        out = logits[torch.arange(len(target)), torch.tensor(target)]
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.autograd.grad(out.sum(), [xx, *params])
+
+    return run
+
+
 REPEAT = int(os.environ.get("BENCH_ATTN_REPEAT", "3"))
 
 

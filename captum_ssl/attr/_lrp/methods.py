@@ -128,7 +128,10 @@ class _LRPAttribution(Attribution):
         model = _model_of(self.forward_func)
         adapter = adapter_for(model)
         modules = resolve_layers(self.forward_func, None) if attention else []
-        state = State(mode="grad", need_grad=gradients)
+        # rules that are "input x a modified gradient" run in that form: one
+        # backward pass, autograd's own gradient through every linear operation
+        implicit = rules.implicit and not attention and not gradients
+        state = State(mode="gi" if implicit else "grad", need_grad=gradients)
         res = _Pass()
         patches: List[Tensor] = []
         handle = None
@@ -155,11 +158,10 @@ class _LRPAttribution(Attribution):
                     additional_forward_args,
                 )
                 idx = _target_index(out, target)
-                start = torch.zeros_like(out)
+                one_hot = torch.zeros_like(out)
                 rows = torch.arange(out.shape[0], device=out.device)
-                start[rows, idx] = 1.0
-                if rules.start == "logit":
-                    start = start * out.detach()
+                one_hot[rows, idx] = 1.0
+                start = one_hot * out.detach() if rules.start == "logit" else one_hot
                 attns = _single_calls(store, modules) if attention else []
                 # products over layers accumulate error in bf16 / fp16
                 work = working_dtype(out.dtype)
@@ -170,16 +172,19 @@ class _LRPAttribution(Attribution):
                             out, attns, start, retain_graph=True
                         )
                     ]
-                state.mode = "rel"
                 if to == "patches":
                     wrt: Sequence[Tensor] = patches[:1]
                 elif to == "pixels":
                     wrt = xs[:1]
                 else:
                     wrt = attns
-                res.relevances = [
-                    r.detach().to(work) for r in torch.autograd.grad(out, wrt, start)
-                ]
+                if implicit:  # R = x * g; R starts as the logit: g = one_hot
+                    grads = torch.autograd.grad(out, wrt, one_hot)
+                    rels = [w.detach() * g for w, g in zip(wrt, grads)]
+                else:
+                    state.mode = "rel"
+                    rels = list(torch.autograd.grad(out, wrt, start))
+                res.relevances = [r.detach().to(work) for r in rels]
         finally:
             if handle is not None:
                 handle.remove()
@@ -400,8 +405,9 @@ class AttnLRP(_LRPAttribution):
     Relevance starts as the target logit and is propagated with
     (:class:`~captum_ssl.attr._lrp.rules.AttnLRPRules`):
 
-    * linear / convolution / residual add, epsilon rule:
-      :math:`R_{x_i} = \sum_j x_i w_{ji} R_j / (z_j + \epsilon\,\mathrm{sign}(z_j))`;
+    * linear / convolution / residual add, epsilon rule at
+      :math:`\epsilon \to 0`:
+      :math:`R_{x_i} = \sum_j x_i w_{ji} R_j / z_j` (the bias absorbs its share);
     * LayerNorm: identity on :math:`1/\sigma`, epsilon rule on centring and
       affine; GELU: identity;
     * softmax: :math:`R_{x} = x \odot (R - s \sum_j R_j)`;
@@ -409,6 +415,15 @@ class AttnLRP(_LRPAttribution):
       :math:`R_a = \tfrac12 a \odot (S b^\top)`,
       :math:`R_b = \tfrac12 b \odot (a^\top S)`, :math:`S = R / z`;
       CP-LRP (``cp=True``): ``A`` constant, :math:`R_V = V \odot (A^\top S)`.
+
+    Every rule is the input times a modified gradient, so the relevance is
+    computed in that form, as the authors' LXT does: one backward pass with
+    autograd's own gradient through the linear operations and the softmax,
+    half of it at the two matmuls, :math:`\sigma` held constant in LayerNorm
+    and :math:`g\,y / x` at the activations, then :math:`R_x = x \odot g_x`.
+    The cost is about one forward plus one backward pass.
+    (:class:`~captum_ssl.attr._lrp.rules.AttnLRPRules` also writes each rule
+    out explicitly; the tests check that both forms agree.)
 
     Without biases (and with a zero class token and position embedding) the
     relevance is conserved up to the softmax rule's remainder; see
@@ -442,8 +457,10 @@ class AttnLRP(_LRPAttribution):
             additional_forward_args (Any, optional): extra forward arguments.
             cp (bool, optional): CP-LRP: attention weights as constants.
                         Default: False
-            epsilon (float, optional): stabiliser of the epsilon rule.
-                        Default: 1e-6
+            epsilon (float, optional): stabiliser of the identity rule's
+                        division :math:`y / (x + \epsilon\,\mathrm{sign}(x))`
+                        at the activations, the one division of the
+                        gradient form. Default: 1e-6
             at (str, optional): ``"patches"``: relevance of the patch tokens
                         (after the patch embedding) summed over channels,
                         ``(B, 1, gh, gw)``; ``"pixels"``: relevance of the

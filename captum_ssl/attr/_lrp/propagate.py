@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ssl.attr._core import AttributionInputError
-from captum_ssl.attr._lrp.rules import AttnLRPRules, Rules, State, apply_rule
+from captum_ssl.attr._lrp.rules import (
+    AttnLRPRules,
+    Rules,
+    State,
+    apply_rule,
+    half_gradient,
+)
 
 ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid)
 _MISSING = object()
@@ -128,6 +134,9 @@ class Propagator:
                 lambda rr, y, xx: (self.active_rules.norm(rr, y, xx, m),),
                 lambda xx: type(m).forward(m, xx),
                 x,
+                implicit=lambda g, y, xx: (
+                    self.active_rules.implicit_norm(g, y, xx, m),
+                ),
             )
         if isinstance(m, self._scale):
             return self.scale(x, m.gamma)
@@ -187,7 +196,11 @@ class Propagator:
         def rule(rr, _z, _a, _b):
             return rr / 2, rr / 2
 
-        return apply_rule(self.state, rule, torch.mul, a, b)
+        def implicit(g, _z, aa, bb):  # the rule over the inputs: half gradients
+            g = g / 2
+            return g * bb, g * aa
+
+        return apply_rule(self.state, rule, torch.mul, a, b, implicit=implicit)
 
     def elementwise(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``fn(x)`` for an elementwise activation that is not a module of
@@ -197,6 +210,9 @@ class Propagator:
             lambda rr, y, xx: (self.active_rules.elementwise(rr, y, xx),),
             fn,
             x,
+            implicit=lambda g, y, xx: (
+                self.active_rules.implicit_elementwise(g, y, xx),
+            ),
         )
 
     def linear_map(self, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -270,6 +286,7 @@ class Propagator:
             torch.matmul,
             a,
             b,
+            implicit=half_gradient,
         )
 
     def record(self, m: nn.Module, attn: Tensor) -> None:

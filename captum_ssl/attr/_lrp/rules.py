@@ -34,7 +34,9 @@ class State:
     """Shared by all rule applications of one call."""
 
     mode: str = "rel"  # "rel": relevance backward; "grad": true gradients;
-    # "plain": no rule at all, the operations run as they are (attention capture)
+    # "plain": no rule at all, the operations run as they are (attention capture);
+    # "gi": the rules in gradient x input form (:attr:`Rules.implicit`): the
+    # backward carries R / x, autograd's own gradient wherever the rule equals it
     need_grad: bool = False  # build the true graph (for a "grad" backward)
 
 
@@ -55,10 +57,24 @@ class _Rule(torch.autograd.Function):
 
 
 def apply_rule(
-    state: State, rule: Rule, fn: Callable[..., Tensor], *xs: Tensor
+    state: State,
+    rule: Rule,
+    fn: Callable[..., Tensor],
+    *xs: Tensor,
+    implicit: Optional[Rule] = None,
 ) -> Tensor:
-    """``fn(*xs)`` whose backward is ``rule`` in relevance mode."""
-    if state.mode == "plain":
+    """``fn(*xs)`` whose backward is ``rule`` in relevance mode.
+
+    In gradient x input mode (``state.mode == "gi"``) the backward is
+    ``implicit`` (``(g, y, *xs) -> gradients of xs``, the rule divided by the
+    inputs), or, without one, autograd's own gradient of ``fn``: the rule of a
+    linear operation (linear layer, add, scale, convolution, rotation) is its
+    gradient times its input."""
+    if state.mode == "gi":
+        if implicit is None:
+            return fn(*xs)
+        rule = implicit
+    elif state.mode == "plain":
         return fn(*xs)
     with torch.set_grad_enabled(state.need_grad and torch.is_grad_enabled()):
         y = fn(*xs)
@@ -76,8 +92,8 @@ def chefer_div(a: Tensor, b: Tensor) -> Tensor:
     (the reference implementation's ``safe_divide``: its denominator
     ``b.clamp(min=1e-9) + b.clamp(max=1e-9)`` is ``b + 1e-9``, moved off 0)."""
     den = b + 1e-9
-    den = torch.where(den == 0, 1e-9, den)
-    return torch.where(b != 0, a / den, 0.0)
+    den.masked_fill_(den == 0, 1e-9)
+    return (a / den).masked_fill_(b == 0, 0.0)
 
 
 def eps_div(a: Tensor, b: Tensor, eps: float) -> Tensor:
@@ -85,9 +101,16 @@ def eps_div(a: Tensor, b: Tensor, eps: float) -> Tensor:
     return a / (b + eps * (b >= 0).to(b.dtype) * 2 - eps)
 
 
+def half_gradient(g: Tensor, _z: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The uniform rule of ``z = a @ b`` divided by the inputs: half of each
+    input's gradient (Achtibat et al., 2024, Eq. 7; LXT's ``divide_gradient``)."""
+    g = g / 2
+    return g @ b.transpose(-2, -1), a.transpose(-2, -1) @ g
+
+
 def _matmul_rel(s: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     """``(a * (s @ b^T), b * (a^T @ s))`` for ``z = a @ b`` and ``s = R / z``."""
-    return a * (s @ b.transpose(-2, -1)), b * (a.transpose(-2, -1) @ s)
+    return (s @ b.transpose(-2, -1)).mul_(a), (a.transpose(-2, -1) @ s).mul_(b)
 
 
 class Rules:
@@ -96,6 +119,19 @@ class Rules:
     name = "rules"
     #: where the relevance starts: "one_hot" (1 at the target) or "logit"
     start = "logit"
+    #: whether every rule is "input x a modified gradient" (then the set runs in
+    #: gradient x input form, ``State(mode="gi")``, one backward pass with
+    #: autograd's own gradient for the linear operations; see
+    #: :meth:`implicit_norm`, :meth:`implicit_elementwise`, :meth:`implicit_softmax`)
+    implicit = False
+
+    def implicit_norm(self, g: Tensor, y: Tensor, x: Tensor, module) -> Tensor:
+        """The LayerNorm rule divided by the input (gradient x input form)."""
+        raise NotImplementedError
+
+    def implicit_elementwise(self, g: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """The activation rule divided by the input (gradient x input form)."""
+        raise NotImplementedError
 
     def linear(
         self, r: Tensor, y: Tensor, x: Tensor, weight: Tensor, bias=None
@@ -158,18 +194,27 @@ class CheferRules(Rules):
 
     def linear(self, r, y, x, weight, bias=None):
         # with x = x+ + x-, W = W+ + W-:
-        #   x+ W+ + x- W- = (x W + |x| |W|) / 2   (x W = y - bias, from the forward)
-        #   x+ (s W+) + x- (s W-) = (x (s W) + |x| (s |W|)) / 2
-        # (and with the signs of the |.| terms flipped for x+ W- + x- W+)
-        # so the positive part costs one product forward and two backward
+        #   2 (x+ W+ + x- W-) = x W + |x| |W|   (x W = y - bias, from the forward)
+        #   2 (x+ (s W+) + x- (s W-)) = x (s W) + |x| (s |W|)
+        # (and with the signs of the |.| terms flipped for x+ W- + x- W+), so the
+        # positive part costs one product forward and two backward; with
+        # u = 2 z+, s / 2 = R / (u + 2e-9) (chefer_div of R by z+, as z+ >= 0)
         ax, aw = x.abs(), weight.abs()
-        z = y if bias is None else y - bias
 
         def share(sign: float) -> Tensor:
-            # >= 0 exactly; the clamp removes rounding below 0
-            zp = ((sign * z + F.linear(ax, aw)) / 2).clamp_(min=0)
-            s = chefer_div(r, zp)
-            return (x * (s @ weight) + sign * ax * (s @ aw)) / 2
+            u = F.linear(ax, aw)
+            if sign > 0:
+                u.add_(y)
+            else:
+                u.sub_(y)
+            if bias is not None:
+                u.sub_(bias, alpha=sign)
+            u.clamp_(min=0)  # >= 0 exactly; the clamp removes rounding below 0
+            zero = u == 0
+            half_s = r / u.add_(2e-9)
+            half_s.masked_fill_(zero, 0.0)
+            out = (half_s @ weight).mul_(x)
+            return out.addcmul_(ax, half_s @ aw, value=sign)
 
         out = share(1.0)
         beta = self.alpha - 1
@@ -187,17 +232,16 @@ class CheferRules(Rules):
         return r
 
     def matmul(self, r, z, a, b):
-        ra, rb = _matmul_rel(chefer_div(r, z), a, b)
-        return ra / 2, rb / 2
+        return _matmul_rel(chefer_div(r, z).mul_(0.5), a, b)
 
     def add(self, r, z, a, b):
-        s = chefer_div(r, a + b)
-        ra, rb = a * s, b * s
+        s = chefer_div(r, z)  # z = a + b
+        ra, rb = a * s, s.mul_(b)
         asum, bsum = _per_sample_sum(ra), _per_sample_sum(rb)
         total = _per_sample_sum(r)
         afact = chefer_div(asum.abs(), asum.abs() + bsum.abs()) * total
         bfact = chefer_div(bsum.abs(), asum.abs() + bsum.abs()) * total
-        return ra * chefer_div(afact, asum), rb * chefer_div(bfact, bsum)
+        return ra.mul_(chefer_div(afact, asum)), rb.mul_(chefer_div(bfact, bsum))
 
     def patch_conv(self, r, y, x, conv):
         w = conv.weight
@@ -237,10 +281,30 @@ class AttnLRPRules(Rules):
 
     name = "attnlrp"
     start = "logit"
+    implicit = True
 
     def __init__(self, epsilon: float = 1e-6, cp: bool = False) -> None:
         self.eps = epsilon
         self.cp = cp
+
+    # gradient x input form (the authors' LXT implementation): the rule of every
+    # linear operation and the softmax rule equal autograd's gradient times the
+    # input; the matmuls take half the gradient (:func:`half_gradient`); these
+    # two carry the relevance divided by the input:
+    def implicit_norm(self, g, y, x, module):
+        """Identity on ``1 / sigma``: the gradient with ``sigma`` constant."""
+        d = module.normalized_shape
+        dims = tuple(range(-len(d), 0))
+        sigma = (x.var(dim=dims, unbiased=False, keepdim=True) + module.eps).sqrt()
+        s = g * module.weight if module.weight is not None else g
+        s = s / sigma
+        return s - s.mean(dim=dims, keepdim=True)
+
+    def implicit_elementwise(self, g, y, x):
+        """Identity rule ``R_x = R_y``: ``g_x = g_y y / x`` (``x`` stabilised
+        by ``epsilon`` towards its sign)."""
+        den = x.abs().add_(self.eps).copysign_(x)  # x + eps * sign(x), sign(0) = 1
+        return y.div(den).mul_(g)
 
     def linear(self, r, y, x, weight, bias=None):
         return x * (eps_div(r, y, self.eps) @ weight)
