@@ -24,6 +24,11 @@ from captum_ssl.attr._core import (
 )
 from captum_ssl.attr._layout import TokenLayout, spatial_shape
 
+#: the NMF's default sweep limit and stopping tolerance (``nmf``, ``factorize``
+#: and ``attribute``)
+NMF_MAX_ITER = 200
+NMF_TOL = 1e-4
+
 
 def _cd_sweep(w: Tensor, hht: Tensor, xht: Tensor) -> Tensor:
     """One cyclic coordinate-descent sweep over the columns of ``w`` (in place)
@@ -48,8 +53,8 @@ def nmf(
     x: Tensor,
     n_components: int,
     init: Optional[Tuple[Tensor, Tensor]] = None,
-    max_iter: int = 200,
-    tol: float = 1e-4,
+    max_iter: int = NMF_MAX_ITER,
+    tol: float = NMF_TOL,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
     r"""Non-negative matrix factorisation ``x ~ W H`` by coordinate descent.
@@ -177,8 +182,8 @@ class DeepFeatureFactorization(_LayerActivationCam):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         init: Optional[Tuple[Tensor, Tensor]] = None,
-        max_iter: int = 200,
-        tol: float = 1e-4,
+        max_iter: int = NMF_MAX_ITER,
+        tol: float = NMF_TOL,
         generator: Optional[torch.Generator] = None,
         output: int = 0,
     ) -> Factorization:
@@ -287,7 +292,9 @@ class DeepFeatureFactorization(_LayerActivationCam):
             )
 
             def concept_map(a: Tensor) -> Tensor:
-                fact = self._factorize(a, n_components, None, 200, 1e-4, generator)
+                fact = self._factorize(
+                    a, n_components, None, NMF_MAX_ITER, NMF_TOL, generator
+                )
                 return self._target_concept(fact, target)
 
             cams = self._each_output(acts, concept_map)
