@@ -84,6 +84,18 @@ def model_output(out: Any) -> Any:
     )
 
 
+_MISSING = object()
+
+
+def keep_device_ids(forward: Callable[..., Any], forward_func: Callable) -> None:
+    """Give the wrapper ``forward`` of ``forward_func`` its ``device_ids``
+    (Captum reads them off the forward function: DataParallel), if it has
+    them."""
+    device_ids = getattr(forward_func, "device_ids", _MISSING)
+    if device_ids is not _MISSING:
+        vars(forward)["device_ids"] = device_ids  # a function attribute
+
+
 def tensor_forward(forward_func: Callable) -> Callable:
     """``forward_func`` whose output goes through :func:`model_output` (keeps
     ``device_ids``, which Captum reads off the forward function)."""
@@ -91,8 +103,7 @@ def tensor_forward(forward_func: Callable) -> Callable:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return model_output(forward_func(*args, **kwargs))
 
-    if hasattr(forward_func, "device_ids"):
-        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    keep_device_ids(forward, forward_func)
     return forward
 
 

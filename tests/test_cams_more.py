@@ -371,7 +371,7 @@ def test_dff_parity(where, record):
     ref = torch.from_numpy(np.stack(maps))  # (B, k, H, W), each scaled
 
     dff = A.DeepFeatureFactorization(model, layer)
-    acts = dff._activations((x,), None, False)
+    (acts,) = dff._activations((x,), None, False)
     c = acts.shape[1]
     flat = acts.transpose(0, 1).reshape(c, -1)
     init = _sklearn_init((flat - flat.min(1, keepdim=True).values).numpy(), k)

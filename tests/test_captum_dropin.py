@@ -258,7 +258,7 @@ def _attribute(method, cls: type, **args: Any) -> torch.Tensor:
         options["generator"] = torch.Generator().manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. zero gradients of a random net
-        return method.attribute(**args, **options)
+        return method.attribute(**{**options, **args})
 
 
 #: configs on which every target form is tried (one rule for all methods:
@@ -544,3 +544,259 @@ def test_a_tuple_target_longer_than_the_output_is_an_assertion_error(cls):
     for target in [(1, 0), [(1, 0), (2, 0)]]:
         with pytest.raises(AssertionError, match="one index per output dimension"):
             _attribute(method, cls, inputs=x, target=target)
+
+
+# ------------------------------------------------------- several outputs
+class TwoMaps(nn.Module):
+    """A layer whose forward returns two tensors (two convolution branches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.a(x), self.b(x)
+
+
+class TwoOutputNet(nn.Module):
+    """The two outputs of ``pair`` are used together after it; ``pair.a`` and
+    ``pair.b`` are the model variants that expose one output each (the same
+    model, the layer returning that output alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = TwoMaps()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.pair(x)
+        return self.fc((torch.relu(a) + 0.5 * torch.relu(b) * a).mean(dim=(2, 3)))
+
+
+#: methods whose random draws (Random-CAM's weights, SS-CAM's mask noise,
+#: DFF's NMF start) come from ``generator`` output after output: explained
+#: one output at a time, the same generator is passed on from output 0 to 1
+GENERATOR_CAMS = {A.LayerRandomCam, A.LayerSSCam, A.DeepFeatureFactorization}
+
+
+def _several_outputs_args(cls: type, x: torch.Tensor) -> Dict[str, Any]:
+    kw: Dict[str, Any] = {"inputs": x, "target": [1, 3]}
+    if cls is A.LayerSmoothGradCamPlusPlus:  # one noise for every output
+        kw["noise"] = torch.randn(2, *x.shape, generator=torch.Generator())
+    return kw
+
+
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_a_layer_with_two_outputs_gives_one_map_per_output(cls):
+    """Every layer CAM on a layer returning two tensors returns a tuple of two
+    maps; map ``i`` equals the method on the submodule that returns output
+    ``i`` alone (the other output as the model computes it); no hook is
+    left; ``LayerGradCam`` equals Captum's on the two-output layer."""
+    torch.manual_seed(0)
+    model = TwoOutputNet().eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    cfg = {"fc": "fc"}
+    kw = _several_outputs_args(cls, x)
+    if cls in GENERATOR_CAMS:  # the draws of output 0, then those of output 1
+        kw["generator"] = torch.Generator().manual_seed(0)
+    before = _state(model)
+    both = _attribute(_method(cls, model, model.pair, cfg), cls, **kw)
+    assert _state(model) == before
+    assert isinstance(both, tuple) and len(both) == 2
+    if cls in GENERATOR_CAMS:
+        kw["generator"] = torch.Generator().manual_seed(0)
+    one_by_one = [
+        _attribute(_method(cls, model, model.get_submodule(name), cfg), cls, **kw)
+        for name in ("pair.a", "pair.b")
+    ]
+    for ours, alone in zip(both, one_by_one):
+        assert ours.shape == (2, 1, 6, 6)
+        _close(ours, alone)
+    if cls is A.LayerGradCam:
+        _same(both, CaptumLayerGradCam(model, model.pair).attribute(**kw))
+    assert _state(model) == before
+
+
+# ------------------------------------------------- JIT and DataParallel
+#: Captum's ``JITCompareMode`` (tests/attr/test_jit.py)
+JIT_MODES = [
+    "cpu_jit_trace",
+    "cpu_jit_script",
+    "data_parallel_jit_trace",
+    "data_parallel_jit_script",
+]
+#: Captum's ``DataParallelCompareMode`` (tests/attr/test_data_parallel.py)
+DP_MODES = ["cpu_cuda", "data_parallel_default", "data_parallel_alt_dev_ids"]
+NO_CUDA = "Captum runs this mode on CUDA only (it needs a GPU: no CUDA here)"
+#: the configs the JIT and DataParallel checks run on (a pooled layer, 1-D,
+#: 2-D and 3-D CNNs, a ViT: every layout rule once)
+PARALLEL_ON = ("captum_basic_linear", "conv1d", "conv3d", "project_cnn", "project_vit")
+
+
+def _same_draws(cls: type, x: torch.Tensor) -> Dict[str, Any]:
+    """Options making two calls draw the same random numbers."""
+    if cls is A.LayerSmoothGradCamPlusPlus:
+        return {"noise": torch.randn(2, *x.shape, generator=torch.Generator())}
+    if cls in GENERATOR_CAMS - {A.DeepFeatureFactorization}:
+        return {"generator": torch.Generator().manual_seed(0)}
+    return {}
+
+
+def _on(device: str, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_on(device, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on(device, v) for k, v in value.items()}
+    return value
+
+
+def _jit(model: nn.Module, x: torch.Tensor, mode: str) -> nn.Module:
+    if mode.startswith("data_parallel") and not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
+    if mode.startswith("data_parallel"):
+        model = model.cuda()
+    if mode.endswith("script"):
+        return torch.jit.script(model)
+    return torch.jit.trace(model, (x.to(next(model.parameters()).device),))
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``, also on a ScriptModule (which lacks it)."""
+    for part in name.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def _cam_on(
+    cls: type,
+    forward_func: Any,
+    layer: nn.Module,
+    eager: nn.Module,
+    cfg: Dict[str, Any],
+    device_ids: Optional[List[int]] = None,
+):
+    """``cls`` on ``forward_func`` with ``eager``'s classifier where the class
+    needs one (CAM, DFF), so wrapped and compiled models get the same."""
+    kw: Dict[str, Any] = {**INIT.get(cls, {}), "device_ids": device_ids}
+    if cls is A.LayerClassActivationMap:
+        kw["fc"] = eager.get_submodule(cfg["fc"])
+    if cls is A.DeepFeatureFactorization:
+        kw["classifier"] = eager.get_submodule(cfg["fc"])
+    return cls(forward_func, layer, **kw)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.filterwarnings("ignore:The .grad attribute:UserWarning")  # tracing
+@pytest.mark.parametrize("mode", JIT_MODES)
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_jit(cls, mode):
+    """Captum's ``test_jit.py`` runs only non-layer methods on JIT models
+    (its ``JIT_SUPPORTED`` list: IntegratedGradients, FeatureAblation,
+    Saliency, ...): a layer method reads the layer with a Python hook, and the
+    compiled forward of a traced or scripted model calls its submodules
+    without hooks. So Captum tests no layer method on a JIT model, and the
+    same holds here. What is checked instead, in Captum's modes (the
+    ``data_parallel_jit_*`` modes on CUDA only, as in Captum):
+
+    * a layer inside the compiled model is refused with an ``AssertionError``
+      (Captum's ``LayerGradCam`` raises one too) whose message names the fix,
+      and no hook is left;
+    * with everything after the layer compiled (an eager layer followed by a
+      traced / scripted head, one ``forward_func``), the map equals the eager
+      model's.
+    """
+    cfg = next(c for c in CONFIG if c["name"] == "project_cnn")
+    model = copy.deepcopy(cfg["model"])
+    x = cfg["attribute_args"]["inputs"][:2]
+    jit_model = _jit(copy.deepcopy(model), x, mode)
+    device = next(jit_model.parameters()).device
+    model, x = model.to(device), x.to(device)
+    args = {"inputs": x, "target": [0, 2]}
+    inner = _submodule(jit_model, cfg["layer"])
+    before = _state(jit_model)
+    # Captum: AssertionError (traced: the hook never runs) or RuntimeError
+    # (scripted: the hook is refused); here one error that is both
+    with pytest.raises((AssertionError, RuntimeError)):
+        CaptumLayerGradCam(jit_model, inner).attribute(**args)
+    with pytest.raises(A.CompiledLayerError, match="TorchScript.*eager model") as err:
+        _attribute(_cam_on(cls, jit_model, inner, model, cfg), cls, **args)
+    assert isinstance(err.value, AssertionError) and isinstance(err.value, RuntimeError)
+    assert _state(jit_model) == before
+
+    head = nn.Sequential(model.pool, nn.Flatten(), model.fc)
+    features = model.features(x)
+    mixed = nn.Sequential(model.features, _jit(head, features, mode)).eval()
+    layer = model.get_submodule(cfg["layer"])
+    args.update(_on(device, _same_draws(cls, x)))
+    eager = _attribute(_cam_on(cls, model, layer, model, cfg), cls, **args)
+    args.update(_on(device, _same_draws(cls, x)))
+    compiled = _attribute(_cam_on(cls, mixed, layer, model, cfg), cls, **args)
+    _close(compiled, eager, 1e-4)
+
+
+DP_CASES = [
+    pytest.param(cls, cfg, mode, id=f"{cfg['name']}-{mode}-{cls.__name__}")
+    for cfg in CONFIG
+    if cfg["name"] in PARALLEL_ON
+    for mode in DP_MODES
+    for cls in LAYER_CAMS
+    if _applies(cls, cfg)
+]
+
+
+@pytest.mark.parametrize("cls,cfg,mode", DP_CASES)
+def test_data_parallel(cls, cfg, mode, monkeypatch):
+    """Captum's ``test_data_parallel.py`` modes over the layer CAMs: the same
+    maps on the CPU and on CUDA (``cpu_cuda``), with the model wrapped in
+    ``nn.DataParallel`` (``data_parallel_default``; the layer taken from the
+    wrapped model, as Captum), and with ``forward_func=dp.forward`` and the
+    CAM's ``device_ids`` (``data_parallel_alt_dev_ids``, the device order
+    ``[0, n-1, ..., 1]``). Captum runs all three on CUDA only. Here
+    ``data_parallel_default`` also runs on the CPU, where ``DataParallel``
+    without a GPU calls the wrapped model directly: it checks that every CAM
+    sees through the wrapper (layout, classifier, prefix caching, eval
+    mode). ``cpu_cuda`` and ``data_parallel_alt_dev_ids`` need a GPU
+    (``device_ids`` name CUDA devices) and are skipped without one."""
+    cuda = torch.cuda.is_available()
+    if mode != "data_parallel_default" and not cuda:
+        pytest.skip(NO_CUDA)
+    device = "cuda" if cuda else "cpu"
+    # full float32 convolutions on the GPU too (cuDNN uses TF32 by default;
+    # torch's float32 matrix products do not)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = copy.deepcopy(cfg["model"]).to("cpu" if mode == "cpu_cuda" else device)
+    layer = model.get_submodule(cfg["layer"])
+    if mode == "cpu_cuda":
+        model_2 = copy.deepcopy(model).to(device)
+        method_2 = _cam_on(
+            cls, model_2, model_2.get_submodule(cfg["layer"]), model_2, cfg
+        )
+    elif mode == "data_parallel_default":
+        method_2 = _cam_on(cls, nn.DataParallel(model), layer, model, cfg)
+    else:
+        ids = [0] + list(range(torch.cuda.device_count() - 1, 0, -1))
+        dp = nn.DataParallel(model, device_ids=ids)
+        method_2 = _cam_on(cls, dp.forward, layer, model, cfg, device_ids=ids)
+    method_1 = _cam_on(cls, model, layer, model, cfg)
+    x = cfg["attribute_args"]["inputs"]
+    args_1 = _on(str(next(model.parameters()).device), cfg["attribute_args"])
+    args_2 = _on(device, cfg["attribute_args"])
+    # the same random draws in both calls (CPU generators: device-independent)
+    ours_1 = _attribute(method_1, cls, **args_1, **_on(device, _same_draws(cls, x)))
+    ours_2 = _attribute(method_2, cls, **args_2, **_on(device, _same_draws(cls, x)))
+    assert ours_2.device == args_2["inputs"].device
+    _close(ours_2.cpu(), ours_1.cpu(), 1e-4 if device == "cpu" else 1e-3)
+
+
+@pytest.mark.parametrize("cls", LAYER_CAMS, ids=lambda c: c.__name__)
+def test_constructor_takes_captums_layer_arguments(cls):
+    """``(forward_func, layer, device_ids=None)`` first, as Captum's layer
+    methods (``device_ids`` is what ``data_parallel_alt_dev_ids`` passes)."""
+    import inspect
+
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:4]
+    assert [p.name for p in params] == ["forward_func", "layer", "device_ids"]
+    assert params[2].default is None

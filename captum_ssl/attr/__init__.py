@@ -46,6 +46,7 @@ from captum_ssl.attr._cam.smoothed_cams import (
 from captum_ssl.attr._core import (
     AttributionAssertionError,
     AttributionInputError,
+    CompiledLayerError,
     ConcurrentCallError,
     NonFiniteWarning,
     TrainModeWarning,
@@ -67,6 +68,7 @@ __all__ = [
     "RawAttention",
     "AttributionAssertionError",
     "AttributionInputError",
+    "CompiledLayerError",
     "ConcurrentCallError",
     "LayerAblationCam",
     "LayerClassActivationMap",

@@ -38,7 +38,7 @@ from captum._utils.gradient import (
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
-from captum_ssl._outputs import model_output
+from captum_ssl._outputs import keep_device_ids, model_output
 from captum_ssl._progress import progress_bar
 from captum_ssl.attr._layout import TokenLayout, layout_for, root_module
 
@@ -57,6 +57,25 @@ class AttributionAssertionError(AttributionInputError, AssertionError):
     that never runs. Catchable as :class:`AttributionInputError` (a
     ``ValueError``) and as ``AssertionError``, as code written against Captum
     expects; the message names the fix."""
+
+
+class CompiledLayerError(AttributionAssertionError, RuntimeError):
+    """A layer inside a TorchScript model (``torch.jit.trace`` /
+    ``torch.jit.script``), which no layer method can hook. Catchable as what
+    Captum raises there: ``AssertionError`` (a traced model: the hook never
+    runs) and ``RuntimeError`` (a scripted model refuses the hook)."""
+
+
+def compiled_layer_error(layer: nn.Module) -> CompiledLayerError:
+    """The error for ``layer``, a submodule of a TorchScript model."""
+    name = getattr(layer, "original_name", type(layer).__name__)
+    return CompiledLayerError(
+        f"The layer {name} is part of a TorchScript model (torch.jit.trace or "
+        "torch.jit.script): the compiled forward calls it without Python hooks, "
+        "so no layer method (Captum's included) can read its output. Explain the "
+        "eager model (the module before tracing or scripting, with the same "
+        "weights) instead; a TorchScript part after the layer is fine."
+    )
 
 
 class TrainModeWarning(UserWarning):
@@ -497,7 +516,8 @@ def layer_hint(forward_func: Optional[Callable]) -> str:
 
 
 def check_layer(forward_func: Callable, layer: Any) -> None:
-    """Refuse a layer that is not a module, and a ``torch.compile``d model."""
+    """Refuse a layer that is not a module, a layer inside a TorchScript model,
+    and a ``torch.compile``d model."""
     model = root_module(forward_func)
     if isinstance(layer, str):
         raise AttributionInputError(
@@ -509,6 +529,10 @@ def check_layer(forward_func: Callable, layer: Any) -> None:
             f"layer must be an nn.Module of the model, got {type(layer).__name__}: "
             f"pass e.g. {layer_hint(forward_func)}."
         )
+    if isinstance(model, torch.jit.ScriptModule) and any(
+        m is layer for m in model.modules()
+    ):
+        raise compiled_layer_error(layer)
     check_not_compiled(model)
 
 
@@ -555,26 +579,24 @@ def normalize_target(target: TargetType) -> TargetType:
     if target is None:
         return None
     if isinstance(target, bool):
-        return _raise(refuse(f"{target!r} (a bool)"))
+        raise refuse(f"{target!r} (a bool)")
     if isinstance(target, int):
         return int(target)
     if isinstance(target, float):
-        return _raise(refuse(f"{target!r} (a float)"))
+        raise refuse(f"{target!r} (a float)")
     if isinstance(target, Tensor):
         if (
             target.dtype == torch.bool
             or target.is_floating_point()
             or (target.is_complex())
         ):
-            return _raise(refuse(f"of dtype {target.dtype}"))
+            raise refuse(f"of dtype {target.dtype}")
         if target.dim() == 2 and target.shape[1] == 1:
             target = target[:, 0]
         if target.dim() > 1:
-            return _raise(
-                AttributionAssertionError(
-                    f"target has shape {tuple(target.shape)}: give one class per "
-                    "sample as a 1-D tensor (B,) or (B, 1), or one int."
-                )
+            raise AttributionAssertionError(
+                f"target has shape {tuple(target.shape)}: give one class per "
+                "sample as a 1-D tensor (B,) or (B, 1), or one int."
             )
         return target.long()
     if isinstance(target, tuple):
@@ -585,21 +607,13 @@ def normalize_target(target: TargetType) -> TargetType:
             if isinstance(t, Tensor) and t.numel() == 1:
                 t = normalize_target(t).item()
             elif not isinstance(t, (int, tuple)) or isinstance(t, bool):
-                return _raise(
-                    refuse(f"entry {t!r} ({type(t).__name__}) in the target list")
-                )
+                raise refuse(f"entry {t!r} ({type(t).__name__}) in the target list")
             out.append(normalize_target(t))
         return out
-    return _raise(
-        AttributionAssertionError(
-            f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
-            "a tensor or a list with one entry per sample."
-        )
+    raise AttributionAssertionError(
+        f"Unsupported target type {type(target).__name__}: use an int, a tuple, "
+        "a tensor or a list with one entry per sample."
     )
-
-
-def _raise(err: Exception) -> Any:
-    raise err
 
 
 def check_target_count(target: TargetType, batch: int) -> None:
@@ -718,8 +732,7 @@ def checked_forward(forward_func: Callable, target: TargetType) -> Callable:
         return out
 
     # keep what Captum reads off the forward function (DataParallel)
-    if hasattr(forward_func, "device_ids"):
-        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    keep_device_ids(forward, forward_func)
     return forward
 
 
@@ -749,8 +762,7 @@ def selecting_forward(
             _record_bad_rows(out)
         return select_target(out, target) if select else out
 
-    if hasattr(forward_func, "device_ids"):
-        forward.device_ids = forward_func.device_ids  # type: ignore[attr-defined]
+    keep_device_ids(forward, forward_func)
     return forward
 
 
@@ -791,6 +803,10 @@ def layer_errors(
     try:
         yield
     except AssertionError as err:
+        if "did not obtain any outputs" in str(err) and isinstance(
+            layer, torch.jit.ScriptModule
+        ):
+            raise compiled_layer_error(layer) from err
         if "did not obtain any outputs" in str(err):
             raise AttributionAssertionError(
                 f"The layer {layer.__class__.__name__} never ran in the forward pass. "
@@ -801,6 +817,8 @@ def layer_errors(
         raise
     except RuntimeError as err:
         msg = str(err)
+        if "is not supported on ScriptModules" in msg:
+            raise compiled_layer_error(layer) from err
         if any(
             m in msg
             for m in (
@@ -1007,6 +1025,21 @@ AUTO_CHUNK_INPUT_COPIES = 32
 #: the caches (Score-CAM, EfficientNet-Lite0, 224 px, 2 cores: 1 or 4 inputs
 #: per pass 14-16 s, 16 per pass 25 s), so chunks stay at a few 224 px images.
 AUTO_CHUNK_CPU_BYTES = 64 << 20
+
+
+def draw(
+    sample: Callable[..., Tensor],
+    shape: Sequence[int],
+    generator: Optional[torch.Generator],
+    like: Tensor,
+) -> Tensor:
+    """``sample(shape)`` (``torch.rand`` or ``torch.randn``) in ``like``'s dtype,
+    drawn on ``generator``'s device and moved to ``like``'s: a generator on any
+    device gives the same numbers for an input on the CPU or a GPU. Without a
+    generator, torch's global one of ``like``'s device."""
+    device = generator.device if generator is not None else like.device
+    out = sample(tuple(shape), generator=generator, device=device, dtype=like.dtype)
+    return out.to(like.device)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:

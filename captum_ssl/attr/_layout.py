@@ -220,6 +220,16 @@ class TokenLayout:
 
     # ------------------------------------------------------------------ resolve
     @property
+    def grid_hw(self) -> Tuple[int, int]:
+        """The token grid ``(gh, gw)`` of a resolved token layout."""
+        if self.grid is None:
+            raise ValueError(
+                "This token layout has no grid yet: resolve it on the layer's "
+                "output first (TokenLayout.resolve(shape))."
+            )
+        return self.grid
+
+    @property
     def channels_first(self) -> bool:
         """Whether this (resolved) layout is channels-first ``(B, C, *spatial)``."""
         return self.fmt in CHANNELS_FIRST.values()
@@ -345,7 +355,7 @@ class TokenLayout:
             return t
         if lay.fmt == "NHWC":
             return t.permute(0, 3, 1, 2)
-        gh, gw = lay.grid  # type: ignore[misc]
+        gh, gw = lay.grid_hw
         patches = t[:, lay.num_prefix_tokens :, :]
         return patches.transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)
 

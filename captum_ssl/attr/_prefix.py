@@ -165,9 +165,11 @@ class _Replay:
                 self.pos.get(m, 0) != len(c) for m, c in self.rec.frontier.items()
             ):
                 raise _NotReplayable("the replay does not follow the recording")
+            perturb = self.perturb
+            if perturb is None:  # never: chunk() sets it with b_idx
+                raise _NotReplayable("no perturbation for this chunk")
             self.layer_done = True
-            out = _rows(self.rec.layer_out, self.b_idx, self.batch)
-            return self.perturb(out)  # type: ignore[misc]
+            return perturb(_rows(self.rec.layer_out, self.b_idx, self.batch))
 
         return forward
 
@@ -267,6 +269,19 @@ def _warn_once(forward_func: Callable, layer: nn.Module, why: str) -> None:
         )
 
 
+def on_output(perturb: Perturb, index: int) -> Callable[[Any, Tensor, Tensor], Any]:
+    """``perturb`` applied to output ``index`` of a layer that returns a tuple
+    of tensors (the other outputs unchanged), or to its one output tensor."""
+
+    def apply(out: Any, b_idx: Tensor, j_idx: Tensor) -> Any:
+        if not isinstance(out, tuple):
+            return perturb(out, b_idx, j_idx)
+        changed = perturb(out[index], b_idx, j_idx)
+        return (*out[:index], changed, *out[index + 1 :])
+
+    return apply
+
+
 def layer_output_scores(
     forward_func: Callable,
     layer: nn.Module,
@@ -282,6 +297,7 @@ def layer_output_scores(
     prefix_cache: bool = True,
     output_transform: Optional[Callable[[Tensor], Tensor]] = None,
     recording: Union[_Recording, str, None] = None,
+    output_index: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Target scores with the layer's output perturbed, and without.
 
@@ -293,12 +309,14 @@ def layer_output_scores(
     pass; both give the same scores. ``output_transform`` (e.g. a softmax) is
     applied to the model's output before the target is selected. A
     ``recording`` of :func:`record_layer` for these inputs saves one forward
-    pass.
+    pass. On a layer that returns a tuple of tensors, ``perturb`` is given
+    (and replaces) output ``output_index`` only; the others pass unchanged.
 
     Returns:
         ``(base, scores)``: ``(B,)`` unperturbed and ``(B, n_per_sample)``
         perturbed target scores on the input's device.
     """
+    perturb_output = on_output(perturb, output_index)
     fwd = forward_func
     if output_transform is not None:
 
@@ -333,7 +351,7 @@ def layer_output_scores(
         )
 
     def full_ctx(b: Tensor, j: Tensor):
-        return replace_layer_output(layer, lambda out: perturb(out, b, j))
+        return replace_layer_output(layer, lambda out: perturb_output(out, b, j))
 
     def forward_all() -> Any:
         checked = checked_forward(fwd, target)
@@ -374,7 +392,7 @@ def layer_output_scores(
         )
 
     def cached_ctx(b: Tensor, j: Tensor):
-        return replay.chunk(b.to(device), lambda out: perturb(out, b, j))
+        return replay.chunk(b.to(device), lambda out: perturb_output(out, b, j))
 
     def identity_ctx(b: Tensor, _j: Tensor):
         return replay.chunk(b.to(device), lambda out: out)

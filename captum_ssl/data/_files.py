@@ -16,11 +16,14 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 import torch
 
 from ..models._preprocessing import to_rgb
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class UnreadableImageError(OSError):
@@ -72,7 +75,7 @@ def _libjpeg_complaint(data: bytes) -> Optional[str]:
     return error
 
 
-def open_image(path: Union[str, Path]) -> Any:
+def open_image(path: Union[str, Path]) -> Image.Image:
     """Open an image file fully decoded, in RGB, or raise naming what is wrong.
 
     Raises:

@@ -114,7 +114,7 @@ def direction(spec: Any) -> Callable[[Callable], Callable]:
 
     def wrap(fn: Callable) -> Callable:
         metric = metric_call(fn)
-        metric.higher_is_better = spec  # type: ignore[attr-defined]
+        vars(metric)["higher_is_better"] = spec  # a function attribute
         return metric
 
     return wrap

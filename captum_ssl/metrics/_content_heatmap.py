@@ -94,8 +94,8 @@ def _size(path: Union[str, Path], size: ET.Element, key: str) -> int:
 def _coordinate(what: str, box: ET.Element, key: str) -> float:
     text = box.findtext(key)
     try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        value = math.nan if text is None else float(text)
+    except ValueError:
         value = math.nan
     if not math.isfinite(value):
         raise MetricInputError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import os
 import pickle
@@ -59,9 +60,10 @@ def _safe_globals() -> List[Any]:
     except ImportError:  # pragma: no cover - numpy is a dependency
         return allowed
     try:
-        from numpy._core.multiarray import scalar
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    scalar = multiarray.scalar
     allowed.append(np.dtype)
     # numpy 2 pickles name numpy._core, numpy 1 pickles numpy.core
     allowed.append(scalar)

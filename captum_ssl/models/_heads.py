@@ -12,10 +12,31 @@ and the embedding targets explain the real classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Protocol, Sized, Tuple, cast
 
 import torch
 from torch import Tensor, nn
+
+
+class ViTBackbone(Protocol):
+    """The attributes of a timm ViT backbone (``VisionTransformer``, ``Eva``)
+    that the probes read: a typing view (``nn.Module.__getattr__`` is typed
+    ``Tensor | Module``)."""
+
+    blocks: Sized
+    embed_dim: int
+
+
+def vit_backbone(backbone: nn.Module) -> ViTBackbone:
+    """``backbone`` seen as a timm ViT (the zoo's probes wrap only those)."""
+    return cast(ViTBackbone, backbone)
+
+
+def patch_grid(model: nn.Module) -> Tuple[int, int]:
+    """The patch grid ``(gh, gw)`` of a timm ViT's ``patch_embed``."""
+    embed = model.get_submodule("patch_embed")
+    gh, gw = cast(Tuple[int, int], embed.grid_size)
+    return (gh, gw)
 
 
 @dataclass(frozen=True)
@@ -94,13 +115,13 @@ class TokenLinearProbe(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Linear, probe: TokenProbe):
         super().__init__()
-        depth = len(backbone.blocks)  # type: ignore[arg-type]
+        depth = len(vit_backbone(backbone).blocks)
         if not 1 <= probe.n_last_blocks <= depth:
             raise ValueError(
                 f"the probe reads the last {probe.n_last_blocks} blocks but the "
                 f"backbone has {depth}"
             )
-        want = probe.in_features(backbone.embed_dim)  # type: ignore[arg-type]
+        want = probe.in_features(vit_backbone(backbone).embed_dim)
         if head.in_features != want:
             raise ValueError(
                 f"the linear head takes {head.in_features} features; this probe "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Tuple, cast
+from typing import TYPE_CHECKING, Callable, Tuple, cast
 
 import torch
 from torch import Tensor
@@ -13,8 +13,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
+if TYPE_CHECKING:
+    from PIL import Image
 
-def to_rgb(image: Any) -> Any:
+
+def to_rgb(image: Image.Image) -> Image.Image:
     """A PIL image in 8-bit RGB, converted correctly, or a ``ValueError``.
 
     Grayscale, palette, CMYK and RGBA convert as PIL does; 16-bit grayscale

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checkpoint import CheckpointMismatchError, state_dict_of, strip_prefix
-from ._heads import TokenLinearProbe, TokenProbe
+from ._heads import TokenLinearProbe, TokenProbe, patch_grid, vit_backbone
 from ._preprocessing import INCEPTION_MEAN, INCEPTION_STD, Preprocessing
 
 Converter = Callable[[Mapping[str, Any], nn.Module], Dict[str, Tensor]]
@@ -120,7 +120,7 @@ class ModelEntry:
             backbone = self._build(dict(kwargs, num_classes=0))
             if not head:
                 return backbone
-            width = self.probe.in_features(backbone.embed_dim)  # type: ignore
+            width = self.probe.in_features(vit_backbone(backbone).embed_dim)
             linear = nn.Linear(width, self.num_classes)
             return TokenLinearProbe(backbone, linear, self.probe)
         return self._build(kwargs)
@@ -213,7 +213,7 @@ def _dinov2_filter(state: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tens
     if pos is not None and "cls_token" in state:
         grid = resample_dinov2_pos_embed(
             pos[:, 1:],
-            tuple(model.patch_embed.grid_size),  # type: ignore
+            patch_grid(model),
         )
         if getattr(model, "no_embed_class", False):
             state["cls_token"] = state["cls_token"] + pos[:, :1]

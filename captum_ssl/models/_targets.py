@@ -14,7 +14,7 @@ so every attribution method of this package runs on it unchanged:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, List, Tuple, cast
+from typing import Any, Callable, List, Protocol, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -233,8 +233,13 @@ def _identity(*names: str) -> Callable[[nn.Module], nn.Module]:
     return remove
 
 
+class _Resettable(Protocol):
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+
 def _reset_classifier(model: nn.Module) -> nn.Module:
-    model.reset_classifier(0)  # type: ignore[operator]
+    # a typing view: only models with a ``reset_classifier`` come here (timm's)
+    cast(_Resettable, model).reset_classifier(0)
     return model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sized, Union
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +110,7 @@ def train(
         n = 0
         batches: Iterable = loader
         if progress:
-            total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore
+            total = len(loader) if isinstance(loader, Sized) else None
             batches = progress_bar(loader, f"epoch {epoch + 1}/{epochs}", total)
         for batch in batches:
             images, labels = _split(batch)

@@ -70,6 +70,18 @@ def attention_kind(module: nn.Module) -> Optional[str]:
     return None if impl is None else impl.kind
 
 
+def checked_attention_kind(module: nn.Module) -> str:
+    """:func:`attention_kind` of a module selected as an attention layer (the
+    selection refuses unsupported ones, so this is never ``None`` there)."""
+    kind = attention_kind(module)
+    if kind is None:
+        raise AttributionInputError(
+            f"{type(module).__name__} is not an attention layer this library "
+            "reads: select the model's attention modules (leave layers=None)."
+        )
+    return kind
+
+
 def attention_modules(model: nn.Module) -> List[nn.Module]:
     """All supported attention modules of ``model`` in execution order,
     XCiT's channel-attention (XCA) modules included."""
@@ -232,6 +244,13 @@ class Captured:
     layout: TokenLayout  # resolved for the attention's N tokens
     bad_rows: Optional[Tensor] = None  # (B,) samples whose model output is not finite
 
+    @property
+    def grads(self) -> List[Tensor]:
+        """:attr:`gradients` of a capture made with gradients."""
+        if self.gradients is None:
+            raise AssertionError("captured without gradients: with_gradients=True")
+        return self.gradients
+
 
 def attention_forward(
     forward_func: Callable,
@@ -296,7 +315,7 @@ def attention_forward(
                 )
             attns = _single_calls(store, modules)
             grads = None
-    kinds = [attention_kind(m) for m in modules]
+    kinds = [checked_attention_kind(m) for m in modules]
     n = attns[0].shape[-1]
     for a in attns:
         if a.shape[-1] != n:
@@ -311,7 +330,7 @@ def attention_forward(
     return Captured(
         [a.detach().to(work) for a in attns],
         None if grads is None else [g.detach().to(work) for g in grads],
-        kinds,  # type: ignore[arg-type]
+        kinds,
         lay,
         record[0] if record else None,
     )

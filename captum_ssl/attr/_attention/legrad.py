@@ -133,7 +133,9 @@ class LeGrad(_AttentionAttribution):
                 "no token map."
             )
         model = root_module(self.forward_func)
-        blocks = [_parent(model, m) for m in modules]  # type: ignore[arg-type]
+        if model is None:  # never: the attention modules were found on it
+            raise AttributionInputError("LeGrad needs forward_func to be the model.")
+        blocks = [_parent(model, m) for m in modules]
         outputs: List[List[Tensor]] = [[] for _ in blocks]
         handles = []
         grads = []

@@ -95,7 +95,7 @@ def _query_index(query: Query, forward_func: Callable, cap: Captured) -> int:
 
 def _to_map(row: Tensor, layout: TokenLayout) -> Tensor:
     """Query row ``(B, N)`` -> ``(B, 1, gh, gw)`` map of the patch columns."""
-    gh, gw = layout.grid  # type: ignore[misc]
+    gh, gw = layout.grid_hw
     k = layout.num_prefix_tokens or 0
     return row[:, k:].reshape(row.shape[0], 1, gh, gw)
 
@@ -476,7 +476,7 @@ class GradientAttentionRollout(_AttentionAttribution):
         q = _query_index(query, self.forward_func, cap)
         spare = "protect" if discard == "protect" else "none"
         mats = []
-        for attn, grad, kind in zip(cap.attentions, cap.gradients, cap.kinds):  # type: ignore[arg-type]
+        for attn, grad, kind in zip(cap.attentions, cap.grads, cap.kinds):
             if fusion_before_clamp:
                 fused = fuse_heads(attn * grad, head_fusion).clamp(min=0)
             else:
@@ -533,7 +533,7 @@ class GenericAttention(_AttentionAttribution):
         b, _, _, n = cap.attentions[0].shape
         ref = cap.attentions[0]
         rel = torch.eye(n, dtype=ref.dtype, device=ref.device).repeat(b, 1, 1)
-        for attn, grad, kind in zip(cap.attentions, cap.gradients, cap.kinds):  # type: ignore[arg-type]
+        for attn, grad, kind in zip(cap.attentions, cap.grads, cap.kinds):
             cam = embed((grad * attn).clamp(min=0).mean(dim=1), kind, "zeros")
             rel = rel + cam @ rel
         return self._done(_to_map(rel[:, q, :], cap.layout), cap)

@@ -89,7 +89,7 @@ class LayerEigenCam(_LayerActivationCam):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -101,16 +101,22 @@ class LayerEigenCam(_LayerActivationCam):
             relu_attributions (bool, optional): ReLU the map. Default: False
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
-        inputs = format_inputs(inputs, False, self.forward_func)
+        formatted = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
             acts = self._activations(
-                inputs, additional_forward_args, attribute_to_layer_input, target
+                formatted, additional_forward_args, attribute_to_layer_input, target
             )
-            require_positions(acts, "LayerEigenCam")
-            cam = first_principal_projection(acts, acts.mean(dim=1, keepdim=True))
-            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+
+            def eigen_cam(a: Tensor) -> Tensor:
+                require_positions(a, "LayerEigenCam")
+                return first_principal_projection(a, a.mean(dim=1, keepdim=True))
+
+            cams = self._each_output(acts, eigen_cam)
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
 
 
 class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
@@ -134,7 +140,7 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
         relu_attributions: bool = False,
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -158,7 +164,9 @@ class _LayerPerturbationCam(_LayerActivationCam, PerturbationAttribution):
                         CPU. Default: False
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
         if attribute_to_layer_input and not self.supports_layer_input:
             raise ValueError(
@@ -223,7 +231,7 @@ class LayerScoreCam(_LayerPerturbationCam):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         max_channels: Optional[int] = None,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs, target, additional_forward_args, attribute_to_layer_input,
@@ -235,7 +243,9 @@ class LayerScoreCam(_LayerPerturbationCam):
                         channel (the paper). Default: None
 
         Returns:
-            Tensor: ``(B, 1, h, w)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
         if max_channels is not None and (
             isinstance(max_channels, bool)
@@ -427,7 +437,7 @@ class LayerClassActivationMap(_LayerActivationCam):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -437,7 +447,9 @@ class LayerClassActivationMap(_LayerActivationCam):
             relu_attributions (bool, optional): ReLU the map. Default: False
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
         return self._attribute(
             inputs,
@@ -485,6 +497,8 @@ class LayerClassActivationMap(_LayerActivationCam):
 
 def _find_classifier(forward_func: Callable) -> nn.Linear:
     model = root_module(forward_func)
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # the classifier is the wrapped model's
     candidates = []
     if model is not None:
         get_classifier = getattr(model, "get_classifier", None)

@@ -244,8 +244,11 @@ class _LayerActivationCam(LayerAttribution):
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
         target: TargetType = None,
-    ) -> Tensor:
-        acts = layer_activations(
+    ) -> Tuple[Tensor, ...]:
+        """The layer's activations as grids ``(B, C, *spatial)``: one per
+        output tensor of the layer (one per input tensor with
+        ``attribute_to_layer_input``)."""
+        return layer_activations(
             self.forward_func,
             self.layer,
             inputs,
@@ -255,14 +258,28 @@ class _LayerActivationCam(LayerAttribution):
             device_ids=self.device_ids,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-        if len(acts) != 1:
-            raise AttributionInputError(
-                f"{type(self).__name__} explains a layer with one output tensor; "
-                f"this layer returns {len(acts)}. Choose a submodule that returns "
-                "a single tensor, or a gradient CAM (LayerGradCam and its "
-                "subclasses return one map per output, as Captum)."
-            )
-        return acts[0]
+
+    #: the output of the layer being explained: set by :meth:`_each_output`
+    #: for the methods that perturb the layer's output (the others do not
+    #: read it)
+    _output_index = 0
+
+    def _each_output(
+        self, acts: Tuple[Tensor, ...], method: Callable[[Tensor], Tensor]
+    ) -> Tuple[Tensor, ...]:
+        """``method`` applied to each of the layer's outputs in turn: the map of
+        output ``i`` is what the method gives on a layer that returns output
+        ``i`` alone, the other outputs left as the model computes them (as
+        Captum's ``LayerGradCam`` treats a layer with several outputs). The
+        one place where every activation CAM handles several outputs."""
+        maps = []
+        try:
+            for i, a in enumerate(acts):
+                self._output_index = i
+                maps.append(method(a))
+        finally:
+            self._output_index = 0
+        return tuple(maps)
 
     def _weights(self, *args: Any, **kwargs: Any) -> Tensor:
         """Channel weights ``(B, C)`` from ``(acts, inputs, target,
@@ -277,18 +294,22 @@ class _LayerActivationCam(LayerAttribution):
         attribute_to_layer_input: bool,
         relu_attributions: bool,
         **kwargs: Any,
-    ) -> Tensor:
-        inputs = format_inputs(inputs, False, self.forward_func)
+    ) -> TensorOrTuple:
+        formatted = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
             acts = self._activations(
-                inputs, additional_forward_args, attribute_to_layer_input, target
+                formatted, additional_forward_args, attribute_to_layer_input, target
             )
-            weights = self._weights(
-                acts, inputs, target, additional_forward_args, **kwargs
-            )
-            shape = (*weights.shape[:2], *[1] * (acts.dim() - 2))
-            cam = (weights.reshape(shape) * acts).sum(dim=1, keepdim=True)
-            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+
+            def weighted_sum(a: Tensor) -> Tensor:
+                weights = self._weights(
+                    a, formatted, target, additional_forward_args, **kwargs
+                )
+                shape = (*weights.shape[:2], *[1] * (a.dim() - 2))
+                return (weights.reshape(shape) * a).sum(dim=1, keepdim=True)
+
+            cams = self._each_output(acts, weighted_sum)
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
 
 
 def _working_layer(forward_func: Callable, layer: nn.Module) -> str:

@@ -44,6 +44,7 @@ from captum_ssl.attr._core import (
     TensorOrTuple,
     attribution_call,
     check_target,
+    draw,
     format_inputs,
     layer_errors,
     normalize_target,
@@ -97,7 +98,7 @@ class LayerFEM(_LayerActivationCam):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
         k: float = 2.0,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -111,7 +112,9 @@ class LayerFEM(_LayerActivationCam):
                         the mean. Default: 2.0
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
         return self._attribute(
             inputs,
@@ -198,7 +201,7 @@ class LayerKPCACam(_LayerActivationCam):
         gamma: Optional[float] = None,
         degree: int = 3,
         coef0: float = 1.0,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -216,39 +219,50 @@ class LayerKPCACam(_LayerActivationCam):
                         Default: 1.0
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
         if kernel not in KERNELS:
             raise AttributionInputError(f"kernel={kernel!r}: use one of {KERNELS}.")
-        inputs = format_inputs(inputs, False, self.forward_func)
+        formatted = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
             acts = self._activations(
-                inputs, additional_forward_args, attribute_to_layer_input, target
+                formatted, additional_forward_args, attribute_to_layer_input, target
             )
-            require_positions(acts, "LayerKPCACam")
-            b, c = acts.shape[:2]
-            spatial = spatial_shape(acts)
-            n = math.prod(spatial)
-            x = acts.reshape(b, c, n).transpose(1, 2).double()
-            bad = ~torch.isfinite(x).flatten(1).all(1)  # solved apart, then NaN
-            x = x.masked_fill(bad.view(b, 1, 1), 0.0)
-            x = x - x.mean(dim=1, keepdim=True)
-            k = _kernel_matrix(x, kernel, gamma, degree, coef0)
-            k = (
-                k
-                - k.mean(dim=1, keepdim=True)
-                - k.mean(dim=2, keepdim=True)
-                + k.mean(dim=(1, 2), keepdim=True)
+            cams = self._each_output(
+                acts, lambda a: _kpca_map(a, kernel, gamma, degree, coef0)
             )
-            evals, evecs = torch.linalg.eigh(k)
-            proj = evecs[..., -1] * evals[:, -1:].clamp(min=0).sqrt()  # (B, N)
-            ref = acts.mean(dim=1).reshape(b, n).double()
-            ref = ref - ref.mean(dim=1, keepdim=True)
-            sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
-            sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-            cam = (proj * sign).masked_fill(bad.view(b, 1), float("nan"))
-            cam = cam.reshape(b, 1, *spatial).to(acts.dtype)
-            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
+
+
+def _kpca_map(
+    acts: Tensor, kernel: str, gamma: Optional[float], degree: int, coef0: float
+) -> Tensor:
+    """KPCA-CAM's map ``(B, 1, *spatial)`` of activations ``(B, C, *spatial)``."""
+    require_positions(acts, "LayerKPCACam")
+    b, c = acts.shape[:2]
+    spatial = spatial_shape(acts)
+    n = math.prod(spatial)
+    x = acts.reshape(b, c, n).transpose(1, 2).double()
+    bad = ~torch.isfinite(x).flatten(1).all(1)  # solved apart, then NaN
+    x = x.masked_fill(bad.view(b, 1, 1), 0.0)
+    x = x - x.mean(dim=1, keepdim=True)
+    k = _kernel_matrix(x, kernel, gamma, degree, coef0)
+    k = (
+        k
+        - k.mean(dim=1, keepdim=True)
+        - k.mean(dim=2, keepdim=True)
+        + k.mean(dim=(1, 2), keepdim=True)
+    )
+    evals, evecs = torch.linalg.eigh(k)
+    proj = evecs[..., -1] * evals[:, -1:].clamp(min=0).sqrt()  # (B, N)
+    ref = acts.mean(dim=1).reshape(b, n).double()
+    ref = ref - ref.mean(dim=1, keepdim=True)
+    sign = torch.sign((proj * ref).sum(dim=1, keepdim=True))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    cam = (proj * sign).masked_fill(bad.view(b, 1), float("nan"))
+    return cam.reshape(b, 1, *spatial).to(acts.dtype)
 
 
 # ----------------------------------------------------------------- Random-CAM
@@ -285,7 +299,7 @@ class LayerRandomCam(_LayerActivationCam):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
         generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -295,10 +309,13 @@ class LayerRandomCam(_LayerActivationCam):
             attribute_to_layer_input (bool, optional): use the layer's input.
             relu_attributions (bool, optional): ReLU the map. Default: False
             generator (torch.Generator, optional): source of the weights, on
-                        the input's device; ``None`` uses torch's global one.
+                        any device (the same weights for an input on the CPU
+                        or a GPU); ``None`` uses torch's global one.
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple of maps for a layer with several outputs
+            (one per output).
         """
         return self._attribute(
             inputs,
@@ -311,7 +328,7 @@ class LayerRandomCam(_LayerActivationCam):
 
     def _weights(self, acts: Tensor, inputs, target, args, generator=None) -> Tensor:
         b, c = acts.shape[:2]
-        u = torch.rand(b, c, generator=generator, device=acts.device, dtype=acts.dtype)
+        u = draw(torch.rand, (b, c), generator, acts)
         return 2 * u - 1
 
 
@@ -319,35 +336,44 @@ class LayerRandomCam(_LayerActivationCam):
 def _layer_leaf(
     layer: nn.Module,
     attribute_to_layer_input: bool,
-    store: List[Tensor],
+    store: List[Tuple[Tensor, ...]],
     keep_graph: bool = False,
 ) -> RemovableHandle:
-    """A hook that makes the layer's output (or input) a fresh leaf requiring
-    grad, so derivatives of any order with respect to it can be taken. With
-    ``keep_graph`` an output that is already in the autograd graph is kept
+    """A hook that makes each tensor of the layer's output (or of its
+    positional inputs) a fresh leaf requiring grad, so derivatives of any order
+    with respect to it can be taken; ``store`` gets the leaves of each call.
+    With ``keep_graph`` a tensor that is already in the autograd graph is kept
     (derivatives with respect to it still work, and the graph to the
     parameters before the layer stays)."""
 
-    def leaf(t: Tensor) -> Tensor:
-        out = t if keep_graph and t.requires_grad else t.detach().requires_grad_()
-        store.append(out)
-        return out.clone()  # later in-place ops (ReLU(inplace)) hit the clone
+    def leaves(values: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        made, passed = [], []
+        for v in values:
+            if not isinstance(v, Tensor):
+                passed.append(v)
+                continue
+            out = v if keep_graph and v.requires_grad else v.detach().requires_grad_()
+            made.append(out)
+            passed.append(out.clone())  # later in-place ops (ReLU(inplace)) hit it
+        store.append(tuple(made))
+        return tuple(passed)
 
     if attribute_to_layer_input:
 
         def pre_hook(_m: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
-            return (leaf(args[0]),) + tuple(args[1:])
+            return leaves(args)
 
         return layer.register_forward_pre_hook(pre_hook)
 
     def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
-        if not isinstance(out, Tensor):
+        several = isinstance(out, tuple) and all(isinstance(t, Tensor) for t in out)
+        if not (isinstance(out, Tensor) or several):
             raise AttributionInputError(
                 f"The layer {layer.__class__.__name__} returns "
-                f"{type(out).__name__}, not one tensor: choose a submodule that "
-                "returns a single tensor."
+                f"{type(out).__name__}, not a tensor or a tuple of tensors: choose "
+                "a submodule that returns tensors."
             )
-        return leaf(out)
+        return leaves(out) if several else leaves((out,))[0]
 
     return layer.register_forward_hook(hook)
 
@@ -413,7 +439,7 @@ class LayerShapleyCam(LayerGradCam):
         attr_dim_summation: bool = True,
         grad_kwargs: Optional[Dict[str, Any]] = None,
         create_graph: bool = False,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch ``(B, ...)``.
@@ -439,12 +465,14 @@ class LayerShapleyCam(LayerGradCam):
                         :meth:`LayerGradCam.attribute`. Default: False
 
         Returns:
-            Tensor: maps ``(B, 1, *spatial)`` (``(B, 1, h, w)`` on image and
-            token layers) on the input's device, not normalised.
+            Tensor or tuple[Tensor, ...]: maps ``(B, 1, *spatial)``
+            (``(B, 1, h, w)`` on image and token layers) on the input's
+            device, not normalised; a tuple for a layer with several outputs
+            (one map per output, as :meth:`LayerGradCam.attribute`).
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         with attribution_call(self.forward_func, keep_mode=create_graph) as record:
-            cam = self._shapley_cam(
+            cams = self._shapley_cam(
                 inputs,
                 target,
                 additional_forward_args,
@@ -453,8 +481,8 @@ class LayerShapleyCam(LayerGradCam):
                 create_graph,
             )
             if attr_dim_summation:
-                cam = cam.sum(dim=1, keepdim=True)
-            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+                cams = tuple(c.sum(dim=1, keepdim=True) for c in cams)
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
 
     def _shapley_cam(
         self,
@@ -464,8 +492,9 @@ class LayerShapleyCam(LayerGradCam):
         attribute_to_layer_input: bool,
         grad_kwargs: Optional[Dict[str, Any]] = None,
         create_graph: bool = False,
-    ) -> Tensor:
-        """The weighted activations ``w_k A^k`` ``(B, C, *spatial)``."""
+    ) -> Tuple[Tensor, ...]:
+        """The weighted activations ``w_k A^k`` ``(B, C, *spatial)``, one per
+        output of the layer (per input with ``attribute_to_layer_input``)."""
         layout = resolve_layout(
             self.forward_func,
             self.layer,
@@ -473,7 +502,7 @@ class LayerShapleyCam(LayerGradCam):
             self.layout,
             attribute_to_layer_input,
         )
-        store: List[Tensor] = []
+        store: List[Tuple[Tensor, ...]] = []
         handle = _layer_leaf(self.layer, attribute_to_layer_input, store, create_graph)
         frozen = (
             contextlib.nullcontext()
@@ -501,25 +530,33 @@ class LayerShapleyCam(LayerGradCam):
                 "in one forward pass; LayerShapleyCam needs a layer that runs "
                 "exactly once (the model's own instance, not a shared module)."
             )
-        act = store[0]
+        acts = store[0]
         kwargs = {**(grad_kwargs or {}), "create_graph": True}
         with layer_errors(self.layer, self.forward_func), torch.enable_grad():
-            (grad,) = torch.autograd.grad(out.sum(), act, **kwargs)
-            if grad.requires_grad:
-                (hvp,) = torch.autograd.grad(
-                    grad,
-                    act,
-                    grad_outputs=act.detach(),
+            grads = torch.autograd.grad(out.sum(), acts, **kwargs)
+            # output i: the Hessian block of output i with itself, times A_i
+            # (the other outputs held as the model computes them)
+            hvps = [
+                torch.autograd.grad(
+                    g,
+                    a,
+                    grad_outputs=a.detach(),
                     allow_unused=True,
+                    retain_graph=True,
                     create_graph=create_graph,
-                )
-            else:
-                hvp = None
-        hvp = torch.zeros_like(grad) if hvp is None else hvp
-        if not create_graph:
-            act, grad, hvp = act.detach(), grad.detach(), hvp.detach()
-        a, g, h = (layout.to_grid(t) for t in (act, grad, hvp))
-        return spatial_reduce(g - 0.5 * h, "mean") * a
+                )[0]
+                if g.requires_grad
+                else None
+                for a, g in zip(acts, grads)
+            ]
+        maps = []
+        for act, grad, hvp in zip(acts, grads, hvps):
+            hvp = torch.zeros_like(grad) if hvp is None else hvp
+            if not create_graph:
+                act, grad, hvp = act.detach(), grad.detach(), hvp.detach()
+            a, g, h = (layout.to_grid(t) for t in (act, grad, hvp))
+            maps.append(spatial_reduce(g - 0.5 * h, "mean") * a)
+        return tuple(maps)
 
 
 # ------------------------------------------------------------------- Finer-CAM

@@ -17,11 +17,17 @@ from captum_ssl.attr._core import (
     TensorOrTuple,
     attribution_call,
     check_target,
+    draw,
     format_inputs,
     per_sample_targets,
     working_dtype,
 )
 from captum_ssl.attr._layout import TokenLayout, spatial_shape
+
+#: the NMF's default sweep limit and stopping tolerance (``nmf``, ``factorize``
+#: and ``attribute``)
+NMF_MAX_ITER = 200
+NMF_TOL = 1e-4
 
 
 def _cd_sweep(w: Tensor, hht: Tensor, xht: Tensor) -> Tensor:
@@ -47,8 +53,8 @@ def nmf(
     x: Tensor,
     n_components: int,
     init: Optional[Tuple[Tensor, Tensor]] = None,
-    max_iter: int = 200,
-    tol: float = 1e-4,
+    max_iter: int = NMF_MAX_ITER,
+    tol: float = NMF_TOL,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor]:
     r"""Non-negative matrix factorisation ``x ~ W H`` by coordinate descent.
@@ -65,7 +71,8 @@ def nmf(
                     m))``; ``None`` draws them with ``generator``.
         max_iter (int, optional): Default: 200
         tol (float, optional): Default: 1e-4
-        generator (torch.Generator, optional): on ``x``'s device.
+        generator (torch.Generator, optional): on any device (the draws are
+                    made there and moved to ``x``'s).
 
     Returns:
         tuple[Tensor, Tensor]: ``W (n, k)``, ``H (k, m)``.
@@ -73,18 +80,8 @@ def nmf(
     n, m = x.shape
     if init is None:
         avg = torch.sqrt(x.mean() / n_components)
-        h = (
-            avg
-            * torch.randn(
-                n_components, m, generator=generator, device=x.device, dtype=x.dtype
-            ).abs()
-        )
-        w = (
-            avg
-            * torch.randn(
-                n, n_components, generator=generator, device=x.device, dtype=x.dtype
-            ).abs()
-        )
+        h = avg * draw(torch.randn, (n_components, m), generator, x).abs()
+        w = avg * draw(torch.randn, (n, n_components), generator, x).abs()
     else:
         w = init[0].to(x.device, x.dtype).clone()
         h = init[1].to(x.device, x.dtype).clone()
@@ -185,9 +182,10 @@ class DeepFeatureFactorization(_LayerActivationCam):
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
         init: Optional[Tuple[Tensor, Tensor]] = None,
-        max_iter: int = 200,
-        tol: float = 1e-4,
+        max_iter: int = NMF_MAX_ITER,
+        tol: float = NMF_TOL,
         generator: Optional[torch.Generator] = None,
+        output: int = 0,
     ) -> Factorization:
         r"""Concepts of the batch, their maps and class scores.
 
@@ -203,6 +201,9 @@ class DeepFeatureFactorization(_LayerActivationCam):
             tol (float, optional): NMF stopping rule, relative to the first
                         sweep's projected gradient. Default: 1e-4
             generator (torch.Generator, optional): for the random start.
+            output (int, optional): which output of a layer with several
+                        (input, with ``attribute_to_layer_input``) to
+                        factorise. Default: 0
 
         Returns:
             Factorization: ``concepts (C, k)``, ``maps (B, k, h, w)``,
@@ -210,10 +211,29 @@ class DeepFeatureFactorization(_LayerActivationCam):
         """
         if n_components < 1:
             raise AttributionInputError("n_components must be >= 1.")
-        inputs = format_inputs(inputs, False, self.forward_func)
+        formatted = format_inputs(inputs, False, self.forward_func)
         acts = self._activations(
-            inputs, additional_forward_args, attribute_to_layer_input
+            formatted, additional_forward_args, attribute_to_layer_input
         )
+        if not -len(acts) <= output < len(acts):
+            raise AttributionInputError(
+                f"output={output}: the layer has {len(acts)} output tensor(s); "
+                f"use an index in [0, {len(acts) - 1}]."
+            )
+        return self._factorize(
+            acts[output], n_components, init, max_iter, tol, generator
+        )
+
+    def _factorize(
+        self,
+        acts: Tensor,
+        n_components: int,
+        init: Optional[Tuple[Tensor, Tensor]],
+        max_iter: int,
+        tol: float,
+        generator: Optional[torch.Generator],
+    ) -> Factorization:
+        """:meth:`factorize` of one output's activations ``(B, C, *spatial)``."""
         b, c = acts.shape[:2]
         spatial = spatial_shape(acts)
         # NMF's alternating updates drift in bfloat16 / float16
@@ -241,7 +261,7 @@ class DeepFeatureFactorization(_LayerActivationCam):
         relu_attributions: bool = False,
         n_components: int = 16,
         generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -253,38 +273,51 @@ class DeepFeatureFactorization(_LayerActivationCam):
             generator (torch.Generator, optional): for the NMF's random start.
 
         Returns:
-            Tensor: ``(B, 1, h, w)``: per sample, the map of the concept whose
-            class scores give the target the highest probability.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)``: per sample,
+            the map of the concept whose class scores give the target the
+            highest probability; a tuple for a layer with several outputs
+            (each output factorised on its own, one map per output).
         """
         if target is None:
             raise AttributionInputError(
                 "DeepFeatureFactorization.attribute needs target=<class index> "
                 "(one, or one per sample); factorize() returns all concepts."
             )
+        if n_components < 1:
+            raise AttributionInputError("n_components must be >= 1.")
+        formatted = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
-            fact = self.factorize(
-                inputs,
-                n_components,
-                additional_forward_args,
-                attribute_to_layer_input,
-                generator=generator,
+            acts = self._activations(
+                formatted, additional_forward_args, attribute_to_layer_input
             )
-            if fact.scores is None:
-                raise AttributionInputError(
-                    "No classifier matches the layer's channels: pass classifier=<a "
-                    "callable (k, C) -> (k, num_classes)> to label the concepts."
+
+            def concept_map(a: Tensor) -> Tensor:
+                fact = self._factorize(
+                    a, n_components, None, NMF_MAX_ITER, NMF_TOL, generator
                 )
-            batch = fact.maps.shape[0]
-            # the target indexes the classifier's classes (checked as Captum)
-            check_target(fact.scores.new_empty(batch, fact.scores.shape[1]), target)
-            classes = torch.as_tensor(
-                [
-                    int(t[0] if isinstance(t, tuple) else t)
-                    for t in per_sample_targets(target, batch)
-                ],
-                device=fact.scores.device,
+                return self._target_concept(fact, target)
+
+            cams = self._each_output(acts, concept_map)
+            return _finish(cams, relu_attributions, len(cams) > 1, record)
+
+    def _target_concept(self, fact: Factorization, target: TargetType) -> Tensor:
+        """Per sample, the map ``(B, 1, *spatial)`` of the concept whose class
+        scores give ``target`` the highest probability."""
+        if fact.scores is None:
+            raise AttributionInputError(
+                "No classifier matches the layer's channels: pass classifier=<a "
+                "callable (k, C) -> (k, num_classes)> to label the concepts."
             )
-            prob = torch.softmax(fact.scores, dim=1)  # (k, classes)
-            best = prob[:, classes].argmax(dim=0).to(fact.maps.device)  # (B,)
-            cam = fact.maps[torch.arange(batch, device=best.device), best][:, None]
-            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+        batch = fact.maps.shape[0]
+        # the target indexes the classifier's classes (checked as Captum)
+        check_target(fact.scores.new_empty(batch, fact.scores.shape[1]), target)
+        classes = torch.as_tensor(
+            [
+                int(t[0] if isinstance(t, tuple) else t)
+                for t in per_sample_targets(target, batch)
+            ],
+            device=fact.scores.device,
+        )
+        prob = torch.softmax(fact.scores, dim=1)  # (k, classes)
+        best = prob[:, classes].argmax(dim=0).to(fact.maps.device)  # (B,)
+        return fact.maps[torch.arange(batch, device=best.device), best][:, None]

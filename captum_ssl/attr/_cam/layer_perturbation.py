@@ -1,28 +1,39 @@
-"""Mixin of the CAMs that perturb a layer's output (Ablation-CAM,
+"""Base of the CAMs that perturb a layer's output (Ablation-CAM,
 Recipro-CAM): prefix caching, with the recording pass also giving the
-activations."""
+activations, and one output of a layer with several perturbed at a time."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 from captum._utils.typing import TargetType
 from torch import Tensor
 
+from captum_ssl.attr._cam.base import _LayerActivationCam
 from captum_ssl.attr._core import resolve_layout
-from captum_ssl.attr._prefix import Perturb, layer_output_scores, record_layer
+from captum_ssl.attr._prefix import (
+    Perturb,
+    _Recording,
+    layer_output_scores,
+    record_layer,
+)
 
 
-class _LayerOutputPerturbation:
-    """Use before :class:`_LayerActivationCam` in the bases.
+class _LayerOutputPerturbation(_LayerActivationCam):
+    """Use before the other bases of a layer-output perturbation CAM.
 
     ``prefix_cache`` (class attribute, settable per instance): compute the
     network up to the layer once per image (:mod:`captum_ssl.attr._prefix`);
     False re-runs the whole model for every perturbation (same result).
+
+    On a layer with several outputs, the map of output ``i`` perturbs output
+    ``i`` only (:meth:`_each_output` says which); the others keep the values
+    the model computes, as when the explained layer is the submodule that
+    produces output ``i`` alone.
     """
 
     prefix_cache = True
-    _recording: Any = None
+    _recording: Union[_Recording, str, None] = None
 
     def _activations(
         self,
@@ -30,28 +41,33 @@ class _LayerOutputPerturbation:
         additional_forward_args: Any,
         attribute_to_layer_input: bool,
         target: TargetType = None,
-    ) -> Tensor:
+    ) -> Tuple[Tensor, ...]:
         self._recording = None
         if self.prefix_cache and not attribute_to_layer_input:
             rec = record_layer(
-                self.forward_func,  # type: ignore[attr-defined]
-                self.layer,  # type: ignore[attr-defined]
-                inputs,
-                target,
-                additional_forward_args,
+                self.forward_func, self.layer, inputs, target, additional_forward_args
             )
             self._recording = rec
-            if not isinstance(rec, str) and isinstance(rec.layer_out, Tensor):
+            outs = rec.layer_out if isinstance(rec, _Recording) else None
+            outs = (outs,) if isinstance(outs, Tensor) else outs
+            if isinstance(outs, tuple) and all(isinstance(t, Tensor) for t in outs):
                 layout = resolve_layout(
-                    self.forward_func,  # type: ignore[attr-defined]
-                    self.layer,  # type: ignore[attr-defined]
-                    inputs,
-                    self.layout,  # type: ignore[attr-defined]
+                    self.forward_func, self.layer, inputs, self.layout
                 )
-                return layout.to_grid(rec.layer_out)
-        return super()._activations(  # type: ignore[misc]
+                return tuple(layout.to_grid(t) for t in outs)
+        return super()._activations(
             inputs, additional_forward_args, attribute_to_layer_input, target
         )
+
+    def _each_output(
+        self, acts: Tuple[Tensor, ...], method: Callable[[Tensor], Tensor]
+    ) -> Tuple[Tensor, ...]:
+        """As the base's; the recording (kept for every output's scores) is
+        released at the end of the call."""
+        try:
+            return super()._each_output(acts, method)
+        finally:
+            self._recording = None
 
     def _output_scores(
         self,
@@ -65,11 +81,11 @@ class _LayerOutputPerturbation:
         desc: str,
         output_transform: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> Tuple[Tensor, Tensor]:
-        """:func:`layer_output_scores`, reusing the activations' recording."""
-        rec, self._recording = self._recording, None
+        """:func:`layer_output_scores` of the output :meth:`_each_output` is
+        at, reusing the activations' recording."""
         return layer_output_scores(
-            self.forward_func,  # type: ignore[attr-defined]
-            self.layer,  # type: ignore[attr-defined]
+            self.forward_func,
+            self.layer,
             inputs,
             target,
             additional_forward_args,
@@ -80,5 +96,6 @@ class _LayerOutputPerturbation:
             desc,
             prefix_cache=self.prefix_cache,
             output_transform=output_transform,
-            recording=rec,
+            recording=self._recording,
+            output_index=self._output_index,
         )

@@ -18,7 +18,6 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from captum_ssl._outputs import model_output
-from captum_ssl.attr._cam.base import _finish
 from captum_ssl.attr._cam.gradient_cams import LayerGradCamPlusPlus
 from captum_ssl.attr._core import (
     AttributionInputError,
@@ -178,7 +177,7 @@ class FullGrad(GradientAttribution):
         inputs = _image_batch(inputs, "FullGrad", self.forward_func)
         with attribution_call(self.forward_func) as record:
             total = self._full_gradient(inputs, target, additional_forward_args)
-            return _finish((total,), False, False, record)  # type: ignore[return-value]
+            return finish_maps((total,), record)[0]
 
     def _full_gradient(
         self,
@@ -315,7 +314,9 @@ class LayerRefineCam(LayerAttribution):
                 )
                 heat = _heatmap(m, hw)
                 out = heat if out is None else out * heat
-        return out  # type: ignore[return-value]
+        if out is None:  # never: the constructor refuses an empty layer list
+            raise AttributionInputError("LayerRefineCam needs at least one layer.")
+        return out
 
 
 # ----------------------------------------------------------------------- SESS
@@ -546,7 +547,7 @@ class SESS(Attribution):
             index = torch.full((n,), b, dtype=torch.long, device=x.device)
             return rows(args, index, inputs[0].shape[0])
 
-        def tgt(n: int) -> Any:
+        def tgt(n: int) -> TargetType:
             return stack_targets([target] * n)
 
         forward = self.forward_func

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from captum_ssl.attr._cam.base import (
     _finish,
-    _LayerActivationCam,
     require_positions,
 )
 from captum_ssl.attr._cam.layer_perturbation import _LayerOutputPerturbation
@@ -50,9 +49,7 @@ def spatial_masks(positions: Tensor, spatial: Sequence[int], gaussian: bool) -> 
     return conv(one_hot, kernel.reshape(1, 1, *kernel.shape), padding=1)
 
 
-class LayerReciproCam(
-    _LayerOutputPerturbation, _LayerActivationCam, PerturbationAttribution
-):
+class LayerReciproCam(_LayerOutputPerturbation, PerturbationAttribution):
     r"""Recipro-CAM: the target's probability when the feature map is kept
     only around one position.
 
@@ -113,7 +110,7 @@ class LayerReciproCam(
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         softmax: bool = True,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input batch.
@@ -139,36 +136,44 @@ class LayerReciproCam(
                         itself. Default: True
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps (``(B, 1, h, w)`` on image
-            layers) on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps
+            (``(B, 1, h, w)`` on image layers) on the input's device; a tuple
+            for a layer with several outputs (one map per output, each with
+            only that output masked).
         """
         if attribute_to_layer_input:
             raise AttributionInputError(
                 "LayerReciproCam masks the layer's output; use "
                 "attribute_to_layer_input=False or pick the preceding layer."
             )
-        inputs = format_inputs(inputs, False, self.forward_func)
+        formatted = format_inputs(inputs, False, self.forward_func)
         with attribution_call(self.forward_func) as record:
-            acts = self._activations(inputs, additional_forward_args, False, target)
-            require_positions(acts, "LayerReciproCam")
-            layout = resolve_layout(self.forward_func, self.layer, inputs, self.layout)
-            spatial = spatial_shape(acts)
-
-            def mask(out: Tensor, b: Tensor, p: Tensor) -> Tensor:
-                m = spatial_masks(p.to(out.device), spatial, self.gaussian)
-                return layout.from_grid(layout.to_grid(out) * m.to(out.dtype), out)
-
-            softmax_of = (lambda o: torch.softmax(o, dim=-1)) if softmax else None
-            _, scores = self._output_scores(
-                inputs,
-                target,
-                additional_forward_args,
-                math.prod(spatial),
-                mask,
-                perturbations_per_eval,
-                show_progress,
-                "Recipro-CAM",
-                output_transform=softmax_of,
+            acts = self._activations(formatted, additional_forward_args, False, target)
+            layout = resolve_layout(
+                self.forward_func, self.layer, formatted, self.layout
             )
-            cam = scores.reshape(-1, 1, *spatial)
-            return _finish((cam,), relu_attributions, False, record)  # type: ignore[return-value]
+            softmax_of = (lambda o: torch.softmax(o, dim=-1)) if softmax else None
+
+            def recipro_cam(a: Tensor) -> Tensor:
+                require_positions(a, "LayerReciproCam")
+                spatial = spatial_shape(a)
+
+                def mask(out: Tensor, b: Tensor, p: Tensor) -> Tensor:
+                    m = spatial_masks(p.to(out.device), spatial, self.gaussian)
+                    return layout.from_grid(layout.to_grid(out) * m.to(out.dtype), out)
+
+                _, scores = self._output_scores(
+                    formatted,
+                    target,
+                    additional_forward_args,
+                    math.prod(spatial),
+                    mask,
+                    perturbations_per_eval,
+                    show_progress,
+                    "Recipro-CAM",
+                    output_transform=softmax_of,
+                )
+                return scores.reshape(-1, 1, *spatial)
+
+            cams = self._each_output(acts, recipro_cam)
+            return _finish(cams, relu_attributions, len(cams) > 1, record)

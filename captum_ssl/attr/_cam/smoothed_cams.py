@@ -9,7 +9,7 @@ compared with other implementations exactly.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from captum_ssl.attr._core import (
     TensorOrTuple,
     attribution_call,
     chunked_scores,
+    draw,
     format_inputs,
     layer_activations,
     layer_activations_and_gradients,
@@ -75,7 +76,7 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
         num_samples: Optional[int] = None,
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
+    ) -> TensorOrTuple:
         r"""
         Args:
             inputs (Tensor or tuple[Tensor, ...]): image batch ``(B, C, H, W)``.
@@ -100,9 +101,12 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
                         source of the noise when ``noise`` is None.
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple for a layer with several outputs (one map
+            per output).
         """
         self._num = int(num_samples if num_samples is not None else self.num_samples)
+        self._output_noise: Optional[Tensor] = None
         self._noise, self._generator = noise, generator
         return super().attribute(
             inputs,
@@ -128,10 +132,11 @@ class _LayerSmoothedScoreCam(_LayerPerturbationCam):
     ) -> Tensor:
         x, mode = masked_input(inputs, acts, type(self).__name__)
         channels, n = acts.shape[1], self._num
+        self._output_noise = None  # this output's noise, expanded
         if self._noise is not None:
             shape = (n, *acts.shape[:2], *x.shape[2:])
             _check_samples(n, self._noise, shape)
-            self._noise = self._noise.to(x.device).expand(shape)
+            self._output_noise = self._noise.to(x.device).expand(shape)
         lo, hi = spatial_reduce(acts, "amin"), spatial_reduce(acts, "amax")
         norm = (acts - lo) / (hi - lo + 1e-8)
 
@@ -253,12 +258,10 @@ class LayerSSCam(_LayerSmoothedScoreCam):
         )
 
     def _mask(self, up: Tensor, b: Tensor, k: Tensor, i: Tensor) -> Tensor:
-        if self._noise is not None:
-            return up + self._noise[i, b, k].to(up.device, up.dtype).unsqueeze(1)
-        gen = self._generator
-        dev = gen.device if gen is not None else up.device
-        delta = torch.randn(up.shape, generator=gen, device=dev, dtype=up.dtype)
-        return up + self.std * delta.to(up.device)
+        noise = self._output_noise
+        if noise is not None:
+            return up + noise[i, b, k].to(up.device, up.dtype).unsqueeze(1)
+        return up + self.std * draw(torch.randn, up.shape, self._generator, up)
 
 
 class LayerSmoothGradCamPlusPlus(LayerGradCam):
@@ -356,7 +359,9 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                         noise when ``noise`` is None.
 
         Returns:
-            Tensor: ``(B, 1, *spatial)`` maps on the input's device.
+            Tensor or tuple[Tensor, ...]: ``(B, 1, *spatial)`` maps on the
+            input's device; a tuple for a layer with several outputs (one map
+            per output).
         """
         inputs = format_inputs(inputs, forward_func=self.forward_func)
         if len(inputs) != 1:
@@ -391,15 +396,12 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                     additional_forward_args,
                     **common,
                 )
-            powers = None
+            powers: List[Tensor] = []
             for i in range(n):
                 if noise is not None:
                     delta = noise[i].to(x.device, x.dtype).expand_as(x)
                 else:
-                    dev = generator.device if generator is not None else x.device
-                    delta = self.std * torch.randn(
-                        x.shape, generator=generator, device=dev, dtype=x.dtype
-                    ).to(x.device)
+                    delta = self.std * draw(torch.randn, x.shape, generator, x)
                 _, grads = layer_activations_and_gradients(
                     self.forward_func,
                     self.layer,
@@ -413,11 +415,9 @@ class LayerSmoothGradCamPlusPlus(LayerGradCam):
                 # the cubes overflow float16 (and lose bfloat16's few bits)
                 work = [g.to(working_dtype(g.dtype)) for g in grads]
                 step = [torch.stack([g, g * g, g * g * g]) for g in work]
-                powers = (
-                    step if powers is None else [p + s for p, s in zip(powers, step)]
-                )
+                powers = [p + s for p, s in zip(powers, step)] if powers else step
             cams = []
-            for a, p in zip(acts, powers):  # type: ignore[arg-type]
+            for a, p in zip(acts, powers):
                 d1, d2, d3 = p / n
                 sum_acts = spatial_reduce(a, "sum")
                 alpha = d2 / (2 * d2 + sum_acts * d3 + self.eps)

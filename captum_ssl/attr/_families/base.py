@@ -317,7 +317,8 @@ def lrp_adapter(forward_func: Callable) -> FamilyAdapter:
     why = adapter.lrp_unsupported()
     if why is None and adapter.model is not root:
         inner = type(adapter.model).__name__
-        where = next((n for n, m in root.named_modules() if m is adapter.model), inner)  # type: ignore[union-attr]
+        named = () if root is None else root.named_modules()
+        where = next((n for n, m in named if m is adapter.model), inner)
         why = (
             f"LRP routes every operation of the model through its rules, but "
             f"{type(root).__name__} wraps the {inner} at `{where}` and computes "

@@ -21,8 +21,8 @@ from torch import Tensor
 from captum_ssl.attr._attention.capture import (
     _model_of,
     _single_calls,
-    attention_kind,
     capture_attention,
+    checked_attention_kind,
     resolve_layers,
 )
 from captum_ssl.attr._attention.methods import _to_map, embed
@@ -79,6 +79,20 @@ class _Pass:
         self.layout: Optional[TokenLayout] = None
         #: rows whose model output was not finite (see ``finish_maps``)
         self.record: List[Tensor] = []
+
+    @property
+    def grads(self) -> List[Tensor]:
+        """:attr:`gradients` of a pass run with ``gradients=True``."""
+        if self.gradients is None:
+            raise AssertionError("propagated without gradients: gradients=True")
+        return self.gradients
+
+    @property
+    def token_layout(self) -> TokenLayout:
+        """:attr:`layout` of a pass that read a token layout."""
+        if self.layout is None:
+            raise AssertionError("no token layout was read in this pass")
+        return self.layout
 
     def done(self, maps: Tensor) -> Tensor:
         """NaN maps where the model's output is not finite, with a warning."""
@@ -176,7 +190,7 @@ class _LRPAttribution(Attribution):
                 handle.remove()
         res.record = record
         res.attentions = [a.detach().to(work) for a in attns]
-        res.kinds = [attention_kind(m) for m in modules]  # type: ignore[misc]
+        res.kinds = [checked_attention_kind(m) for m in modules]
         hw = input_hw(inputs)
         if attention:
             lay = layout_for(self.forward_func, modules[-1], hw, self.layout)
@@ -270,14 +284,16 @@ class TransformerAttribution(_LRPAttribution):
                 "attention layers."
             )
         joint = None
-        for grad, rel, kind in list(
-            zip(res.gradients, res.relevances, res.kinds)  # type: ignore[arg-type]
-        )[start_layer:]:
+        for grad, rel, kind in list(zip(res.grads, res.relevances, res.kinds))[
+            start_layer:
+        ]:
             cam = embed((grad * rel).clamp(min=0).mean(dim=1), kind, "zeros")
             eye = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device)
             mat = cam + eye
             joint = mat if joint is None else mat @ joint
-        return res.done(_to_map(joint[:, 0, :], res.layout))  # type: ignore[index, arg-type]
+        if joint is None:  # never: start_layer indexes at least one layer
+            raise AttributionInputError("No attention layer to propagate through.")
+        return res.done(_to_map(joint[:, 0, :], res.token_layout))
 
 
 class PartialLRP(_LRPAttribution):
@@ -326,7 +342,7 @@ class PartialLRP(_LRPAttribution):
             attention=True,
         )
         rel = res.relevances[-1].clamp(min=0).mean(dim=1)  # (B, q, N)
-        return res.done(_to_map(rel[:, 0, :], res.layout))  # type: ignore[arg-type]
+        return res.done(_to_map(rel[:, 0, :], res.token_layout))
 
 
 class TransformerLRP(_LRPAttribution):
@@ -466,4 +482,4 @@ class AttnLRP(_LRPAttribution):
         rel = res.relevances[0]
         if at == "pixels":
             return res.done(rel.sum(dim=1, keepdim=True))
-        return res.done(res.layout.to_grid(rel).sum(dim=1, keepdim=True))  # type: ignore[union-attr]
+        return res.done(res.token_layout.to_grid(rel).sum(dim=1, keepdim=True))

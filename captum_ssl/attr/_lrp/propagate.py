@@ -22,7 +22,18 @@ flags and hooks are left as they were.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeGuard,
+    cast,
+)
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +67,7 @@ def _layer_scale() -> tuple:
     return (LayerScale,)
 
 
-def plain_linear(m: nn.Module) -> bool:
+def plain_linear(m: nn.Module) -> TypeGuard[nn.Linear]:
     """Whether ``m`` computes ``F.linear(x, m.weight, m.bias)`` (an
     ``nn.Linear`` or a subclass that keeps its forward, e.g. the output
     projection of ``nn.MultiheadAttention``)."""
@@ -116,7 +127,7 @@ class Propagator:
         if isinstance(m, self.passthrough):
             return type(m).forward(m, x)
         if plain_linear(m):
-            return self.linear(x, m.weight, m.bias)  # type: ignore[arg-type]
+            return self.linear(x, m.weight, m.bias)
         if isinstance(m, nn.LayerNorm):
             return apply_rule(
                 st,
