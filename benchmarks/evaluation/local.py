@@ -386,7 +386,7 @@ def _side(size: Any) -> int:
 #: what a Hugging Face backbone folder may hold (the refusal names them)
 HF_BACKBONES = (
     "ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, "
-    "CLIPVisionModel, or a ResNet / ConvNeXt model"
+    "CLIPVisionModel, ViTMAEModel, or a ResNet / ConvNeXt model"
 )
 
 
@@ -408,6 +408,8 @@ def _hf_parts(m: LocalModel) -> Tuple[Any, Any, Dict[str, Any]]:
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0][:300]
         raise ValueError(f"{m.path} cannot be read by transformers: {first}") from None
+    if getattr(config, "mask_ratio", 0.0):  # ViT-MAE: every patch, in order
+        config.mask_ratio = 0.0  # (its documented setting for feature extraction)
     archs = list(config.architectures or [config.model_type])
     refused = (
         f"{m.path} holds {archs[0]}, neither an image classifier nor a vision "
@@ -468,7 +470,7 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
     from captum_ssl.attr._families.base import find_adapter
     from captum_ssl.models import Preprocessing
 
-    _, auto, parts = _hf_parts(m)
+    config, auto, parts = _hf_parts(m)
     try:
         proc = AutoImageProcessor.from_pretrained(m.path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
@@ -505,10 +507,13 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         # the model itself: the methods and metrics read its ModelOutput's
         # logits (captum_ssl._outputs.model_output); a backbone's output is
         # read by EmbeddingSimilarity / EmbeddingNorm (pooler_output)
-        return auto.from_pretrained(m.path, local_files_only=True).eval()
+        return auto.from_pretrained(
+            m.path, config=config, local_files_only=True
+        ).eval()
 
+    mae = ", mask_ratio=0 (all patches)" if hasattr(config, "mask_ratio") else ""
     return build, dict(
-        architecture=f"{parts['arch']} (Hugging Face)",
+        architecture=f"{parts['arch']} (Hugging Face{mae})",
         cam_layer=cam,
         cam_layout=layout,
         attention_layers=attention,

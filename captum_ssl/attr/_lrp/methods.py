@@ -119,9 +119,11 @@ class _LRPAttribution(Attribution):
         attention: bool = False,
         gradients: bool = False,
         to: Optional[str] = None,
+        keep: slice = slice(None),
     ) -> _Pass:
         """One forward pass with ``rules``; relevance (and gradients) of the
-        attention maps (``attention``) or of the patch tokens / pixels (``to``)."""
+        attention maps (``attention``; of the layers ``keep`` selects: the
+        backward passes stop there) or of the patch tokens / pixels (``to``)."""
         from captum_ssl.attr._families import adapter_for
 
         inputs = format_inputs(inputs, True, self.forward_func)
@@ -162,7 +164,8 @@ class _LRPAttribution(Attribution):
                 rows = torch.arange(out.shape[0], device=out.device)
                 one_hot[rows, idx] = 1.0
                 start = one_hot * out.detach() if rules.start == "logit" else one_hot
-                attns = _single_calls(store, modules) if attention else []
+                every = _single_calls(store, modules) if attention else []
+                attns = every[keep]
                 # products over layers accumulate error in bf16 / fp16
                 work = working_dtype(out.dtype)
                 if gradients:
@@ -190,11 +193,11 @@ class _LRPAttribution(Attribution):
                 handle.remove()
         res.record = record
         res.attentions = [a.detach().to(work) for a in attns]
-        res.kinds = [checked_attention_kind(m) for m in modules]
+        res.kinds = [checked_attention_kind(m) for m in modules[keep]]
         hw = input_hw(inputs)
         if attention:
             lay = layout_for(self.forward_func, modules[-1], hw, self.layout)
-            res.layout = lay.resolve(torch.Size((1, attns[0].shape[-1], 1)))
+            res.layout = lay.resolve(torch.Size((1, every[0].shape[-1], 1)))
         elif to == "patches":
             res.layout = layout_for(
                 self.forward_func, adapter.patch_tokens(), hw, self.layout
@@ -269,24 +272,23 @@ class TransformerAttribution(_LRPAttribution):
             "the clamped product of bfloat16 gradients and relevances correlates "
             "0.6 with the float32 map of the same weights",
         )
-        res = self._propagate(
+        n_layers = len(resolve_layers(self.forward_func, None))
+        if not -n_layers <= start_layer < n_layers:
+            raise AttributionInputError(
+                f"start_layer={start_layer} is out of range for {n_layers} "
+                "attention layers."
+            )
+        res = self._propagate(  # nothing below start_layer is propagated
             inputs,
             target,
             additional_forward_args,
             CheferRules(alpha),
             attention=True,
             gradients=True,
+            keep=slice(start_layer, None),
         )
-        n_layers = len(res.attentions)
-        if not -n_layers <= start_layer < n_layers:
-            raise AttributionInputError(
-                f"start_layer={start_layer} is out of range for {n_layers} "
-                "attention layers."
-            )
         joint = None
-        for grad, rel, kind in list(zip(res.grads, res.relevances, res.kinds))[
-            start_layer:
-        ]:
+        for grad, rel, kind in zip(res.grads, res.relevances, res.kinds):
             cam = embed((grad * rel).clamp(min=0).mean(dim=1), kind, "zeros")
             eye = torch.eye(cam.shape[-1], dtype=cam.dtype, device=cam.device)
             mat = cam + eye
@@ -340,6 +342,7 @@ class PartialLRP(_LRPAttribution):
             additional_forward_args,
             CheferRules(alpha),
             attention=True,
+            keep=slice(-1, None),  # the last map only: no pass below it
         )
         rel = res.relevances[-1].clamp(min=0).mean(dim=1)  # (B, q, N)
         return res.done(_to_map(rel[:, 0, :], res.token_layout))
