@@ -507,9 +507,7 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         # the model itself: the methods and metrics read its ModelOutput's
         # logits (captum_ssl._outputs.model_output); a backbone's output is
         # read by EmbeddingSimilarity / EmbeddingNorm (pooler_output)
-        return auto.from_pretrained(
-            m.path, config=config, local_files_only=True
-        ).eval()
+        return auto.from_pretrained(m.path, config=config, local_files_only=True).eval()
 
     mae = ", mask_ratio=0 (all patches)" if hasattr(config, "mask_ratio") else ""
     return build, dict(
