@@ -248,9 +248,16 @@ def test_head_that_ignores_the_class_token_is_refused(build):
             AttributionInputError, match="never reads the class.*LeGrad"
         ):
             cls(model).attribute(x, target=[0, 1])
-    for cls in (TransformerAttribution, AttnLRP):
-        with pytest.raises(AttributionInputError, match="pool.*LeGrad"):
+    for cls in (TransformerAttribution, PartialLRP):  # the class token's row
+        with pytest.raises(
+            AttributionInputError, match="never reads the class.*AttnLRP"
+        ):
             cls(model)
+    # relevance of the patch tokens / pixels flows through the average pooling
+    # (its rule: tests/test_lrp_forms.py)
+    for cls in (AttnLRP, TransformerLRP):
+        maps = cls(model).attribute(x, target=[0, 1])
+        assert torch.isfinite(maps).all() and maps.abs().amax() > 0
     assert LeGrad(model).attribute(x, target=[0, 1]).shape[:2] == (2, 1)
     # a token row read on purpose stays available
     RawAttention(model).attribute(x, query=3)

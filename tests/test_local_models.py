@@ -419,3 +419,25 @@ def test_explain_shows_a_backbones_similarity_not_classes(tmp_path, capsys):
     page = (tmp_path / "explain" / "photo.html").read_text()
     assert 'alt="gradcam on bb_dino"' in page and 'alt="legrad on bb_dino"' in page
     assert "sim. to flipped view: 0." in page and "pred:" not in page
+
+
+def test_average_pooled_timm_model_skips_only_the_class_row_methods(tmp_path):
+    """timm EVA02's default head averages the patch tokens: the class token's
+    row explains nothing (attention methods, TransformerAttribution,
+    PartialLRP are skipped with the reason), AttnLRP and TransformerLRP
+    propagate through the average and run, as LeGrad does."""
+    import timm
+
+    from benchmarks.evaluation import methods as M
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False)
+    assert model.global_pool == "avg"
+    path = tmp_path / "eva.pth"
+    torch.save(model.state_dict(), path)
+    spec = local.spec(f"timm:eva02_tiny_patch14_224={path}")
+    assert spec.lrp == "" and "global_pool='avg'" in spec.class_row
+    for name in ("raw_attention", "rollout", "transformer_attribution", "partial_lrp"):
+        assert "never reads the class token" in M.applies(name, spec), name
+    for name in ("attnlrp", "cp_lrp", "transformer_lrp", "legrad", "gradcam"):
+        assert M.applies(name, spec) is None, name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from families_models import FAMILIES, images, jitter
+from families_models import FAMILIES, beit, eva02, images, jitter
 from torch import nn
 
 from captum_ssl.attr import AttnLRP
@@ -53,6 +53,11 @@ BUILDERS.update(
         # talking-heads attention (proj_l / proj_w) and class-attention blocks
         "cait": (lambda: _timm("cait_xxs24_224", 32, depth_token_only=1), 32),
         "hf_dinov2": (_hf_dinov2, 28),
+        # average pooling (EVA's and BEiT's default): the mean of the patch
+        # tokens is a fixed linear map with its own rule in the explicit form
+        "timm_avg": (lambda: _timm("vit_tiny_patch16_224", 32, global_pool="avg"), 32),
+        "eva02_avg": (lambda: eva02(global_pool="avg"), 28),
+        "beit_avg": (lambda: beit(global_pool="avg"), 32),
     }
 )
 

@@ -248,6 +248,7 @@ def spec(word: str) -> ModelSpec:
         family=o.get("family", ""),
         lrp=info["lrp"],
         target=target,
+        class_row=info.get("class_row", ""),
     )
 
 
@@ -290,6 +291,16 @@ def _rgb(values: Any) -> Tuple[float, float, float]:
     if len(v) != 3:
         raise ValueError(f"expected 3 per-channel values, got {values!r}")
     return (v[0], v[1], v[2])
+
+
+def _class_row_skip_reason(model: nn.Module) -> str:
+    """Why the class token's row explains nothing of ``model`` (its head never
+    reads the class token, e.g. average pooling), or ``""``: the family
+    adapter's own answer."""
+    from captum_ssl.attr._families.base import find_adapter
+
+    adapter = find_adapter(model)
+    return "" if adapter is None else adapter.class_token_unread() or ""
 
 
 def _lrp_skip_reason(model: nn.Module) -> str:
@@ -338,6 +349,7 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         _rgb(cfg.std if cfg is not None else (0.229, 0.224, 0.225)),
     )
     lrp = _lrp_skip_reason(probe)
+    class_row = _class_row_skip_reason(probe)
 
     def build() -> nn.Module:
         overlay = dict(file=str(m.path), **heads)
@@ -360,6 +372,7 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         preprocessing=pre,
         lrp=lrp,
         lrp_model=probe,
+        class_row=class_row,
     )
 
 
@@ -518,6 +531,7 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         preprocessing=pre,
         lrp=lrp,
         lrp_model=parts["skeleton"],
+        class_row=_class_row_skip_reason(parts["skeleton"]),
     )
 
 

@@ -99,6 +99,10 @@ class ModelSpec:
         lrp (str): why the LRP methods do not apply to this model ("" when
                     they may: a ViT whose family adapter has LRP rules, as
                     ``lrp_adapter`` in ``captum_ssl/attr/_families`` says).
+        class_row (str): why the methods that return the class token's row
+                    (the attention methods except LeGrad, TransformerAttribution,
+                    PartialLRP) do not apply: the head never reads the class
+                    token (e.g. timm ``global_pool='avg'``); "" when they do.
         target (str): "" for a classifier (class scores); for a headless
                     backbone (``build`` returns it wrapped, see
                     :data:`BACKBONE_TARGETS`) ``"view"``: the cosine
@@ -120,6 +124,7 @@ class ModelSpec:
     family: str = ""
     lrp: str = ""
     target: str = ""
+    class_row: str = ""
 
     @property
     def is_vit(self) -> bool:
@@ -329,6 +334,16 @@ ATTENTION = {
     "legrad": "LeGrad",
 }
 #: relevance propagation for ViTs (issue 9)
+#: methods whose map is the class token's row (of attention or its relevance)
+CLASS_ROW = (
+    "raw_attention",
+    "rollout",
+    "grad_rollout",
+    "generic_attention",
+    "attention_flow",
+    "transformer_attribution",
+    "partial_lrp",
+)
 LRP_METHODS = {
     "transformer_attribution": "TransformerAttribution",
     "partial_lrp": "PartialLRP",
@@ -492,6 +507,11 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
         return "LRP rules cover timm ViT / DeiT / CaiT (not XCiT, Swin or CNNs)"
     if base in LRP_METHODS and model.lrp:
         return model.lrp
+    if base in CLASS_ROW and model.class_row:
+        return (
+            f"{model.class_row}: its head never reads the class token, whose row "
+            "this method returns (AttnLRP, TransformerLRP and LeGrad apply)"
+        )
     if base in ("guided_gradcam", "cam") and not model.is_cnn:
         return f"{base} needs a convolutional (B, C, H, W) CAM layer"
     if base in NEEDS_CLASSIFIER and model.target:

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from timm.models.xcit import XCA
 
 POOLED = ("avg", "avgmax", "max", "map")
+#: timm poolings that are fixed linear maps of the tokens (LRP has their rule)
+LINEAR = ("token", "avg")
 
 
 # ------------------------------------------------------- attention forwards
@@ -263,9 +265,30 @@ def plan_model(
     for name in top:
         if getattr(model, name, None) is not None:
             plan_leaf(P, plan, getattr(model, name), prefix + name)
+    if getattr(model, "global_pool", None) == "avg":
+        plan.append((model, average_pooled_forward(P, model)))
     if embedding:
         plan.extend(timm_embedding_plan(P, model))
     return plan
+
+
+def average_pooled_forward(P: Propagator, model: nn.Module) -> Callable:
+    """The forward of a timm model with ``global_pool='avg'``: the mean of the
+    patch tokens (prefix tokens excluded) is a fixed linear map
+    (:meth:`Propagator.linear_map`); then ``fc_norm``, ``head_drop``, ``head``
+    (leaves with their rules)."""
+    k = int(getattr(model, "num_prefix_tokens", 0))
+    parts = [getattr(model, n, None) for n in ("fc_norm", "head_drop", "head")]
+
+    def forward(x: Tensor) -> Tensor:
+        t = cast(Callable[[Tensor], Tensor], model.forward_features)(x)
+        t = P.linear_map(lambda u: u[:, k:].mean(dim=1), t)
+        for part in parts:
+            if isinstance(part, nn.Module):
+                t = part(t)
+        return t
+
+    return forward
 
 
 def plan_mlp(P: Propagator, plan: Plan, m: nn.Module, where: str) -> None:
@@ -444,11 +467,12 @@ class TimmAdapter(FamilyAdapter):
 
     def lrp_unsupported(self) -> Optional[str]:
         pool = getattr(self.model, "global_pool", "token")
-        if getattr(self.model, "attn_pool", None) is not None or pool != "token":
+        if getattr(self.model, "attn_pool", None) is not None or pool not in LINEAR:
             return (
-                f"LRP supports class-token pooling (global_pool='token'); this "
-                f"{type(self.model).__name__} pools with {pool!r}. Use the "
-                "attention methods that follow the head (LeGrad) or the CAMs."
+                f"LRP supports class-token and average pooling (global_pool="
+                f"'token' or 'avg'); this {type(self.model).__name__} pools with "
+                f"{pool!r}. Use the attention methods that follow the head "
+                "(LeGrad) or the CAMs."
             )
         return None
 

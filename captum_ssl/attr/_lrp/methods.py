@@ -100,6 +100,10 @@ class _Pass:
 
 
 class _LRPAttribution(Attribution):
+    #: whether the map is the class token's row of attention relevances (then
+    #: a head that never reads the class token is refused)
+    class_row = False
+
     def __init__(
         self, forward_func: Callable, layout: Optional[TokenLayout] = None
     ) -> None:
@@ -107,7 +111,14 @@ class _LRPAttribution(Attribution):
         self.layout = layout
         from captum_ssl.attr._families import lrp_adapter
 
-        lrp_adapter(_model_of(forward_func))
+        why = lrp_adapter(_model_of(forward_func)).class_token_unread()
+        if self.class_row and why is not None:
+            raise AttributionInputError(
+                f"{why}: its head never reads the class token, so the class "
+                f"token's row that {type(self).__name__} returns explains nothing "
+                "the model outputs. Use AttnLRP (relevance of the patch tokens "
+                "through the pooling), TransformerLRP, LeGrad or the CAMs."
+            )
 
     def _propagate(
         self,
@@ -240,6 +251,8 @@ class TransformerAttribution(_LRPAttribution):
         >>> maps = attr.attribute(images, target=labels, start_layer=4)
     """
 
+    class_row = True
+
     @log_usage()
     def attribute(
         self,
@@ -316,6 +329,8 @@ class PartialLRP(_LRPAttribution):
 
         >>> maps = PartialLRP(model).attribute(images, target=labels)
     """
+
+    class_row = True
 
     @log_usage()
     def attribute(
