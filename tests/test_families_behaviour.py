@@ -263,6 +263,19 @@ def test_head_that_ignores_the_class_token_is_refused(build):
     RawAttention(model).attribute(x, query=3)
 
 
+def test_class_row_lrp_refused_without_a_class_token():
+    """timm ``class_token=False`` with average pooling: no class token, so
+    TransformerAttribution / PartialLRP have no row to return (they used to
+    return a patch token's row); AttnLRP and TransformerLRP run."""
+    model = timm_vit(class_token=False, global_pool="avg")
+    x = images(2, 32)
+    for cls in (TransformerAttribution, PartialLRP):
+        with pytest.raises(AttributionInputError, match="no class token.*AttnLRP"):
+            cls(model)
+    for cls in (AttnLRP, TransformerLRP):
+        assert torch.isfinite(cls(model).attribute(x, target=[0, 1])).all()
+
+
 def test_open_clip_average_pooling_refused():
     oc = open_clip_vit(pool_type="avg")
     with pytest.raises(AttributionInputError, match="pool_type='avg'.*never reads"):

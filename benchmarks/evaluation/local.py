@@ -300,7 +300,11 @@ def _class_row_skip_reason(model: nn.Module) -> str:
     from captum_ssl.attr._families.base import find_adapter
 
     adapter = find_adapter(model)
-    return "" if adapter is None else adapter.class_token_unread() or ""
+    if adapter is None:
+        return ""
+    if "cls" not in adapter.token_roles():
+        return f"{type(adapter.model).__name__} has no class token"
+    return adapter.class_token_unread() or ""
 
 
 def _lrp_skip_reason(model: nn.Module) -> str:

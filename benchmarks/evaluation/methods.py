@@ -509,8 +509,9 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
         return model.lrp
     if base in CLASS_ROW and model.class_row:
         return (
-            f"{model.class_row}: its head never reads the class token, whose row "
-            "this method returns (AttnLRP, TransformerLRP and LeGrad apply)"
+            f"{model.class_row}: the class token's row, which this method "
+            "returns, explains nothing the head outputs (AttnLRP, "
+            "TransformerLRP and LeGrad apply)"
         )
     if base in ("guided_gradcam", "cam") and not model.is_cnn:
         return f"{base} needs a convolutional (B, C, H, W) CAM layer"

@@ -111,13 +111,20 @@ class _LRPAttribution(Attribution):
         self.layout = layout
         from captum_ssl.attr._families import lrp_adapter
 
-        why = lrp_adapter(_model_of(forward_func)).class_token_unread()
-        if self.class_row and why is not None:
+        adapter = lrp_adapter(_model_of(forward_func))
+        if not self.class_row:
+            return
+        why = adapter.class_token_unread()
+        if why is not None:
+            why = f"{why}: its head never reads the class token, so"
+        elif "cls" not in adapter.token_roles():
+            why = f"{type(adapter.model).__name__} has no class token, so"
+        if why is not None:
             raise AttributionInputError(
-                f"{why}: its head never reads the class token, so the class "
-                f"token's row that {type(self).__name__} returns explains nothing "
-                "the model outputs. Use AttnLRP (relevance of the patch tokens "
-                "through the pooling), TransformerLRP, LeGrad or the CAMs."
+                f"{why} the class token's row that {type(self).__name__} returns "
+                "explains nothing the model outputs. Use AttnLRP (relevance of "
+                "the patch tokens through the pooling), TransformerLRP, LeGrad "
+                "or the CAMs."
             )
 
     def _propagate(
