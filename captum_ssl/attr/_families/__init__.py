@@ -3,6 +3,7 @@
 
 from captum_ssl.attr._families import (  # noqa: F401  (registers the families)
     embedding_head,
+    hf_beit,
     hf_vit,
     timm_beit,
     timm_eva,

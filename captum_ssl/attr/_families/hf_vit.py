@@ -25,6 +25,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
+    ClassVar,
     Container,
     Dict,
     Optional,
@@ -214,10 +215,15 @@ def _get(module: Any, path: str) -> Any:
 
 
 # ------------------------------------------------------ attention forward
-def hf_attention_forward(P: Propagator, module: nn.Module) -> Callable:
+def hf_attention_forward(
+    P: Propagator, module: nn.Module, mask_is_bias: bool = False
+) -> Callable:
     """Every Hugging Face ViT attention: ``q_proj`` / ``k_proj`` / ``v_proj``,
     ``softmax(q k^T * scaling) v``, ``o_proj`` (CLIP: ``out_proj``); returns
-    ``(output, None)`` as the module does when no kernel returns weights."""
+    ``(output, None)`` as the module does when no kernel returns weights.
+
+    ``mask_is_bias``: the float ``attention_mask`` the layer passes is a
+    constant added to the scores (BEiT's relative position bias)."""
     m = cast("_Attention", module)
     out_proj = m.o_proj if hasattr(m, "o_proj") else m.out_proj
     scale = getattr(m, "scaling", None) or m.scale
@@ -225,6 +231,10 @@ def hf_attention_forward(P: Propagator, module: nn.Module) -> Callable:
     def forward(
         hidden_states: Tensor, attention_mask: Any = None, **_: Any
     ) -> Tuple[Tensor, None]:
+        bias = None
+        if mask_is_bias and isinstance(attention_mask, Tensor):
+            if attention_mask.is_floating_point():
+                bias, attention_mask = attention_mask, None
         if attention_mask is not None:
             raise AttributionInputError(
                 "The attention methods and LRP support unmasked self-attention "
@@ -238,7 +248,7 @@ def hf_attention_forward(P: Propagator, module: nn.Module) -> Callable:
         q = heads(P.leaf(m.q_proj, hidden_states))
         k = heads(P.leaf(m.k_proj, hidden_states))
         v = heads(P.leaf(m.v_proj, hidden_states))
-        out = P.attend(m, q, k, v, scale=scale)
+        out = P.attend(m, q, k, v, scale=scale, bias=bias)
         return P.leaf(out_proj, out.transpose(1, 2).reshape(b, n, -1)), None
 
     return forward
@@ -344,22 +354,26 @@ class HFViTAdapter(FamilyAdapter):
         "sdpa)"
     )
 
+    #: the backbones and classifiers this adapter knows (subclasses: theirs)
+    families: ClassVar[Dict[str, Family]] = FAMILIES
+    heads: ClassVar[Dict[str, Tuple[str, str]]] = HEADS
+
     def __init__(self, model: nn.Module, prefix: str = "") -> None:
         super().__init__(model, prefix)
-        head = _hf_class(model, HEADS)
-        self.reads = HEADS[head][1] if head else None
-        self.base_name = HEADS[head][0] if head else ""
+        head = _hf_class(model, self.heads)
+        self.reads = self.heads[head][1] if head else None
+        self.base_name = self.heads[head][0] if head else ""
         base = getattr(model, self.base_name) if head else model
         self.base = cast("_Base", base)
-        self.family = FAMILIES[type(self.base).__name__]
+        self.family = self.families[type(self.base).__name__]
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if _hf_class(model, FAMILIES) is not None:
+        if _hf_class(model, cls.families) is not None:
             return True
-        head = _hf_class(model, HEADS)
+        head = _hf_class(model, cls.heads)
         return head is not None and isinstance(
-            _hf_class(getattr(model, HEADS[head][0], None), FAMILIES), str
+            _hf_class(getattr(model, cls.heads[head][0], None), cls.families), str
         )
 
     def _path(self, path: str) -> str:

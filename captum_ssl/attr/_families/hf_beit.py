@@ -1,0 +1,201 @@
+"""Hugging Face BEiT (``BeitModel`` / ``BeitForImageClassification``): the
+attention of :mod:`.hf_vit` (``q_proj`` with bias, ``k_proj`` without,
+``v_proj``, ``o_proj``) plus a relative position bias, per layer
+(``layers[i].relative_position_bias``) or shared
+(``shared_position_bias``), that the model passes to the attention as its
+float ``attention_mask``: a constant added to the scores
+(:meth:`Propagator.add_const`); layer scale ``lambda_1`` / ``lambda_2``;
+the pooler averages the patch tokens and normalises them
+(``use_mean_pooling=True``, the classifier's default) or takes the class
+token.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, cast
+
+from torch import Tensor, nn
+
+from captum_ssl.attr._families.base import (
+    SELF,
+    AttentionImpl,
+    register,
+    register_attention,
+)
+from captum_ssl.attr._families.hf_vit import (
+    Block,
+    Family,
+    HFViTAdapter,
+    hf_attention_forward,
+    mlp_forward,
+)
+from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
+
+if TYPE_CHECKING:
+
+    class _BeitLayer(nn.Module):
+        attention: nn.Module
+        layernorm_before: nn.Module
+        layernorm_after: nn.Module
+        mlp: nn.Module
+        dropout: nn.Module
+        drop_path: nn.Module
+        lambda_1: Any  # a Parameter, or 1.0 without layer scale
+        lambda_2: Any
+        patch_size: int
+        relative_position_bias: Optional[nn.Module]
+
+    class _Pooler(nn.Module):
+        layernorm: Optional[nn.Module]
+
+
+BEIT_BLOCK = Block("layernorm_before", "attention", "layernorm_after", drop="dropout")
+
+FAMILIES: Dict[str, Family] = {
+    "BeitModel": Family("beit", "BeitAttention", "layers", BEIT_BLOCK)
+}
+HEADS: Dict[str, Tuple[str, str]] = {"BeitForImageClassification": ("beit", "pooler")}
+
+
+def _beit_attention() -> Optional[type]:
+    mod = sys.modules.get("transformers.models.beit.modeling_beit")
+    return getattr(mod, "BeitAttention", None)
+
+
+register_attention(
+    _beit_attention,
+    AttentionImpl(
+        SELF,
+        partial(hf_attention_forward, mask_is_bias=True),
+        "transformers BeitAttention (`layers[i].attention`, relative position bias)",
+    ),
+)
+
+
+def beit_layer_forward(P: Propagator, module: nn.Module) -> Callable:
+    """``BeitLayer.forward``: its relative position bias computed as the layer
+    does (added to the shared one the model passes as ``attention_mask``),
+    the residual branches scaled by ``lambda_1`` / ``lambda_2``."""
+    m = cast("_BeitLayer", module)
+
+    def scaled(h: Tensor, lam: Any) -> Tensor:
+        h = m.dropout(h)  # identities in eval mode
+        if isinstance(lam, Tensor):
+            h = P.scale(h, lam)
+        return m.drop_path(h)
+
+    def forward(
+        hidden_states: Tensor,
+        attention_mask: Any = None,
+        interpolate_pos_encoding: bool = False,
+        resolution: Optional[Tuple[int, int]] = None,
+        **kw: Any,
+    ) -> Tensor:
+        x = hidden_states
+        rel = m.relative_position_bias
+        if rel is not None and resolution is not None:
+            height, width = resolution
+            window = (height // m.patch_size, width // m.patch_size)
+            bias = rel(window, interpolate_pos_encoding, dim_size=x.shape[1])
+            attention_mask = bias if attention_mask is None else bias + attention_mask
+        h, _ = m.attention(m.layernorm_before(x), attention_mask=attention_mask, **kw)
+        x = P.add(scaled(h, m.lambda_1), x)
+        h = m.mlp(m.layernorm_after(x))
+        return P.add(scaled(h, m.lambda_2), x)
+
+    return forward
+
+
+def pooler_forward(P: Propagator, module: nn.Module) -> Callable:
+    """``BeitPooler``: the mean of the patch tokens (a fixed linear map) then
+    its layernorm, or the class token."""
+    m = cast("_Pooler", module)
+    norm = m.layernorm
+
+    def forward(hidden_states: Tensor) -> Tensor:
+        if norm is None:
+            return hidden_states[:, 0]
+        mean = P.linear_map(lambda t: t[:, 1:].mean(dim=1), hidden_states)
+        return P.leaf(norm, mean)
+
+    return forward
+
+
+@register
+class HFBeitAdapter(HFViTAdapter):
+    label = (
+        "Hugging Face transformers BeitModel / BeitForImageClassification "
+        "(relative position bias, mean or class-token pooling; eager, sdpa)"
+    )
+    families = FAMILIES
+    heads = HEADS
+
+    def _pooler(self) -> Optional[nn.Module]:
+        return getattr(self.base, "pooler", None)
+
+    def _mean_pooled(self) -> bool:
+        pooler = self._pooler()
+        return pooler is not None and getattr(pooler, "layernorm", None) is not None
+
+    def class_token_unread(self) -> Optional[str]:
+        if self._mean_pooled():
+            return (
+                f"{type(self.model).__name__} averages the patch tokens "
+                "(config.use_mean_pooling=True)"
+            )
+        return None
+
+    def lrp_unsupported(self) -> Optional[str]:
+        return None  # both poolings are linear maps with their rules
+
+    def score_projection(self) -> Callable[[Tensor], Tensor]:
+        """LeGrad: the mean token through the final layernorm (class-token
+        pooling) or the pooler's layernorm (mean pooling), then the classifier
+        (a backbone: its pooled output)."""
+        norm = cast(nn.Module, self.base.layernorm)
+        pooler = self._pooler()
+        pool_norm = getattr(pooler, "layernorm", None) or nn.Identity()
+        classifier = getattr(self.model, "classifier", None) or nn.Identity()
+        return lambda z: classifier(pool_norm(norm(z.mean(dim=1))))
+
+    def plan(self, P: Propagator, embedding: bool) -> Plan:
+        fam = self.family
+        plan: Plan = []
+        attn_forward = partial(hf_attention_forward, mask_is_bias=True)
+        for i, layer in enumerate(self._blocks()):
+            blk = cast("_BeitLayer", layer)
+            where = self._path(f"{fam.blocks}.{i}")
+            attn = blk.attention
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                P.check_leaf(getattr(attn, name), f"{where}.attention.{name}")
+            plan.append((attn, attn_forward(P, attn)))
+            plan.append((blk.mlp, mlp_forward(P, blk.mlp)))
+            plan.append((blk, beit_layer_forward(P, blk)))
+            for name in ("layernorm_before", "layernorm_after"):
+                plan_leaf(P, plan, getattr(blk, name), f"{where}.{name}")
+        plan_leaf(P, plan, self.base.layernorm, self._path("layernorm"))
+        pooler = self._pooler()
+        if pooler is not None:
+            plan.append((pooler, pooler_forward(P, pooler)))
+            norm = getattr(pooler, "layernorm", None)
+            if norm is not None:
+                P.check_leaf(norm, self._path("pooler.layernorm"))
+        classifier = getattr(self.model, "classifier", None)
+        if self.reads is not None and isinstance(classifier, nn.Module):
+            plan_leaf(P, plan, classifier, "classifier")
+        if embedding:
+            plan.extend(self._embedding_plan(P))
+        return plan
+
+    def _positions(self) -> Tensor:
+        """The absolute position embedding added for this input (zeros when
+        ``use_absolute_position_embeddings=False``)."""
+        embeddings = cast(Any, self.base.embeddings)
+        if embeddings.position_embeddings is not None:
+            return super()._positions()
+        h, w = self._input_hw
+        patch = embeddings.patch_size
+        weight = embeddings.patch_embeddings.projection.weight
+        return weight.new_zeros(1, 1 + (h // patch) * (w // patch), weight.shape[0])
