@@ -31,6 +31,7 @@ from captum_ssl.attr._families.hf_vit import (
     hf_attention_forward,
     mlp_forward,
 )
+from captum_ssl.attr._families.timm_vit import conv_forward
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
 
 if TYPE_CHECKING:
@@ -189,13 +190,10 @@ class HFBeitAdapter(HFViTAdapter):
             plan.extend(self._embedding_plan(P))
         return plan
 
-    def _positions(self) -> Tensor:
-        """The absolute position embedding added for this input (zeros when
-        ``use_absolute_position_embeddings=False``)."""
-        embeddings = cast(Any, self.base.embeddings)
-        if embeddings.position_embeddings is not None:
-            return super()._positions()
-        h, w = self._input_hw
-        patch = embeddings.patch_size
-        weight = embeddings.patch_embeddings.projection.weight
-        return weight.new_zeros(1, 1 + (h // patch) * (w // patch), weight.shape[0])
+    def _embedding_plan(self, P: Propagator) -> Plan:
+        """The patch convolution, and the absolute position add where the
+        model has one (``use_absolute_position_embeddings=True``)."""
+        if getattr(self.base.embeddings, "position_embeddings", None) is not None:
+            return super()._embedding_plan(P)
+        proj = self.base.embeddings.patch_embeddings.projection
+        return [(proj, conv_forward(P, proj))]
