@@ -28,6 +28,7 @@ from captum_ssl.attr._families.hf_vit import (
     Block,
     Family,
     HFViTAdapter,
+    _get,
     hf_attention_forward,
     mlp_forward,
 )
@@ -176,7 +177,7 @@ class HFBeitAdapter(HFViTAdapter):
             plan.append((blk, beit_layer_forward(P, blk)))
             for name in ("layernorm_before", "layernorm_after"):
                 plan_leaf(P, plan, getattr(blk, name), f"{where}.{name}")
-        plan_leaf(P, plan, self.base.layernorm, self._path("layernorm"))
+        plan_leaf(P, plan, _get(self.base, "layernorm"), self._path("layernorm"))
         pooler = self._pooler()
         if pooler is not None:
             plan.append((pooler, pooler_forward(P, pooler)))
@@ -195,5 +196,5 @@ class HFBeitAdapter(HFViTAdapter):
         model has one (``use_absolute_position_embeddings=True``)."""
         if getattr(self.base.embeddings, "position_embeddings", None) is not None:
             return super()._embedding_plan(P)
-        proj = self.base.embeddings.patch_embeddings.projection
+        proj = _get(self.base, self.family.proj)
         return [(proj, conv_forward(P, proj))]
