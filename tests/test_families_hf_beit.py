@@ -280,3 +280,17 @@ def test_eager_and_sdpa_give_the_same_maps_and_the_model_is_left_as_it_was():
     with pytest.raises(ValueError, match="out of range"):
         attr.AttnLRP(sdpa).attribute(x, target=99)
     _assert_same(before, _snapshot(sdpa))
+
+
+def test_backbone_explains_its_pooled_embedding_as_timm_headless():
+    """A bare ``BeitModel`` (read by its ``pooler_output``: the normed patch
+    mean) equals timm's ``Beit`` with ``num_classes=0`` and the same weights;
+    target = an embedding dimension."""
+    model = hf_beit(mean=True)
+    twin = hf_to_timm(model)
+    twin.reset_classifier(0)
+    x = images()
+    for method in (attr.AttnLRP, attr.TransformerLRP, attr.LeGrad):
+        got = method(model.beit).attribute(x, target=[0, 5])
+        want = method(twin).attribute(x, target=[0, 5])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
