@@ -276,12 +276,17 @@ def test_class_row_lrp_refused_without_a_class_token():
         assert torch.isfinite(cls(model).attribute(x, target=[0, 1])).all()
 
 
-def test_open_clip_average_pooling_refused():
+def test_open_clip_average_pooling_refuses_the_class_row_methods():
     oc = open_clip_vit(pool_type="avg")
+    x = images(2, 32)
     with pytest.raises(AttributionInputError, match="pool_type='avg'.*never reads"):
-        RawAttention(oc).attribute(images(2, 32))
-    with pytest.raises(AttributionInputError, match="LRP supports class-token"):
-        AttnLRP(oc)
+        RawAttention(oc).attribute(x)
+    for cls in (TransformerAttribution, PartialLRP):
+        with pytest.raises(AttributionInputError, match="never reads.*AttnLRP"):
+            cls(oc)
+    # the average is a fixed linear map: relevance of the patches passes it
+    # (gradient form == explicit rules: tests/test_lrp_forms.py)
+    assert torch.isfinite(AttnLRP(oc).attribute(x, target=[0, 1])).all()
 
 
 def test_attnlrp_at_dynamic_input_sizes():

@@ -369,7 +369,7 @@ def test_every_method_on_a_dinov2_classifier_batched_per_sample_targets():
         torch.testing.assert_close(both[1:], one, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_clip_classifier_that_never_reads_the_class_token_is_refused():
+def test_clip_classifier_refuses_the_class_row_methods_and_runs_attnlrp():
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
         vision_config=dict(
@@ -390,7 +390,7 @@ def test_clip_classifier_that_never_reads_the_class_token_is_refused():
 
     with pytest.raises(ValueError, match="never reads the class token.*LeGrad"):
         RawAttention(model).attribute(torch.randn(1, 3, 32, 32), target=0)
-    with pytest.raises(ValueError, match="averages the patch tokens.*LeGrad"):
+    with pytest.raises(ValueError, match="averages the patch tokens.*AttnLRP"):
         TransformerAttribution(model)
     assert LeGrad(model).attribute(torch.randn(1, 3, 32, 32), target=0).shape == (
         1,
@@ -398,6 +398,18 @@ def test_clip_classifier_that_never_reads_the_class_token_is_refused():
         4,
         4,
     )
+    # the mean of the patch tokens is a fixed linear map: AttnLRP passes it,
+    # and its gradient form equals the explicit rules (the mean's z-rule)
+    from test_lrp_forms import explicit
+
+    from captum_ssl.attr import AttnLRP
+
+    double, x = model.double(), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for at in ("patches", "pixels"):
+        ours = AttnLRP(double).attribute(x, target=[0, 2], at=at, epsilon=1e-12)
+        ref = explicit(double, x, [0, 2], False, at)
+        assert ref.abs().amax() > 0
+        torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8 * ref.abs().amax())
 
 
 # ------------------------------------------------------------------ ViT-MAE

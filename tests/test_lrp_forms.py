@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from families_models import FAMILIES, beit, eva02, images, jitter
+from families_models import FAMILIES, beit, eva02, images, jitter, open_clip_vit
 from torch import nn
 
 from captum_ssl.attr import AttnLRP
@@ -58,6 +58,7 @@ BUILDERS.update(
         "timm_avg": (lambda: _timm("vit_tiny_patch16_224", 32, global_pool="avg"), 32),
         "eva02_avg": (lambda: eva02(global_pool="avg"), 28),
         "beit_avg": (lambda: beit(global_pool="avg"), 32),
+        "open_clip_avg": (lambda: open_clip_vit(pool_type="avg"), 32),
     }
 )
 

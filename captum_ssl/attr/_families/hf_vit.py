@@ -336,6 +336,8 @@ def head_forward(P: Propagator, module: nn.Module, base: str, reads: str) -> Cal
             a = P.leaf(model.cls_classifier, seq[:, 0])
             d = P.leaf(model.distillation_classifier, seq[:, 1])
             logits = P.add(P.scale(a, 0.5), P.scale(d, 0.5))
+        elif reads == "mean":  # CLIP: the mean patch token only
+            logits = P.leaf(model.classifier, mean(seq[:, 1:]))
         else:  # DINOv2: class token and mean patch token
             cat = torch.cat([seq[:, 0], mean(seq[:, 1 + registers :])], dim=1)
             logits = P.leaf(model.classifier, cat)
@@ -466,16 +468,9 @@ class HFViTAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------- LRP
     def lrp_unsupported(self) -> Optional[str]:
-        mae = self._mae_refusal()
-        if mae is not None:
-            return mae
-        why = self.class_token_unread()
-        if why is not None:
-            return (
-                f"{why}; LRP supports heads that read the class token (ViT, DeiT, "
-                "DINOv2 classifiers, backbones). Use LeGrad or the CAMs."
-            )
-        return None
+        # a head that averages the patch tokens (CLIP) is a fixed linear map:
+        # the class-row methods refuse it themselves (``class_token_unread``)
+        return self._mae_refusal()
 
     def plan(self, P: Propagator, embedding: bool) -> Plan:
         fam = self.family

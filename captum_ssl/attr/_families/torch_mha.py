@@ -273,8 +273,14 @@ def _oc_block_forward(P: Propagator, module: nn.Module) -> Callable:
 
 
 def _oc_forward(P: Propagator, module: nn.Module, embedding: bool) -> Callable:
-    """open_clip ``VisionTransformer.forward`` (class-token pooling)."""
+    """open_clip ``VisionTransformer.forward`` (class-token or average
+    pooling; the mean of the patch tokens is a fixed linear map)."""
     m = cast("_OcViT", module)
+
+    def pool(x: Tensor) -> Tuple[Tensor, Tensor]:
+        if m.pool_type == "avg":
+            return P.linear_map(lambda u: u[:, 1:].mean(dim=1), x), x[:, 1:]
+        return x[:, 0], x[:, 1:]
 
     def forward(x: Tensor) -> Any:
         x = m.conv1(x)
@@ -286,10 +292,10 @@ def _oc_forward(P: Propagator, module: nn.Module, embedding: bool) -> Callable:
         x = P.leaf(m.ln_pre, m.patch_dropout(x))
         x = m.transformer(x)
         if m.final_ln_after_pool:
-            pooled, tokens = P.leaf(m.ln_post, x[:, 0]), x[:, 1:]
+            pooled, tokens = pool(x)
+            pooled = P.leaf(m.ln_post, pooled)
         else:
-            x = P.leaf(m.ln_post, x)
-            pooled, tokens = x[:, 0], x[:, 1:]
+            pooled, tokens = pool(P.leaf(m.ln_post, x))
         if m.proj is not None:
             pooled = P.linear(pooled, m.proj.t())
         return (pooled, tokens) if m.output_tokens else pooled
@@ -350,11 +356,12 @@ class OpenClipViTAdapter(FamilyAdapter):
         return self.vit.conv1
 
     def lrp_unsupported(self) -> Optional[str]:
-        why = self.class_token_unread()
-        if why is not None:
+        m = self.vit
+        if m.attn_pool is not None or m.pool_type not in ("tok", "avg"):
+            why = self.class_token_unread() or f"pool_type={m.pool_type!r}"
             return (
-                f"{why}; LRP supports class-token pooling (pool_type='tok'). Use "
-                "LeGrad or the CAMs."
+                f"{why}; LRP supports class-token and average pooling (pool_type="
+                "'tok' or 'avg'). Use LeGrad or the CAMs."
             )
         blocks = self.vit.transformer.resblocks
         if any(
