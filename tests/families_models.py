@@ -66,3 +66,39 @@ FAMILIES = [
     ("eva02", eva02, 28),
     ("beit", beit, 32),
 ]
+
+
+def snapshot(model: nn.Module):
+    """Parameters, instance attributes (an installed `forward` included),
+    hook counts and the config flags of every submodule."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dicts = {  # instance attributes, an installed `forward` included
+        n: {
+            k: v
+            for k, v in vars(m).items()
+            if k not in ("_parameters", "_buffers", "_modules")
+        }
+        for n, m in model.named_modules()
+    }
+    hooks = [
+        (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for n, m in model.named_modules()
+    ]
+    flags = {
+        n: (c._attn_implementation, c.output_attentions, c.return_dict)
+        for n, c in ((n, getattr(m, "config", None)) for n, m in model.named_modules())
+        if c is not None
+    }
+    return state, dicts, hooks, flags
+
+
+def assert_same(before, after):
+    (s0, d0, h0, f0), (s1, d1, h1, f1) = before, after
+    assert s0.keys() == s1.keys()
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert d0.keys() == d1.keys()
+    for n in d0:
+        assert d0[n].keys() == d1[n].keys(), n
+        for k in d0[n]:
+            assert d0[n][k] is d1[n][k] or d0[n][k] == d1[n][k], (n, k)
+    assert h0 == h1 and f0 == f1

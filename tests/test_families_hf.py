@@ -15,6 +15,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from families_models import assert_same as _assert_same  # noqa: E402
+from families_models import snapshot as _snapshot  # noqa: E402
+
 from captum_ssl._outputs import model_output  # noqa: E402
 from captum_ssl.attr import LayerGradCam, LayerScoreCam, TokenLayout  # noqa: E402
 from captum_ssl.metrics import deletion_auc  # noqa: E402
@@ -282,40 +285,6 @@ def test_raw_attention_equals_probabilities_recomputed_from_q_and_k(name):
     want = probs.mean(1)[:, 0, k:].reshape(2, 1, g, g)
     got = RawAttention(_explained(model, size), layers=-1).attribute(x, target=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def _snapshot(model: nn.Module):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    dicts = {  # instance attributes, an installed `forward` included
-        n: {
-            k: v
-            for k, v in vars(m).items()
-            if k not in ("_parameters", "_buffers", "_modules")
-        }
-        for n, m in model.named_modules()
-    }
-    hooks = [
-        (n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-        for n, m in model.named_modules()
-    ]
-    flags = {
-        n: (c._attn_implementation, c.output_attentions, c.return_dict)
-        for n, c in ((n, getattr(m, "config", None)) for n, m in model.named_modules())
-        if c is not None
-    }
-    return state, dicts, hooks, flags
-
-
-def _assert_same(before, after):
-    (s0, d0, h0, f0), (s1, d1, h1, f1) = before, after
-    assert s0.keys() == s1.keys()
-    assert all(torch.equal(s0[k], s1[k]) for k in s0)
-    assert d0.keys() == d1.keys()
-    for n in d0:
-        assert d0[n].keys() == d1[n].keys(), n
-        for k in d0[n]:
-            assert d0[n][k] is d1[n][k] or d0[n][k] == d1[n][k], (n, k)
-    assert h0 == h1 and f0 == f1
 
 
 @pytest.mark.parametrize("name", ["dinov2_registers", "deit_teacher"])

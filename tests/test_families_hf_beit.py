@@ -16,6 +16,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 
+from families_models import assert_same, snapshot  # noqa: E402
+
 from captum_ssl import attr  # noqa: E402
 from captum_ssl.attr import AttributionInputError  # noqa: E402
 
@@ -238,48 +240,21 @@ def test_mean_pooling_refuses_the_class_rows_naming_attnlrp():
         attr.RawAttention(model).attribute(x, target=0)
 
 
-def _snapshot(model: nn.Module):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    dicts = {
-        n: {
-            k: v
-            for k, v in vars(m).items()
-            if k not in ("_parameters", "_buffers", "_modules")
-        }
-        for n, m in model.named_modules()
-    }
-    hooks = [
-        (n, len(m._forward_hooks), len(m._forward_pre_hooks))
-        for n, m in model.named_modules()
-    ]
-    cfg = model.config
-    return state, dicts, hooks, (cfg._attn_implementation, cfg.output_attentions)
-
-
-def _assert_same(before, after):
-    (s0, d0, h0, f0), (s1, d1, h1, f1) = before, after
-    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
-    assert d0.keys() == d1.keys()
-    for n in d0:
-        assert d0[n].keys() == d1[n].keys(), n  # no instance forward left
-    assert h0 == h1 and f0 == f1
-
-
 def test_eager_and_sdpa_give_the_same_maps_and_the_model_is_left_as_it_was():
     eager, sdpa = hf_beit(mean=False), hf_beit(mean=False, impl="sdpa")
     assert sdpa.config._attn_implementation == "sdpa"
     x = images()
-    before = _snapshot(sdpa)
+    before = snapshot(sdpa)
     for method in (attr.RawAttention, attr.AttnLRP, attr.TransformerAttribution):
         got = method(sdpa).attribute(x, target=[1, 0])
         want = method(eager).attribute(x, target=[1, 0])
         # RawAttention reads the last layer: the eager layers before it round
         # their softmax to float32 (HF's eager kernel), the sdpa ones do not
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
-    _assert_same(before, _snapshot(sdpa))
+    assert_same(before, snapshot(sdpa))
     with pytest.raises(ValueError, match="out of range"):
         attr.AttnLRP(sdpa).attribute(x, target=99)
-    _assert_same(before, _snapshot(sdpa))
+    assert_same(before, snapshot(sdpa))
 
 
 def test_backbone_explains_its_pooled_embedding_as_timm_headless():
