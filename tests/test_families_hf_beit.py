@@ -269,3 +269,46 @@ def test_backbone_explains_its_pooled_embedding_as_timm_headless():
         got = method(model.beit).attribute(x, target=[0, 5])
         want = method(twin).attribute(x, target=[0, 5])
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_another_input_size_with_interpolate_pos_encoding():
+    """At 40 px (5 x 5 patches; ``interpolate_pos_encoding=True``: the
+    absolute and relative position tables are resampled in the forward pass)
+    the maps have the 5 x 5 grid, each sample equals its batch-1 call, and
+    RawAttention equals the softmax with the bias the model's own module
+    gives for that window."""
+    model = hf_beit(mean=False, absolute=True)
+    x = images(2, 40)
+    args = (None, True)  # labels, interpolate_pos_encoding
+    for name, method, kw in _runs(mean=False):
+        got = method(model).attribute(
+            x, target=[3, 1], additional_forward_args=args, **kw
+        )
+        one = method(model).attribute(
+            x[1:], target=1, additional_forward_args=args, **kw
+        )
+        side = 40 if name in ("TransformerLRP",) or kw.get("at") == "pixels" else 5
+        assert got.shape == (2, 1, side, side), name
+        torch.testing.assert_close(got[1:], one, rtol=1e-6, atol=1e-12, msg=name)
+    layer = model.beit.layers[-1]
+    inputs = []
+    handle = layer.attention.register_forward_pre_hook(
+        lambda _m, a, kw: inputs.append(kw.get("hidden_states", a[0])),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad():
+            model(x, interpolate_pos_encoding=True)
+    finally:
+        handle.remove()
+    h, attn = inputs[0], layer.attention
+    q = attn.q_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
+    k = attn.k_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
+    with torch.no_grad():
+        bias = layer.relative_position_bias((5, 5), True, dim_size=26)
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
+    want = probs.mean(1)[:, 0, 1:].reshape(2, 1, 5, 5)
+    got = attr.RawAttention(model, layers=-1).attribute(
+        x, target=0, additional_forward_args=args
+    )
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
