@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from captum_ssl.attr._families.base import (
     SELF,
     AttentionImpl,
+    Site,
     register,
     register_attention,
 )
@@ -162,21 +163,26 @@ class HFBeitAdapter(HFViTAdapter):
         classifier = getattr(self.model, "classifier", None) or nn.Identity()
         return lambda z: classifier(pool_norm(norm(z.mean(dim=1))))
 
+    def _layer_plan(self, P: Propagator, layer: nn.Module, where: str) -> Plan:
+        """The (module, forward) pairs of one encoder layer, its norms aside."""
+        blk = cast("_BeitLayer", layer)
+        attn = blk.attention
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            P.check_leaf(getattr(attn, name), f"{where}.attention.{name}")
+        forward = partial(hf_attention_forward, mask_is_bias=True)
+        return [
+            (attn, forward(P, attn)),
+            (blk.mlp, mlp_forward(P, blk.mlp)),
+            (blk, beit_layer_forward(P, blk)),
+        ]
+
     def plan(self, P: Propagator, embedding: bool) -> Plan:
-        fam = self.family
         plan: Plan = []
-        attn_forward = partial(hf_attention_forward, mask_is_bias=True)
         for i, layer in enumerate(self._blocks()):
-            blk = cast("_BeitLayer", layer)
-            where = self._path(f"{fam.blocks}.{i}")
-            attn = blk.attention
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                P.check_leaf(getattr(attn, name), f"{where}.attention.{name}")
-            plan.append((attn, attn_forward(P, attn)))
-            plan.append((blk.mlp, mlp_forward(P, blk.mlp)))
-            plan.append((blk, beit_layer_forward(P, blk)))
+            where = self._path(f"{self.family.blocks}.{i}")
+            plan.extend(self._layer_plan(P, layer, where))
             for name in ("layernorm_before", "layernorm_after"):
-                plan_leaf(P, plan, getattr(blk, name), f"{where}.{name}")
+                plan_leaf(P, plan, getattr(layer, name), f"{where}.{name}")
         plan_leaf(P, plan, _get(self.base, "layernorm"), self._path("layernorm"))
         pooler = self._pooler()
         if pooler is not None:
@@ -198,3 +204,155 @@ class HFBeitAdapter(HFViTAdapter):
             return super()._embedding_plan(P)
         proj = _get(self.base, self.family.proj)
         return [(proj, conv_forward(P, proj))]
+
+
+# ------------------------------------------------------- Data2VecVision
+# The BEiT design in transformers' older module structure: the self-attention
+# (``query`` / ``key`` without bias / ``value``, its own relative position bias
+# and the shared one as an argument; an eager and an sdpa class) inside
+# ``attention``, whose ``output.dense`` projects; ``intermediate.dense`` and
+# ``output.dense`` are the MLP; ``lambda_1`` / ``lambda_2`` are ``None``
+# without layer scale.
+
+if TYPE_CHECKING:
+
+    class _D2VSelfAttention(nn.Module):
+        query: nn.Linear
+        key: nn.Linear
+        value: nn.Linear
+        attention_head_size: int
+        has_relative_position_bias: bool
+        relative_position_bias: nn.Module
+        config: Any
+
+    class _D2VLayer(nn.Module):
+        attention: Any  # .attention (self-attention), .output.dense
+        intermediate: Any  # .dense, .intermediate_act_fn
+        output: Any  # .dense
+        layernorm_before: nn.Module
+        layernorm_after: nn.Module
+        drop_path: nn.Module
+        lambda_1: Optional[Tensor]
+        lambda_2: Optional[Tensor]
+
+
+def d2v_attention_forward(P: Propagator, module: nn.Module) -> Callable:
+    """``Data2VecVisionSelfAttention`` (eager and sdpa): ``softmax(q k^T /
+    sqrt(d) + bias) v`` with its own relative position bias plus the shared
+    one it is passed; returns ``(context,)`` as the eager module does."""
+    m = cast("_D2VSelfAttention", module)
+
+    def forward(
+        hidden_states: Tensor,
+        output_attentions: bool = False,
+        relative_position_bias: Optional[Tensor] = None,
+        interpolate_pos_encoding: bool = False,
+        resolution: Optional[Tuple[int, int]] = None,
+    ) -> Tuple[Tensor]:
+        b, n, _c = hidden_states.shape
+        bias = relative_position_bias
+        if m.has_relative_position_bias and resolution is not None:
+            patch = m.config.patch_size
+            window = (resolution[0] // patch, resolution[1] // patch)
+            own = m.relative_position_bias(window, interpolate_pos_encoding, dim_size=n)
+            bias = own if bias is None else own + bias
+
+        def heads(t: Tensor) -> Tensor:
+            return t.reshape(b, n, -1, m.attention_head_size).transpose(1, 2)
+
+        q = heads(P.leaf(m.query, hidden_states))
+        k = heads(P.leaf(m.key, hidden_states))
+        v = heads(P.leaf(m.value, hidden_states))
+        scale = m.attention_head_size**-0.5
+        out = P.attend(m, q, k, v, scale=scale, bias=bias)
+        return (out.transpose(1, 2).reshape(b, n, -1),)
+
+    return forward
+
+
+def _d2v_attention() -> Optional[type]:
+    mod = sys.modules.get("transformers.models.data2vec.modeling_data2vec_vision")
+    return getattr(mod, "Data2VecVisionSelfAttention", None)
+
+
+register_attention(
+    _d2v_attention,
+    AttentionImpl(
+        SELF,
+        d2v_attention_forward,
+        "transformers Data2VecVisionSelfAttention (`encoder.layer[i].attention."
+        "attention`, relative position bias)",
+    ),
+)
+
+
+def d2v_layer_forward(P: Propagator, module: nn.Module) -> Callable:
+    """``Data2VecVisionLayer.forward`` with the output projection, the MLP
+    and the layer scales routed through the rules."""
+    m = cast("_D2VLayer", module)
+    attn, dense = m.attention.attention, m.attention.output.dense
+    fc1, act, fc2 = (
+        m.intermediate.dense,
+        m.intermediate.intermediate_act_fn,
+        (m.output.dense),
+    )
+
+    def scaled(h: Tensor, lam: Optional[Tensor]) -> Tensor:
+        return m.drop_path(h if lam is None else P.scale(h, lam))
+
+    def forward(
+        hidden_states: Tensor,
+        output_attentions: bool = False,
+        relative_position_bias: Optional[Tensor] = None,
+        interpolate_pos_encoding: bool = False,
+        resolution: Optional[Tuple[int, int]] = None,
+    ) -> Tuple[Tensor]:
+        x = hidden_states
+        (h,) = attn(
+            m.layernorm_before(x),
+            False,
+            relative_position_bias,
+            interpolate_pos_encoding,
+            resolution,
+        )
+        x = P.add(scaled(P.leaf(dense, h), m.lambda_1), x)
+        h = P.leaf(fc1, m.layernorm_after(x))
+        h = P.leaf(fc2, P.elementwise(act, h))
+        return (P.add(scaled(h, m.lambda_2), x),)
+
+    return forward
+
+
+@register
+class HFData2VecVisionAdapter(HFBeitAdapter):
+    label = (
+        "Hugging Face transformers Data2VecVisionModel / "
+        "Data2VecVisionForImageClassification (as BEiT; eager, sdpa)"
+    )
+    families = {
+        "Data2VecVisionModel": Family(
+            "data2vec_vision",
+            "Data2VecVisionSelfAttention",
+            "encoder.layer",
+            BEIT_BLOCK,
+        )
+    }
+    heads = {"Data2VecVisionForImageClassification": ("data2vec_vision", "pooler")}
+
+    def attention_sites(self):
+        return [
+            Site(s.name + ".attention", cast(Any, s.module).attention, SELF)
+            for s in super().attention_sites()
+        ]
+
+    def _layer_plan(self, P: Propagator, layer: nn.Module, where: str) -> Plan:
+        blk = cast("_D2VLayer", layer)
+        attn = blk.attention.attention
+        for name in ("query", "key", "value"):
+            P.check_leaf(getattr(attn, name), f"{where}.attention.attention.{name}")
+        for path in ("attention.output.dense", "intermediate.dense", "output.dense"):
+            P.check_leaf(_get(blk, path), f"{where}.{path}")
+        return [
+            (attn, d2v_attention_forward(P, attn)),
+            (blk, d2v_layer_forward(P, blk)),
+        ]
