@@ -312,3 +312,69 @@ def test_another_input_size_with_interpolate_pos_encoding():
         x, target=0, additional_forward_args=args
     )
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def d2v_to_beit(d2v: nn.Module, **kw) -> nn.Module:
+    """``BeitForImageClassification`` (config ``kw``) with a
+    ``Data2VecVisionForImageClassification``'s weights (the same design,
+    other module names)."""
+    cfg = transformers.BeitConfig(**kw)
+    beit = transformers.BeitForImageClassification(cfg).eval().double()
+    names = [
+        ("data2vec_vision.", "beit."),
+        ("encoder.layer.", "layers."),
+        ("encoder.relative_position_bias.", "shared_position_bias."),
+        ("attention.attention.relative_position_bias", "relative_position_bias"),
+        ("attention.attention.query", "attention.q_proj"),
+        ("attention.attention.key", "attention.k_proj"),
+        ("attention.attention.value", "attention.v_proj"),
+        ("attention.output.dense", "attention.o_proj"),
+        ("intermediate.dense", "mlp.fc1"),
+        ("output.dense", "mlp.fc2"),
+    ]
+    state = {}
+    for k, v in d2v.state_dict().items():
+        for a, b in names:
+            k = k.replace(a, b)
+        state[k] = v
+    missing, unexpected = beit.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return beit
+
+
+@pytest.mark.parametrize(
+    "mean, shared, impl", [(True, False, "eager"), (False, True, "sdpa")]
+)
+def test_data2vec_vision_equals_beit_with_the_same_weights(mean, shared, impl):
+    """Every method on ``Data2VecVisionForImageClassification`` (its eager and
+    its sdpa self-attention class) equals BEiT with the same weights; the
+    model is left as it was."""
+    torch.manual_seed(0)
+    kw = dict(
+        TINY,
+        use_mean_pooling=mean,
+        use_relative_position_bias=not shared,
+        use_shared_relative_position_bias=shared,
+        use_absolute_position_embeddings=not mean,
+    )
+    cfg = transformers.Data2VecVisionConfig(**kw, attn_implementation=impl)
+    d2v = transformers.Data2VecVisionForImageClassification(cfg).eval().double()
+    with torch.no_grad():
+        for p in d2v.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    assert type(d2v.data2vec_vision.encoder.layer[0].attention.attention).__name__ == (
+        "Data2VecVisionSdpaSelfAttention"
+        if impl == "sdpa"
+        else "Data2VecVisionSelfAttention"
+    )
+    beit = d2v_to_beit(d2v, **kw)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(d2v(x).logits, beit(x).logits, rtol=1e-6, atol=1e-7)
+    for name, method, kw in _runs(mean):
+        got = method(d2v).attribute(x, target=[3, 1], **kw)
+        want = method(beit).attribute(x, target=[3, 1], **kw)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12, msg=name)
+    before = snapshot(d2v)
+    attr.AttnLRP(d2v).attribute(x, target=[3, 1])
+    assert_same(before, snapshot(d2v))

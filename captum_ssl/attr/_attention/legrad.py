@@ -135,7 +135,12 @@ class LeGrad(_AttentionAttribution):
         model = root_module(self.forward_func)
         if model is None:  # never: the attention modules were found on it
             raise AttributionInputError("LeGrad needs forward_func to be the model.")
-        blocks = [_parent(model, m) for m in modules]
+        from captum_ssl.attr._families import find_adapter
+
+        adapter = find_adapter(model)
+        blocks = [
+            (adapter and adapter.block_of(m)) or _parent(model, m) for m in modules
+        ]
         outputs: List[List[Tensor]] = [[] for _ in blocks]
         handles = []
         grads = []
@@ -148,7 +153,9 @@ class LeGrad(_AttentionAttribution):
                 # on under the call's model lock: no other thread's pass meets them
                 handles += [
                     blk.register_forward_hook(
-                        lambda _m, _i, o, i=i: outputs[i].append(o)
+                        lambda _m, _i, o, i=i: outputs[i].append(
+                            o[0] if isinstance(o, tuple) else o
+                        )
                     )
                     for i, blk in enumerate(blocks)
                 ]

@@ -157,6 +157,12 @@ class FamilyAdapter:
                 return name
         return type(module).__name__
 
+    def block_of(self, attention: nn.Module) -> Optional[nn.Module]:
+        """The block (encoder layer) whose output follows ``attention``, read
+        by LeGrad; ``None``: the module that holds ``attention`` (every family
+        but those whose attention sits one module deeper)."""
+        return None
+
     def norm_layer(self) -> Optional[str]:
         """The dotted path (relative to :attr:`model`, e.g.
         ``"vit.layers.-1.layernorm_before"``) of the norm before the last

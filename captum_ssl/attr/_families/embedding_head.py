@@ -83,6 +83,9 @@ class EmbeddingTargetAdapter(FamilyAdapter):
         return layer_expression(self._inner_path()) + hint[len("model") :]
 
     # ---------------------------------------------------------------- tokens
+    def block_of(self, attention: nn.Module) -> Optional[nn.Module]:
+        return self.inner.block_of(attention)
+
     def layout(self, input_hw) -> Optional[TokenLayout]:
         return self.inner.layout(input_hw)
 

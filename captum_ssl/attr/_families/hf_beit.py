@@ -345,6 +345,13 @@ class HFData2VecVisionAdapter(HFBeitAdapter):
             for s in super().attention_sites()
         ]
 
+    def block_of(self, attention: nn.Module) -> Optional[nn.Module]:
+        """The layer two levels up (``encoder.layer[i].attention.attention``)."""
+        for layer in self._blocks():
+            if cast(Any, layer).attention.attention is attention:
+                return layer
+        return None
+
     def _layer_plan(self, P: Propagator, layer: nn.Module, where: str) -> Plan:
         blk = cast("_D2VLayer", layer)
         attn = blk.attention.attention

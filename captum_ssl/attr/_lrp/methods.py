@@ -165,7 +165,9 @@ class _LRPAttribution(Attribution):
             ):
                 if to == "patches":  # on under the call's model lock, not before
                     handle = adapter.patch_tokens().register_forward_hook(
-                        lambda _m, _a, out: patches.append(out)
+                        lambda _m, _a, out: patches.append(
+                            out[0] if isinstance(out, tuple) else out
+                        )  # Data2VecVision: (tokens, grid)
                     )
                 xs = tuple(
                     x.detach().requires_grad_() if x.is_floating_point() else x
