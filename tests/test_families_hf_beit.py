@@ -153,10 +153,10 @@ def images(b: int = 2, size: int = 32) -> torch.Tensor:
     return torch.randn(b, 3, size, size, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["per_layer", "shared"])
-def test_raw_attention_equals_softmax_with_the_relative_position_bias(shared):
-    model = hf_beit(mean=False, shared=shared, absolute=True)
-    x = images()
+def class_row_of_last_layer(model: nn.Module, x, bias, **forward_kw):
+    """The class token's row of the last layer's attention, head mean, as
+    ``(B, 1, g, g)``: ``softmax(q k^T / sqrt(d) + bias)`` from the layer's own
+    query and key projections of the input it received."""
     layer = model.beit.layers[-1]
     inputs = []
     handle = layer.attention.register_forward_pre_hook(
@@ -165,16 +165,25 @@ def test_raw_attention_equals_softmax_with_the_relative_position_bias(shared):
     )
     try:
         with torch.no_grad():
-            model(x)
+            model(x, **forward_kw)
     finally:
         handle.remove()
     h, attn = inputs[0], layer.attention
     q = attn.q_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
     k = attn.k_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
+    g = int(round((h.shape[1] - 1) ** 0.5))
+    return probs.mean(1)[:, 0, 1:].reshape(x.shape[0], 1, g, g)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_layer", "shared"])
+def test_raw_attention_equals_softmax_with_the_relative_position_bias(shared):
+    model = hf_beit(mean=False, shared=shared, absolute=True)
+    x = images()
+    layer = model.beit.layers[-1]
     rel = model.beit.shared_position_bias if shared else layer.relative_position_bias
     bias = relative_bias(rel.relative_position_bias_table, 4, 4)
-    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
-    want = probs.mean(1)[:, 0, 1:].reshape(2, 1, 4, 4)
+    want = class_row_of_last_layer(model, x, bias)
     got = attr.RawAttention(model, layers=-1).attribute(x, target=0)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
@@ -290,24 +299,10 @@ def test_another_input_size_with_interpolate_pos_encoding():
         side = 40 if name in ("TransformerLRP",) or kw.get("at") == "pixels" else 5
         assert got.shape == (2, 1, side, side), name
         torch.testing.assert_close(got[1:], one, rtol=1e-6, atol=1e-12, msg=name)
-    layer = model.beit.layers[-1]
-    inputs = []
-    handle = layer.attention.register_forward_pre_hook(
-        lambda _m, a, kw: inputs.append(kw.get("hidden_states", a[0])),
-        with_kwargs=True,
-    )
-    try:
-        with torch.no_grad():
-            model(x, interpolate_pos_encoding=True)
-    finally:
-        handle.remove()
-    h, attn = inputs[0], layer.attention
-    q = attn.q_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
-    k = attn.k_proj(h).unflatten(-1, (2, -1)).transpose(1, 2)
+    rel = model.beit.layers[-1].relative_position_bias
     with torch.no_grad():
-        bias = layer.relative_position_bias((5, 5), True, dim_size=26)
-    probs = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias).softmax(-1)
-    want = probs.mean(1)[:, 0, 1:].reshape(2, 1, 5, 5)
+        bias = rel((5, 5), True, dim_size=26)
+    want = class_row_of_last_layer(model, x, bias, interpolate_pos_encoding=True)
     got = attr.RawAttention(model, layers=-1).attribute(
         x, target=0, additional_forward_args=args
     )

@@ -12,7 +12,6 @@ token.
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, cast
 
@@ -22,6 +21,7 @@ from captum_ssl.attr._families.base import (
     SELF,
     AttentionImpl,
     Site,
+    loaded_class,
     register,
     register_attention,
 )
@@ -62,13 +62,8 @@ FAMILIES: Dict[str, Family] = {
 HEADS: Dict[str, Tuple[str, str]] = {"BeitForImageClassification": ("beit", "pooler")}
 
 
-def _beit_attention() -> Optional[type]:
-    mod = sys.modules.get("transformers.models.beit.modeling_beit")
-    return getattr(mod, "BeitAttention", None)
-
-
 register_attention(
-    _beit_attention,
+    partial(loaded_class, "transformers.models.beit.modeling_beit", "BeitAttention"),
     AttentionImpl(
         SELF,
         partial(hf_attention_forward, mask_is_bias=True),
@@ -270,13 +265,12 @@ def d2v_attention_forward(P: Propagator, module: nn.Module) -> Callable:
     return forward
 
 
-def _d2v_attention() -> Optional[type]:
-    mod = sys.modules.get("transformers.models.data2vec.modeling_data2vec_vision")
-    return getattr(mod, "Data2VecVisionSelfAttention", None)
-
-
 register_attention(
-    _d2v_attention,
+    partial(
+        loaded_class,
+        "transformers.models.data2vec.modeling_data2vec_vision",
+        "Data2VecVisionSelfAttention",
+    ),
     AttentionImpl(
         SELF,
         d2v_attention_forward,
