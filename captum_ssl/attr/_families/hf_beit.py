@@ -72,6 +72,24 @@ register_attention(
 )
 
 
+def with_relative_bias(
+    rel: Optional[nn.Module],
+    other: Any,
+    patch: int,
+    resolution: Optional[Tuple[int, int]],
+    interpolate_pos_encoding: bool,
+    n: int,
+) -> Any:
+    """``other`` (the shared bias the model passes, or ``None``) plus the
+    relative position bias ``rel`` computes, as the HF code calls it, for
+    the patch grid of an input of ``resolution`` and ``n`` tokens."""
+    if rel is None or resolution is None:
+        return other
+    window = (resolution[0] // patch, resolution[1] // patch)
+    bias = rel(window, interpolate_pos_encoding, dim_size=n)
+    return bias if other is None else bias + other
+
+
 def beit_layer_forward(P: Propagator, module: nn.Module) -> Callable:
     """``BeitLayer.forward``: its relative position bias computed as the layer
     does (added to the shared one the model passes as ``attention_mask``),
@@ -92,12 +110,14 @@ def beit_layer_forward(P: Propagator, module: nn.Module) -> Callable:
         **kw: Any,
     ) -> Tensor:
         x = hidden_states
-        rel = m.relative_position_bias
-        if rel is not None and resolution is not None:
-            height, width = resolution
-            window = (height // m.patch_size, width // m.patch_size)
-            bias = rel(window, interpolate_pos_encoding, dim_size=x.shape[1])
-            attention_mask = bias if attention_mask is None else bias + attention_mask
+        attention_mask = with_relative_bias(
+            m.relative_position_bias,
+            attention_mask,
+            m.patch_size,
+            resolution,
+            interpolate_pos_encoding,
+            x.shape[1],
+        )
         h, _ = m.attention(m.layernorm_before(x), attention_mask=attention_mask, **kw)
         x = P.add(scaled(h, m.lambda_1), x)
         h = m.mlp(m.layernorm_after(x))
@@ -245,12 +265,14 @@ def d2v_attention_forward(P: Propagator, module: nn.Module) -> Callable:
         resolution: Optional[Tuple[int, int]] = None,
     ) -> Tuple[Tensor]:
         b, n, _c = hidden_states.shape
-        bias = relative_position_bias
-        if m.has_relative_position_bias and resolution is not None:
-            patch = m.config.patch_size
-            window = (resolution[0] // patch, resolution[1] // patch)
-            own = m.relative_position_bias(window, interpolate_pos_encoding, dim_size=n)
-            bias = own if bias is None else own + bias
+        bias = with_relative_bias(
+            m.relative_position_bias if m.has_relative_position_bias else None,
+            relative_position_bias,
+            m.config.patch_size,
+            resolution,
+            interpolate_pos_encoding,
+            n,
+        )
 
         def heads(t: Tensor) -> Tensor:
             return t.reshape(b, n, -1, m.attention_head_size).transpose(1, 2)
