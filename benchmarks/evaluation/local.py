@@ -294,17 +294,13 @@ def _rgb(values: Any) -> Tuple[float, float, float]:
 
 
 def _class_row_skip_reason(model: nn.Module) -> str:
-    """Why the class token's row explains nothing of ``model`` (its head never
-    reads the class token, e.g. average pooling), or ``""``: the family
-    adapter's own answer."""
+    """Why the class token's row explains nothing of ``model`` (no class
+    token, or a head that never reads it), or ``""``: the family adapter's
+    own answer (``class_row_unread``)."""
     from captum_ssl.attr._families.base import find_adapter
 
     adapter = find_adapter(model)
-    if adapter is None:
-        return ""
-    if "cls" not in adapter.token_roles():
-        return f"{type(adapter.model).__name__} has no class token"
-    return adapter.class_token_unread() or ""
+    return "" if adapter is None else adapter.class_row_unread() or ""
 
 
 def _lrp_skip_reason(model: nn.Module) -> str:

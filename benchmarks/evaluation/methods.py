@@ -509,7 +509,7 @@ def applies(name: str, model: ModelSpec) -> Optional[str]:
         return model.lrp
     if base in CLASS_ROW and model.class_row:
         return (
-            f"{model.class_row}: the class token's row, which this method "
+            f"{model.class_row}, so the class token's row, which this method "
             "returns, explains nothing the head outputs (AttnLRP, "
             "TransformerLRP and LeGrad apply)"
         )

@@ -54,19 +54,17 @@ def _query_index(query: Query, forward_func: Callable, cap: Captured) -> int:
     adapter = adapter_for(forward_func)
     roles = adapter.token_roles()
     if query == "cls":
-        if "cls" not in roles:
+        why = adapter.class_row_unread()
+        if why is not None and "cls" not in roles:
             raise AttributionInputError(
-                "This model has no class token (timm class_token=False), so "
-                "query='cls' has no row to read: pass query=<token index>."
+                f"{why}, so query='cls' has no row to read: pass query=<token index>."
             )
-        why = adapter.class_token_unread()
         if why is not None:
             raise AttributionInputError(
-                f"{why}: its head never reads the class token, so the class "
-                "token's attention row does not explain its output. Use a method "
-                "that follows the head: LeGrad (scores the mean token), AttnLRP "
-                "(if the family has rules) or the CAMs; or pass query=<token "
-                "index> to read that token's row on purpose."
+                f"{why}, so the class token's attention row does not explain its "
+                "output. Use a method that follows the head: LeGrad (scores the "
+                "mean token), AttnLRP (if the family has rules) or the CAMs; or "
+                "pass query=<token index> to read that token's row on purpose."
             )
         return roles["cls"]
     if query == "dist":

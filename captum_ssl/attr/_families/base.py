@@ -193,6 +193,17 @@ class FamilyAdapter:
         patch tokens), or ``None`` when it reads it."""
         return None
 
+    def class_row_unread(self) -> Optional[str]:
+        """Why the class token's row (of attention or its relevance) explains
+        nothing the model outputs: the model has no class token, or its head
+        never reads it (:meth:`class_token_unread`); ``None`` when it does.
+        The one reason the attention methods, the LRP methods and the main
+        job give."""
+        if "cls" not in self.token_roles():
+            return f"{type(self.model).__name__} has no class token"
+        why = self.class_token_unread()
+        return None if why is None else f"{why}: its head never reads the class token"
+
     # ----------------------------------------------------------------- heads
     def score_projection(self) -> Callable[[Tensor], Tensor]:
         """Class logits of intermediate tokens ``(B, N, C)`` (LeGrad): the

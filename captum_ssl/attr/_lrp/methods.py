@@ -112,19 +112,13 @@ class _LRPAttribution(Attribution):
         from captum_ssl.attr._families import lrp_adapter
 
         adapter = lrp_adapter(_model_of(forward_func))
-        if not self.class_row:
-            return
-        why = adapter.class_token_unread()
-        if why is not None:
-            why = f"{why}: its head never reads the class token, so"
-        elif "cls" not in adapter.token_roles():
-            why = f"{type(adapter.model).__name__} has no class token, so"
+        why = adapter.class_row_unread() if self.class_row else None
         if why is not None:
             raise AttributionInputError(
-                f"{why} the class token's row that {type(self).__name__} returns "
-                "explains nothing the model outputs. Use AttnLRP (relevance of "
-                "the patch tokens through the pooling), TransformerLRP, LeGrad "
-                "or the CAMs."
+                f"{why}, so the class token's row that {type(self).__name__} "
+                "returns explains nothing the model outputs. Use AttnLRP "
+                "(relevance of the patch tokens through the pooling), "
+                "TransformerLRP, LeGrad or the CAMs."
             )
 
     def _propagate(
