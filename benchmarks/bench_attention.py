@@ -39,26 +39,18 @@ def deit_small(device: str, sharpen: float = 1.0) -> torch.nn.Module:
     return model
 
 
-def _forward_backward(model: torch.nn.Module, x: torch.Tensor, target: list):
+def _forward_backward(
+    model: torch.nn.Module, x: torch.Tensor, target: list, parameters: bool = False
+):
+    """One forward pass and one backward pass to the input; with
+    ``parameters`` also to every parameter, as in training (``loss.backward()``,
+    the usual meaning of "a backward pass")."""
+
     def run() -> None:
         xx = x.detach().requires_grad_()
         logits = model_output(model(xx))  # Hugging Face: the logits
         out = logits[torch.arange(len(target)), torch.tensor(target)]
-        torch.autograd.grad(out.sum(), xx)
-
-    return run
-
-
-def _training_step(model: torch.nn.Module, x: torch.Tensor, target: list):
-    """Forward + backward as in training: gradients of the input and of
-    every parameter (``loss.backward()``), the usual meaning of "a backward
-    pass"; :func:`_forward_backward` takes the input's gradient only."""
-
-    def run() -> None:
-        xx = x.detach().requires_grad_()
-        logits = model_output(model(xx))
-        out = logits[torch.arange(len(target)), torch.tensor(target)]
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad and parameters]
         torch.autograd.grad(out.sum(), [xx, *params])
 
     return run

@@ -14,7 +14,7 @@ import torch
 import captum_ssl.attr._lrp as L
 from benchmarks._families import EVA_BEIT, FAMILIES, FamilySuite
 from benchmarks._measure import best_times, default_device
-from benchmarks.bench_attention import _forward_backward, _training_step, deit_small
+from benchmarks.bench_attention import _forward_backward, deit_small
 
 BATCH = int(os.environ.get("BENCH_LRP_BATCH", "8"))
 REPEAT = int(os.environ.get("BENCH_LRP_REPEAT", "3"))
@@ -57,7 +57,7 @@ class LRPCost:
         self.fns = {
             "method": lambda: explainer.attribute(x, target=target, **kw),
             "baseline": _forward_backward(model, x, target),
-            "training": _training_step(model, x, target),
+            "training": _forward_backward(model, x, target, parameters=True),
         }
         self._times = None
 
