@@ -252,6 +252,37 @@ class FamilyAdapter:
         return []
 
 
+class WrapperAdapter(FamilyAdapter):
+    """The adapter of a module that wraps a model of another family (whose
+    adapter is :attr:`inner`) and computes its output after it: tokens,
+    blocks and the per-call set-up are the inner family's; a subclass adds
+    what the wrapper computes (``score_projection``, ``plan``) and overrides
+    what else differs."""
+
+    inner: FamilyAdapter
+
+    def block_of(self, attention: nn.Module) -> Optional[nn.Module]:
+        return self.inner.block_of(attention)
+
+    def layout(self, input_hw: Optional[Tuple[int, int]]) -> Optional[TokenLayout]:
+        return self.inner.layout(input_hw)
+
+    def token_roles(self) -> Dict[str, int]:
+        return self.inner.token_roles()
+
+    def class_token_unread(self) -> Optional[str]:
+        return self.inner.class_token_unread()
+
+    def patch_tokens(self) -> nn.Module:
+        return self.inner.patch_tokens()
+
+    def hooks(self, P: Propagator) -> list:
+        return self.inner.hooks(P)
+
+    def call_plan(self) -> Plan:
+        return self.inner.call_plan()
+
+
 def loaded_class(module: str, name: str) -> Optional[type]:
     """Class ``name`` of ``module`` if that module is imported already (a
     model of an optional package can only exist once its package is; this

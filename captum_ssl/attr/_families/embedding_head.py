@@ -15,13 +15,17 @@ not an embedding dimension:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
 
-from captum_ssl.attr._families.base import FamilyAdapter, find_adapter, register
-from captum_ssl.attr._layout import TokenLayout
+from captum_ssl.attr._families.base import (
+    FamilyAdapter,
+    WrapperAdapter,
+    find_adapter,
+    register,
+)
 from captum_ssl.attr._lrp.propagate import Plan, Propagator
 
 if TYPE_CHECKING:  # captum_ssl.models imports captum_ssl.attr
@@ -47,7 +51,7 @@ def _inner(model: nn.Module, prefix: str) -> Optional[FamilyAdapter]:
 
 
 @register
-class EmbeddingTargetAdapter(FamilyAdapter):
+class EmbeddingTargetAdapter(WrapperAdapter):
     label = (
         "captum_ssl EmbeddingSimilarity / EmbeddingNorm around a backbone of "
         "any family above"
@@ -81,19 +85,6 @@ class EmbeddingTargetAdapter(FamilyAdapter):
         if not hint.startswith("model"):
             return hint
         return layer_expression(self._inner_path()) + hint[len("model") :]
-
-    # ---------------------------------------------------------------- tokens
-    def block_of(self, attention: nn.Module) -> Optional[nn.Module]:
-        return self.inner.block_of(attention)
-
-    def layout(self, input_hw) -> Optional[TokenLayout]:
-        return self.inner.layout(input_hw)
-
-    def token_roles(self) -> Dict[str, int]:
-        return self.inner.token_roles()
-
-    def class_token_unread(self) -> Optional[str]:
-        return self.inner.class_token_unread()
 
     # ----------------------------------------------------------------- heads
     def score_projection(self) -> Callable[[Tensor], Tensor]:
@@ -139,12 +130,3 @@ class EmbeddingTargetAdapter(FamilyAdapter):
             return P.linear_map(lambda t: (t * unit).sum(dim=1, keepdim=True), e)
 
         return self.inner.plan(P, embedding) + [(target, forward)]
-
-    def hooks(self, P: Propagator) -> list:
-        return self.inner.hooks(P)
-
-    def call_plan(self) -> Plan:
-        return self.inner.call_plan()
-
-    def patch_tokens(self) -> nn.Module:
-        return self.inner.patch_tokens()

@@ -18,13 +18,12 @@ head reads the class token, so the class-token methods apply.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 from torch import Tensor, nn
 
-from captum_ssl.attr._families.base import FamilyAdapter, register
+from captum_ssl.attr._families.base import WrapperAdapter, register
 from captum_ssl.attr._families.timm_vit import TimmViTAdapter
-from captum_ssl.attr._layout import TokenLayout
 from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
 
 if TYPE_CHECKING:
@@ -38,7 +37,7 @@ def patch_mean(P: Propagator) -> Callable[[Tensor], Tensor]:
 
 
 @register
-class TokenLinearProbeAdapter(FamilyAdapter):
+class TokenLinearProbeAdapter(WrapperAdapter):
     label = (
         "captum_ssl TokenLinearProbe (the zoo's DINO / DINOv2 linear probes: "
         "class tokens of the last blocks, patch mean, around a timm "
@@ -63,12 +62,6 @@ class TokenLinearProbeAdapter(FamilyAdapter):
         return "model.backbone.blocks[-1].norm1"
 
     # ---------------------------------------------------------------- tokens
-    def layout(self, input_hw) -> Optional[TokenLayout]:
-        return self.inner.layout(input_hw)
-
-    def token_roles(self) -> Dict[str, int]:
-        return self.inner.token_roles()
-
     def class_token_unread(self) -> Optional[str]:
         return None  # the probe reads the class token (of every block it reads)
 
@@ -105,6 +98,3 @@ class TokenLinearProbeAdapter(FamilyAdapter):
         mean = patch_mean(P)
         plan.append((model, lambda x: model.head(model.features(x, mean=mean))))
         return plan
-
-    def patch_tokens(self) -> nn.Module:
-        return self.inner.patch_tokens()
