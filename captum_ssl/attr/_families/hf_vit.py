@@ -324,9 +324,6 @@ def head_forward(P: Propagator, module: nn.Module, base: str, reads: str) -> Cal
     backbone = getattr(model, base)
     registers = getattr(model.config, "num_register_tokens", 0)
 
-    def mean(tokens: Tensor) -> Tensor:
-        return P.linear_map(lambda t: t.mean(dim=1), tokens)
-
     def forward(pixel_values: Tensor, *args: Any, **kwargs: Any):
         kwargs.pop("labels", None)
         seq = backbone(pixel_values, *args, **kwargs).last_hidden_state
@@ -337,9 +334,9 @@ def head_forward(P: Propagator, module: nn.Module, base: str, reads: str) -> Cal
             d = P.leaf(model.distillation_classifier, seq[:, 1])
             logits = P.add(P.scale(a, 0.5), P.scale(d, 0.5))
         elif reads == "mean":  # CLIP: the mean patch token only
-            logits = P.leaf(model.classifier, mean(seq[:, 1:]))
+            logits = P.leaf(model.classifier, P.token_mean(seq[:, 1:]))
         else:  # DINOv2: class token and mean patch token
-            cat = torch.cat([seq[:, 0], mean(seq[:, 1 + registers :])], dim=1)
+            cat = torch.cat([seq[:, 0], P.token_mean(seq[:, 1 + registers :])], dim=1)
             logits = P.leaf(model.classifier, cat)
         return ImageClassifierOutput(logits=logits)
 

@@ -11,7 +11,7 @@ with ``patch_mean`` the mean of the last block's patch tokens (class and
 register tokens excluded), their concatenation (or DINO ViT-B's interleaving)
 and the linear head. Token selection, concatenation and interleaving move
 relevance as they move gradients (no rule needed); the patch mean is a fixed
-linear map (:meth:`~captum_ssl.attr._lrp.propagate.Propagator.linear_map`,
+linear map (:meth:`~captum_ssl.attr._lrp.propagate.Propagator.token_mean`,
 as for the Hugging Face DINOv2 classifier) and the head a linear leaf. The
 head reads the class token, so the class-token methods apply.
 """
@@ -28,12 +28,6 @@ from captum_ssl.attr._lrp.propagate import Plan, Propagator, plan_leaf
 
 if TYPE_CHECKING:
     from captum_ssl.models._heads import TokenLinearProbe
-
-
-def patch_mean(P: Propagator) -> Callable[[Tensor], Tensor]:
-    """The average of the patch tokens ``(B, N, C) -> (B, C)`` through the
-    rules (a fixed linear map)."""
-    return lambda t: P.linear_map(lambda u: u.mean(dim=1), t)
 
 
 @register
@@ -95,6 +89,5 @@ class TokenLinearProbeAdapter(WrapperAdapter):
         model = self.wrapper
         plan = self.inner.plan(P, embedding)
         plan_leaf(P, plan, model.head, self.prefix + "head")
-        mean = patch_mean(P)
-        plan.append((model, lambda x: model.head(model.features(x, mean=mean))))
+        plan.append((model, lambda x: model.head(model.features(x, mean=P.token_mean))))
         return plan

@@ -275,14 +275,14 @@ def plan_model(
 def average_pooled_forward(P: Propagator, model: nn.Module) -> Callable:
     """The forward of a timm model with ``global_pool='avg'``: the mean of the
     patch tokens (prefix tokens excluded) is a fixed linear map
-    (:meth:`Propagator.linear_map`); then ``fc_norm``, ``head_drop``, ``head``
+    (:meth:`Propagator.token_mean`); then ``fc_norm``, ``head_drop``, ``head``
     (leaves with their rules)."""
     k = int(getattr(model, "num_prefix_tokens", 0))
     parts = [getattr(model, n, None) for n in ("fc_norm", "head_drop", "head")]
 
     def forward(x: Tensor) -> Tensor:
         t = cast(Callable[[Tensor], Tensor], model.forward_features)(x)
-        t = P.linear_map(lambda u: u[:, k:].mean(dim=1), t)
+        t = P.token_mean(t[:, k:])
         for part in parts:
             if isinstance(part, nn.Module):
                 t = part(t)

@@ -279,7 +279,7 @@ def _oc_forward(P: Propagator, module: nn.Module, embedding: bool) -> Callable:
 
     def pool(x: Tensor) -> Tuple[Tensor, Tensor]:
         if m.pool_type == "avg":
-            return P.linear_map(lambda u: u[:, 1:].mean(dim=1), x), x[:, 1:]
+            return P.token_mean(x[:, 1:]), x[:, 1:]
         return x[:, 0], x[:, 1:]
 
     def forward(x: Tensor) -> Any:

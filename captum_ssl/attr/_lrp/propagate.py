@@ -230,6 +230,11 @@ class Propagator:
             x,
         )
 
+    def token_mean(self, x: Tensor) -> Tensor:
+        """The mean over the tokens ``(B, N, C) -> (B, C)`` (an average-pooling
+        head): a fixed linear map (:meth:`linear_map`)."""
+        return self.linear_map(lambda t: t.mean(dim=1), x)
+
     def attend(
         self,
         m: nn.Module,
