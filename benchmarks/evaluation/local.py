@@ -232,7 +232,6 @@ def spec(word: str) -> ModelSpec:
         info.update(
             cam_layer=cam_path(info["cam_layer"]),
             attention_layers=cam_path(info["attention_layers"]),
-            lrp=info["lrp"] or _backbone_lrp(info["lrp_model"], target),
         )
     return ModelSpec(
         name=m.label,
@@ -255,27 +254,6 @@ def spec(word: str) -> ModelSpec:
 def _backbone(build: Callable[[], nn.Module], target: str, side: int) -> nn.Module:
     """The headless model wrapped so that it outputs its target's score."""
     return backbone_model(build(), target, side).eval()
-
-
-def _backbone_lrp(model: nn.Module, target: str) -> str:
-    """Why LRP does not apply to the wrapped backbone (the adapter's answer
-    on the wrapper, whose similarity / norm has no LRP rule)."""
-    import torch
-
-    from captum_ssl.models import EmbeddingNorm, EmbeddingSimilarity
-
-    with torch.device("meta"):
-        wrapped: nn.Module = (
-            EmbeddingNorm(model)
-            if target == "norm"
-            else EmbeddingSimilarity(model, torch.ones(1, 1))
-        )
-    if not _lrp_skip_reason(wrapped):
-        return ""
-    return (
-        f"LRP has no rule for the {BACKBONE_TARGETS[target]} that "
-        f"{type(wrapped).__name__} computes after the backbone"
-    )
 
 
 def _fingerprint(path: Path) -> Dict[str, Any]:
@@ -371,7 +349,6 @@ def _timm(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         attention_layers=attention,
         preprocessing=pre,
         lrp=lrp,
-        lrp_model=probe,
         class_row=class_row,
     )
 
@@ -530,7 +507,6 @@ def _hf(m: LocalModel) -> Tuple[Any, Dict[str, Any]]:
         attention_layers=attention,
         preprocessing=pre,
         lrp=lrp,
-        lrp_model=parts["skeleton"],
         class_row=_class_row_skip_reason(parts["skeleton"]),
     )
 
